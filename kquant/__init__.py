@@ -1,0 +1,19 @@
+"""kquant: integer quantization for PyTorch.
+
+    import kquant
+    kquant.quantize_(model, "w8a8")          # every nn.Linear -> QuantLinear
+"""
+from . import ops  # noqa: F401  (registers torch.ops.kquant.*)
+from .api import quantize_
+from .backends import BackendError, backends
+from .report import error_report
+from .checkpoint import load_quantized, save_quantized
+from .config import PRESETS, QuantConfig
+from .format import FORMAT_VERSION, PackedWeight, quantize_weight
+from .nn import QuantLinear
+
+__version__ = "0.1.0"
+__all__ = [
+    "quantize_", "QuantConfig", "PRESETS", "QuantLinear", "PackedWeight", "quantize_weight",
+    "save_quantized", "load_quantized", "error_report", "backends", "BackendError", "FORMAT_VERSION",
+]

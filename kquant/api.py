@@ -1,0 +1,108 @@
+"""Model conversion: quantize_() swaps nn.Linear layers for QuantLinear in place."""
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import make_observer, weight_qparams
+from .config import QuantConfig, resolve
+from .nn import QuantLinear
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def run_model(model: nn.Module, batch) -> object:
+    """Call ``model`` on one calibration/evaluation batch: dict -> **kwargs, tuple/list -> *args."""
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def select_layers(model: nn.Module, config: QuantConfig, skip: Sequence[str] = ()
+                  ) -> List[Tuple[str, nn.Linear, QuantConfig]]:
+    """(name, Linear, per-layer config) for every Linear that will be converted."""
+    out = []
+    for name, mod in model.named_modules():
+        if type(mod) is not nn.Linear and not isinstance(mod, nn.Linear):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in skip):
+            continue
+        cfg = config.for_layer(name)
+        if cfg is not None:
+            out.append((name, mod, cfg))
+    return out
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, layers: Dict[str, Tuple[nn.Linear, QuantConfig]],
+                          calib_data: Iterable, progress: bool = True) -> Dict[str, torch.Tensor]:
+    """Run ``calib_data`` through ``model``; return a static per-tensor int8 scale per layer."""
+    observers = {name: make_observer(cfg.act_observer, "per_tensor") for name, (_, cfg) in layers.items()}
+    hooks = []
+    for name, (mod, _) in layers.items():
+        obs = observers[name]
+        hooks.append(mod.register_forward_pre_hook(lambda m, args, obs=obs: obs.observe(args[0].detach())))
+    n = 0
+    try:
+        total = len(calib_data) if hasattr(calib_data, "__len__") else None
+        for batch in tqdm(calib_data, desc="kquant: calibrating", total=total, disable=None if progress else True):
+            run_model(model, batch)
+            n += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if n == 0:
+        raise ValueError("calib_data is empty: static activation scales need at least one batch")
+    scales = {}
+    for name, obs in observers.items():
+        if not obs.has_data():
+            raise ValueError(f"{name}: no activations seen during calibration (is the layer used in forward?)")
+        scales[name] = obs.qparams(8, True)[0].reshape(1)
+    return scales
+
+
+def quantize_(model: nn.Module, config: Union[str, QuantConfig] = "w8a8", *, calib_data: Optional[Iterable] = None,
+              skip: Optional[Union[str, Sequence[str]]] = None, progress: bool = True) -> nn.Module:
+    """Convert every ``nn.Linear`` in ``model`` to :class:`QuantLinear`, in place; returns ``model``.
+
+    config: a preset name ("w8a8", "w8a16", "w4a16", "w4a8") or a QuantConfig (whose
+    ``overrides`` set per-layer configs by module-name pattern). skip: module-name
+    patterns (fnmatch) to leave in float. calib_data: an iterable of model inputs, needed
+    when any layer uses static activations.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Linear):
+        raise TypeError("quantize_ converts the Linear layers inside a model; for one layer use "
+                        "kquant.QuantLinear.from_linear(linear, config)")
+    cfg = resolve(config)
+    skip = [skip] if isinstance(skip, str) else list(skip or [])
+    targets = select_layers(model, cfg, skip)
+    if not targets:
+        warnings.warn("quantize_: no nn.Linear layer to convert (all skipped or none present)", stacklevel=2)
+        return model
+    static = {name: (mod, c) for name, mod, c in targets if c.activations == "static"}
+    act_scales: Dict[str, torch.Tensor] = {}
+    if static:
+        if calib_data is None:
+            names = ", ".join(list(static)[:3]) + ("..." if len(static) > 3 else "")
+            raise ValueError(f"layers {names} use activations='static' and need calib_data")
+        act_scales = calibrate_activations(model, static, calib_data, progress)
+    for name, mod, c in tqdm(targets, desc=f"kquant: quantizing ({cfg.mode})", disable=None if progress else True):
+        qparams = None
+        if c.weight_observer != "minmax":
+            qparams = weight_qparams(mod.weight.detach(), c.weight_bits, c.group_size, c.symmetric, c.weight_observer)
+        q = QuantLinear.from_linear(mod, c, name=name, weight_qparams=qparams, act_scale=act_scales.get(name))
+        _set_module(model, name, q)
+    return model

@@ -1,0 +1,128 @@
+"""The router: picks one backend per call from an ordered candidate list.
+
+Each backend is a module exposing ``NAME``, ``available() -> (ok, reason)``,
+``can_run(op, *args) -> (ok, reason)`` and ``OPS`` (op name -> function taking the
+normalized arguments of :mod:`kquant.ops`). Optionally ``prepare_weight(...)`` derives
+a kernel-friendly layout once per module.
+
+``KQUANT_BACKEND=reference|cpu|triton|cuda`` forces one backend; a forced backend that
+cannot run raises, it never falls back silently.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..format import CANONICAL
+
+ENV = "KQUANT_BACKEND"
+_MODULES = {
+    "reference": "kquant.backends.reference",
+    "cpu": "kquant.backends.cpu",
+    "triton": "kquant.backends.triton",
+    "cuda": "kquant.backends.cuda",
+}
+# candidates per device type, in order of preference (reference always last)
+_ORDER = {"cpu": ["cpu", "reference"], "cuda": ["cuda", "triton", "reference"]}
+
+_loaded: Dict[str, object] = {}
+_load_errors: Dict[str, str] = {}
+
+
+class BackendError(RuntimeError):
+    """A forced backend cannot run a call, or no backend can."""
+
+
+def _module(name: str):
+    if name in _loaded:
+        return _loaded[name]
+    if name in _load_errors:
+        return None
+    try:
+        mod = importlib.import_module(_MODULES[name])
+    except Exception as e:  # a missing toolchain or library must not break the package
+        _load_errors[name] = f"import failed: {type(e).__name__}: {e}"
+        return None
+    _loaded[name] = mod
+    return mod
+
+
+def status(name: str) -> Tuple[bool, str]:
+    """Whether backend ``name`` is usable in this process, and why (not)."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose from {sorted(_MODULES)}")
+    mod = _module(name)
+    if mod is None:
+        return False, _load_errors[name]
+    return mod.available()
+
+
+def backends() -> Dict[str, Dict[str, object]]:
+    """What is available and why not: {name: {"available": bool, "reason": str}}."""
+    out = {}
+    for name in _MODULES:
+        ok, why = status(name)
+        out[name] = {"available": ok, "reason": why}
+    return out
+
+
+def forced() -> Optional[str]:
+    name = os.environ.get(ENV, "").strip().lower() or None
+    if name is not None and name not in _MODULES:
+        raise ValueError(f"{ENV}={name!r} is not a backend; choose from {sorted(_MODULES)}")
+    return name
+
+
+def candidates(device_type: str) -> List[str]:
+    name = forced()
+    if name is not None:
+        return [name]
+    return _ORDER.get(device_type, ["reference"])
+
+
+def select(op: str, device_type: str, *args) -> Tuple[str, List[str]]:
+    """Name of the backend that runs ``op``, and the reasons the others were passed over."""
+    skipped = []
+    for name in candidates(device_type):
+        ok, why = status(name)
+        if ok:
+            ok, why = _module(name).can_run(op, *args)
+        if ok:
+            return name, skipped
+        skipped.append(f"{name}: {why}")
+    if forced():
+        raise BackendError(f"{ENV}={forced()} cannot run kquant.{op} on {device_type}: {skipped[-1]}")
+    raise BackendError(f"no backend can run kquant.{op} on {device_type}: {'; '.join(skipped)}")
+
+
+def _device_type(args) -> str:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+    return "cpu"
+
+
+def dispatch(op: str, *args):
+    name, _ = select(op, _device_type(args), *args)
+    return _module(name).OPS[op](*args)
+
+
+def prepare_weight(qweight: torch.Tensor, bits: int, group_size: int, op: str) -> Tuple[torch.Tensor, int]:
+    """Ask the preferred backend for ``qweight``'s device to derive its layout once.
+
+    Returns ``(data, layout_id)``; the canonical tensor itself when no backend wants
+    another layout. Callers drop the canonical tensor afterwards (never both resident).
+    """
+    for name in candidates(qweight.device.type):
+        ok, _ = status(name)
+        mod = _module(name) if ok else None
+        if mod is not None and hasattr(mod, "prepare_weight"):
+            out = mod.prepare_weight(qweight, bits, group_size, op)
+            if out is not None:
+                return out
+        if ok:
+            break
+    return qweight, CANONICAL

@@ -1,0 +1,125 @@
+"""Pure-PyTorch reference kernels: the test oracle and the fallback backend.
+
+Written for clarity, not speed. Integer products are summed in float64, which is
+exact here: |sum| <= 127 * 127 * K < 2^53 for any K an int32 result can hold.
+
+Arguments arrive normalized by :mod:`kquant.ops`: ``x`` is 2-D ``[M, Kp]`` (padded),
+weights are in ``layout`` (converted back to canonical here when needed).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..format import CANONICAL, PER_CHANNEL, to_canonical, unpack_int4
+
+NAME = "reference"
+
+
+def available() -> Tuple[bool, str]:
+    return True, "pure PyTorch, always available"
+
+
+def can_run(op: str, *args) -> Tuple[bool, str]:
+    return True, "reference runs every op on every device"
+
+
+def _quantize_rows(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+    # q = rint(x * inv_scale) in fp32, round-half-even: every backend must match this
+    return torch.clamp(torch.round(x.float() * inv_scale), -127, 127).to(torch.int8)
+
+
+def quantize_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: scale = amax / 127 (1 for all-zero rows), q = rint(x * 127 / amax)."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True) if xf.shape[-1] else xf.new_zeros(*xf.shape[:-1], 1)
+    nonzero = amax > 0
+    scale = torch.where(nonzero, amax / 127.0, torch.ones_like(amax))
+    inv = torch.where(nonzero, 127.0 / amax, torch.ones_like(amax))
+    return _quantize_rows(xf, inv), scale
+
+
+def quantize_static(x: torch.Tensor, act_scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor static scale from calibration: q = rint(x * (1 / s))."""
+    s = act_scale.float().reshape(1, 1)
+    inv = 1.0 / s
+    return _quantize_rows(x, inv), s.expand(x.shape[0], 1)
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] x int8 [N, K] -> int32 [M, N] = a @ b.T, exact."""
+    return (a.double() @ b.double().T).to(torch.int32)
+
+
+def _weight_codes(qweight, bits, layout, n, kp) -> torch.Tensor:
+    """Stored codes as float64 [N, Kp] (int4: unsigned nibbles 0..15)."""
+    q = to_canonical(qweight, layout, bits, n, kp)
+    return (unpack_int4(q) if bits == 4 else q).double()
+
+
+def _grouped_int_linear(qx, codes, wscales, group_size) -> torch.Tensor:
+    """sum_g wscale[n, g] * (int sum over group g of qx[m, k] * codes[n, k]) in fp32."""
+    m, kp = qx.shape
+    n = codes.shape[0]
+    g = kp if group_size == PER_CHANNEL else group_size
+    groups = kp // g
+    xg = qx.double().reshape(m, groups, g).transpose(0, 1)         # [G, M, g]
+    wg = codes.reshape(n, groups, g).transpose(0, 1)                # [G, N, g]
+    acc = torch.bmm(xg, wg.transpose(1, 2)).to(torch.int32)         # exact int32 [G, M, N]
+    return (acc.float() * wscales.T.unsqueeze(1)).sum(0)            # [M, N]
+
+
+def _act_linear(x, qweight, scales, bias, act_scale, group_size, layout, bits):
+    n, kp = scales.shape[0], x.shape[1]
+    qx, sx = quantize_per_token(x) if act_scale is None else quantize_static(x, act_scale)
+    codes = _weight_codes(qweight, bits, layout, n, kp)
+    if bits == 4:
+        codes = codes - 8  # symmetric int4: nibble - 8 in [-7, 7]
+    y = _grouped_int_linear(qx, codes, scales, group_size) * sx
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def w8a8_linear(x, qweight, scales, bias: Optional[torch.Tensor], act_scale: Optional[torch.Tensor],
+                group_size: int, layout: int = CANONICAL) -> torch.Tensor:
+    return _act_linear(x, qweight, scales, bias, act_scale, group_size, layout, 8)
+
+
+def w4a8_linear(x, qweight, scales, bias, act_scale, group_size, layout=CANONICAL):
+    return _act_linear(x, qweight, scales, bias, act_scale, group_size, layout, 4)
+
+
+def dequantize(qweight, scales, zeros, group_size, layout, bits, n, kp) -> torch.Tensor:
+    """Float32 weight [N, Kp] from stored codes."""
+    codes = _weight_codes(qweight, bits, layout, n, kp).float()
+    zero = zeros if zeros is not None else torch.full_like(scales, 8.0 if bits == 4 else 0.0)
+    g = kp if group_size == PER_CHANNEL else group_size
+    return ((codes.reshape(n, -1, g) - zero.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(n, kp)
+
+
+def _weight_only_linear(x, qweight, scales, zeros, bias, group_size, layout, bits):
+    w = dequantize(qweight, scales, zeros, group_size, layout, bits, scales.shape[0], x.shape[1])
+    y = x.float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def w8a16_linear(x, qweight, scales, zeros, bias, group_size, layout=CANONICAL):
+    return _weight_only_linear(x, qweight, scales, zeros, bias, group_size, layout, 8)
+
+
+def w4a16_linear(x, qweight, scales, zeros, bias, group_size, layout=CANONICAL):
+    return _weight_only_linear(x, qweight, scales, zeros, bias, group_size, layout, 4)
+
+
+OPS = {
+    "quantize_per_token": quantize_per_token,
+    "int8_mm": int8_mm,
+    "w8a8_linear": w8a8_linear,
+    "w4a8_linear": w4a8_linear,
+    "w8a16_linear": w8a16_linear,
+    "w4a16_linear": w4a16_linear,
+}

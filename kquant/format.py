@@ -1,0 +1,270 @@
+"""The one canonical packed-weight format shared by every backend.
+
+Layout (serialized exactly like this, identical for every backend):
+
+* 8-bit: ``qweight int8 [N, Kp]``. Symmetric weights use [-127, 127] (never -128,
+  so AVX2 ``madd`` paths cannot saturate); asymmetric weights use [-128, 127] with
+  an integer-valued zero point in the same range.
+* 4-bit: ``qweight uint8 [N, Kp // 2]``, two values per byte, the low nibble holds
+  the even k. A nibble ``u`` is unsigned (0..15); the weight is ``(u - z) * s`` with
+  ``z = 8`` for symmetric weights (so values are -7..7) or the stored zero point.
+* ``scales fp32 [N, G]`` with ``G = Kp / group_size`` (``G = 1`` per channel).
+* ``zeros fp32 [N, G]`` (integer-valued) only for asymmetric weights.
+
+``Kp`` is ``K`` padded up to a multiple of the group size (and to an even number for
+4-bit). Padded weights dequantize to exactly 0 and the ops pad activations with
+zeros, so padding never changes a result.
+
+Kernels that prefer another layout derive it once through :func:`register_layout`
+and hand back the canonical form with :func:`to_canonical`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+FORMAT_VERSION = 1
+SUPPORTED_BITS = (8, 4)
+PER_CHANNEL = -1
+SUPPORTED_GROUP_SIZES = (32, 64, 128, PER_CHANNEL)
+CANONICAL = 0  # layout id of the canonical format
+
+
+def check_bits(bits: int, where: str = "") -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"{where}unsupported weight bits {bits!r}; supported: {list(SUPPORTED_BITS)}")
+    return int(bits)
+
+
+def check_group_size(group_size: int, where: str = "") -> int:
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(
+            f"{where}unsupported group size {group_size!r}; supported: 32, 64, 128 or -1 (per channel)")
+    return int(group_size)
+
+
+def qrange(bits: int, symmetric: bool) -> Tuple[int, int]:
+    """Integer range of the *signed* value ``q - z`` domain before the zero point.
+
+    Symmetric: [-(2^(b-1) - 1), 2^(b-1) - 1]. Asymmetric: the stored code range.
+    """
+    if symmetric:
+        m = (1 << (bits - 1)) - 1
+        return -m, m
+    return (-128, 127) if bits == 8 else (0, 15)
+
+
+def padded_k(k: int, bits: int, group_size: int) -> int:
+    align = group_size if group_size != PER_CHANNEL else (2 if bits == 4 else 1)
+    return -(-k // align) * align
+
+
+def safe_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Replace 0 / non-finite scales by 1: all-zero groups then quantize to exact 0."""
+    return torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
+                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Scale (and integer zero point for asymmetric) covering [lo, hi]. Never 0 or NaN."""
+    lo = lo.float()
+    hi = hi.float()
+    qmin, qmax = qrange(bits, symmetric)
+    if symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        return safe_scale(amax / qmax), None
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    scale = safe_scale((hi - lo) / (qmax - qmin))
+    zero = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+    return scale, zero
+
+
+def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, Kp] -> [N, G, g] (per channel: G = 1)."""
+    n, kp = w.shape
+    g = kp if group_size == PER_CHANNEL else group_size
+    return w.reshape(n, kp // g, g)
+
+
+def pack_int4(u: torch.Tensor) -> torch.Tensor:
+    """uint8 codes 0..15 [N, Kp] (Kp even) -> uint8 [N, Kp/2], low nibble = even k."""
+    u = u.to(torch.uint8)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, Kp/2] -> uint8 codes 0..15 [N, Kp]."""
+    lo = packed & 0x0F
+    hi = packed >> 4
+    return torch.stack((lo, hi), dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
+
+
+@dataclasses.dataclass
+class PackedWeight:
+    """A quantized weight in the canonical format (see module docstring)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    bits: int
+    group_size: int
+    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def padded_in_features(self) -> int:
+        return padded_k(self.in_features, self.bits, self.group_size)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    @property
+    def nbytes(self) -> int:
+        t = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
+        return sum(x.numel() * x.element_size() for x in t)
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes as int32 [N, Kp] with the zero point already removed."""
+        q = unpack_int4(self.qweight).to(torch.int32) if self.bits == 4 else self.qweight.to(torch.int32)
+        if self.zeros is None:
+            return q - 8 if self.bits == 4 else q
+        raise ValueError("codes() is for symmetric weights; use dequantize() for asymmetric ones")
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Float weight [N, K] (padding removed)."""
+        q = unpack_int4(self.qweight).float() if self.bits == 4 else self.qweight.float()
+        if self.zeros is None:
+            zero = 8.0 if self.bits == 4 else 0.0
+            qg = group_view(q - zero, self.group_size)
+            w = qg * self.scales.unsqueeze(-1)
+        else:
+            qg = group_view(q, self.group_size)
+            w = (qg - self.zeros.unsqueeze(-1)) * self.scales.unsqueeze(-1)
+        return w.reshape(q.shape)[:, : self.in_features].to(dtype)
+
+    def validate(self, where: str = "") -> "PackedWeight":
+        """Check shapes, dtypes and value ranges; raise ValueError naming what is wrong."""
+        check_bits(self.bits, where)
+        check_group_size(self.group_size, where)
+        kp = self.padded_in_features
+        n = self.qweight.shape[0] if self.qweight.dim() == 2 else -1
+        want_q = (torch.int8, (n, kp)) if self.bits == 8 else (torch.uint8, (n, kp // 2))
+        if self.qweight.dim() != 2 or self.qweight.dtype != want_q[0] or tuple(self.qweight.shape) != want_q[1]:
+            raise ValueError(f"{where}qweight must be {want_q[0]} {list(want_q[1])} for {self.bits}-bit "
+                             f"K={self.in_features}, got {self.qweight.dtype} {list(self.qweight.shape)}")
+        g = 1 if self.group_size == PER_CHANNEL else kp // self.group_size
+        for nm, t in (("scales", self.scales), ("zeros", self.zeros)):
+            if t is None:
+                continue
+            if t.dtype != torch.float32 or tuple(t.shape) != (n, g):
+                raise ValueError(f"{where}{nm} must be float32 [{n}, {g}], got {t.dtype} {list(t.shape)}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{where}{nm} hold NaN or Inf")
+        if not (self.scales > 0).all():
+            raise ValueError(f"{where}scales must be > 0")
+        qmin, qmax = qrange(self.bits, self.symmetric)
+        if self.bits == 8 and self.qweight.numel():
+            lo, hi = int(self.qweight.min()), int(self.qweight.max())
+            if lo < qmin or hi > qmax:
+                raise ValueError(f"{where}int8 codes span [{lo}, {hi}], outside [{qmin}, {qmax}]")
+        if self.bits == 4 and self.symmetric and self.qweight.numel():
+            if bool(((self.qweight & 0x0F) == 0).any() | ((self.qweight >> 4) == 0).any()):
+                raise ValueError(f"{where}symmetric int4 codes must be 1..15 (value -8 is not used)")
+        if self.zeros is not None and self.zeros.numel():
+            z = self.zeros
+            if not bool(((z == torch.round(z)) & (z >= qmin) & (z <= qmax)).all()):
+                raise ValueError(f"{where}zeros must be integers in [{qmin}, {qmax}]")
+        return self
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int = PER_CHANNEL, symmetric: bool = True,
+                    scales: Optional[torch.Tensor] = None, zeros: Optional[torch.Tensor] = None,
+                    name: str = "weight") -> PackedWeight:
+    """Quantize a float weight [N, K] into the canonical format.
+
+    ``scales``/``zeros`` ([N, G]) may come from a calibration observer; by default
+    they cover each group's min-max range. Raises for NaN/Inf weights, naming ``name``.
+    """
+    where = f"{name}: "
+    check_bits(bits, where)
+    check_group_size(group_size, where)
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
+        raise TypeError(f"{where}weight must be a 2-D floating-point tensor, got "
+                        f"{getattr(w, 'dtype', type(w))} {list(getattr(w, 'shape', []))}")
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).nonzero()[0].tolist()
+        raise ValueError(f"{where}weight {list(w.shape)} holds NaN or Inf (first at index {bad})")
+    n, k = w.shape
+    kp = padded_k(k, bits, group_size)
+    wp = torch.nn.functional.pad(w.detach().float(), (0, kp - k))
+    wg = group_view(wp, group_size)
+    if scales is None:
+        if k == 0:
+            lo = hi = torch.zeros(wg.shape[:2], device=w.device)
+        else:
+            lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+        scales, zeros = qparams_from_range(lo, hi, bits, symmetric)
+    else:
+        scales = safe_scale(scales.float().reshape(wg.shape[:2]))
+        if not symmetric:
+            if zeros is None:
+                raise ValueError(f"{where}asymmetric quantization with given scales also needs zeros")
+            zeros = zeros.float().reshape(wg.shape[:2])
+    qmin, qmax = qrange(bits, symmetric)
+    q = torch.round(wg / scales.unsqueeze(-1))
+    if not symmetric:
+        q = q + zeros.unsqueeze(-1)
+    q = torch.clamp(q, qmin, qmax).reshape(n, kp)
+    if not symmetric:
+        # padded columns must dequantize to exactly 0: store the zero point there
+        pad_mask = torch.arange(kp, device=w.device) >= k
+        zfull = zeros.repeat_interleave(kp // zeros.shape[1], dim=1)
+        q = torch.where(pad_mask, zfull, q)
+    if bits == 8:
+        qweight = q.to(torch.int8)
+    else:
+        qweight = pack_int4((q + 8 if symmetric else q).to(torch.uint8))
+    return PackedWeight(qweight.contiguous(), scales.contiguous(),
+                        None if symmetric else zeros.contiguous(), bits, group_size, k)
+
+
+# ----------------------------------------------------------------------------- layouts
+# A backend registers a kernel-friendly layout once; QuantLinear stores only that
+# layout and converts back to canonical on save. Functions map tensors, nothing else.
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    id: int
+    name: str
+    device_type: str
+    from_canonical: Callable[[torch.Tensor, int, int], torch.Tensor]  # (qweight, bits, Kp)
+    to_canonical: Callable[[torch.Tensor, int, int, int], torch.Tensor]  # (data, bits, N, Kp)
+
+
+_LAYOUTS: Dict[int, Layout] = {}
+
+
+def register_layout(layout: Layout) -> None:
+    if layout.id == CANONICAL:
+        raise ValueError("layout id 0 is the canonical format")
+    _LAYOUTS[layout.id] = layout
+
+
+def get_layout(layout_id: int) -> Layout:
+    try:
+        return _LAYOUTS[layout_id]
+    except KeyError:
+        raise ValueError(f"unknown weight layout id {layout_id}; registered: {sorted(_LAYOUTS)}") from None
+
+
+def to_canonical(data: torch.Tensor, layout_id: int, bits: int, n: int, kp: int) -> torch.Tensor:
+    if layout_id == CANONICAL:
+        return data
+    return get_layout(layout_id).to_canonical(data, bits, n, kp)

@@ -1,0 +1,90 @@
+"""Build kquant's native extensions.
+
+kquant._C       C++ CPU kernels (csrc/module.cpp + csrc/cpu/*.cpp). AVX2/FMA code is
+                compiled per function with target attributes and chosen at run time,
+                so the library also loads on CPUs without AVX2.
+kquant._C_cuda  CUDA kernels (csrc/cuda/*.cu), only when torch is a CUDA build and nvcc
+                is found (never decided by whether a GPU is visible). Targets come from
+                KQUANT_CUDA_ARCHS (default "80;90a").
+The Python package works without either (reference backend) and says why.
+"""
+import glob
+import os
+import platform
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _say(msg):
+    print(f"kquant setup: {msg}", file=sys.stderr)
+
+
+def _cuda_gencode(archs):
+    flags = []
+    for a in archs.replace(",", ";").split(";"):
+        a = a.strip()
+        if a:
+            flags.append(f"-gencode=arch=compute_{a},code=sm_{a}")
+    return flags
+
+
+def get_extensions():
+    if os.environ.get("KQUANT_NO_EXTENSION") == "1":
+        _say("KQUANT_NO_EXTENSION=1: skipping native extensions (reference backend only)")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension as ce
+    except Exception as e:  # noqa: BLE001
+        _say(f"torch is not importable ({e}); building without native extensions")
+        return [], {}
+    cxx = ["-O3", "-std=c++20", "-fno-math-errno"]
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64"):
+        _say(f"{machine} is not x86-64: AVX2 kernels are not compiled, scalar fallback only")
+    sources = [os.path.relpath(p, ROOT) for p in
+               sorted(glob.glob(os.path.join(ROOT, "csrc", "module.cpp")) +
+                      glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
+    # KQUANT_EXTENSIONS=cpu or =cuda builds one of the two (handy while working on one)
+    wanted = set(os.environ.get("KQUANT_EXTENSIONS", "cpu,cuda").replace(" ", "").split(","))
+    exts = []
+    if "cpu" in wanted:
+        exts.append(ce.CppExtension("kquant._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+                                    extra_compile_args={"cxx": cxx}))
+    cu_sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    nvcc = shutil.which("nvcc") or (os.path.join(ce.CUDA_HOME, "bin", "nvcc") if ce.CUDA_HOME else None)
+    if os.environ.get("KQUANT_NO_CUDA") == "1" or "cuda" not in wanted:
+        _say("CUDA kernels not requested (KQUANT_NO_CUDA=1 or KQUANT_EXTENSIONS without cuda)")
+    elif not torch.version.cuda:
+        _say(f"torch {torch.__version__} is not a CUDA build: CUDA kernels not built")
+    elif not nvcc or not os.path.exists(nvcc):
+        _say("nvcc not found (PATH or CUDA_HOME): CUDA kernels not built")
+    elif not cu_sources:
+        _say("no CUDA sources in csrc/cuda: nothing to build")
+    else:
+        archs = os.environ.get("KQUANT_CUDA_ARCHS", "80;90a")
+        # torch's CUDA headers include cusparse/cublas headers that a bare toolkit may lack;
+        # the nvidia wheels installed with CUDA torch carry them
+        extra_inc = []
+        for sp in sys.path:
+            for sub in ("nvidia/cu13/include", "nvidia/cu12/include"):
+                cand = os.path.join(sp, sub)
+                if os.path.isdir(cand):
+                    extra_inc.append(cand)
+        nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
+                      "-Xptxas=-warn-spills", "--resource-usage"] + _cuda_gencode(archs)
+        exts.append(ce.CUDAExtension(
+            "kquant._C_cuda", [os.path.relpath(p, ROOT) for p in cu_sources],
+            include_dirs=[os.path.join(ROOT, "csrc")] + extra_inc,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags}))
+        _say(f"CUDA kernels for archs {archs} with {nvcc}")
+    return exts, {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = get_extensions()
+setup(packages=find_packages(include=["kquant", "kquant.*"]), ext_modules=ext_modules, cmdclass=cmdclass,
+      package_data={"kquant": ["data/*", "backends/triton/*.json"]}, include_package_data=True)
