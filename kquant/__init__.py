@@ -5,7 +5,8 @@
 """
 from . import ops  # noqa: F401  (registers torch.ops.kquant.*)
 from .api import quantize_
-from .backends import BackendError, backends
+from . import backends
+from .backends import BackendError
 from .report import error_report
 from .checkpoint import load_quantized, save_quantized
 from .config import PRESETS, QuantConfig

@@ -139,9 +139,20 @@ def _weight_only_linear(op, bits, x, qweight, scales, zeros, bias, group_size, l
     return y.reshape(*x.shape[:-1], n)
 
 
-def _fake_linear(x, scales):
-    _check_float(x, "x")
-    return x.new_empty(*x.shape[:-1], scales.shape[0])
+# torch drops arguments equal to the schema default before calling a fake, so each fake's
+# defaults must equal its op's: group_size defaults to -1 for 8-bit and 128 for 4-bit ops.
+def _fake_act_linear(bits: int):
+    def fake(x, qweight, scales, bias=None, act_scale=None, group_size=-1 if bits == 8 else 128, layout=0):
+        n, _, _ = _check_linear_args(x, qweight, scales, bias, act_scale, group_size, layout, bits, "act_scale")
+        return x.new_empty(*x.shape[:-1], n)
+    return fake
+
+
+def _fake_weight_only_linear(bits: int):
+    def fake(x, qweight, scales, zeros=None, bias=None, group_size=-1 if bits == 8 else 128, layout=0):
+        n, _, _ = _check_linear_args(x, qweight, scales, bias, zeros, group_size, layout, bits, "zeros")
+        return x.new_empty(*x.shape[:-1], n)
+    return fake
 
 
 @torch.library.custom_op("kquant::w8a8_linear", mutates_args=())
@@ -168,12 +179,10 @@ def w4a16_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Ten
     return _weight_only_linear("w4a16_linear", 4, x, qweight, scales, zeros, bias, group_size, layout)
 
 
-for _op in (w8a8_linear, w4a8_linear):
-    _op.register_fake(lambda x, qweight, scales, bias=None, act_scale=None, group_size=-1, layout=0:
-                      _fake_linear(x, scales))
-for _op in (w8a16_linear, w4a16_linear):
-    _op.register_fake(lambda x, qweight, scales, zeros=None, bias=None, group_size=-1, layout=0:
-                      _fake_linear(x, scales))
+w8a8_linear.register_fake(_fake_act_linear(8))
+w4a8_linear.register_fake(_fake_act_linear(4))
+w8a16_linear.register_fake(_fake_weight_only_linear(8))
+w4a16_linear.register_fake(_fake_weight_only_linear(4))
 
 # op name -> (public op, bits, uses int8 activations)
 LINEAR_OPS = {

@@ -1,0 +1,20 @@
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # fresh, but reproducible, random inputs per test
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("KQUANT_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set KQUANT_SLOW=1 (make test-all)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,134 @@
+"""The canonical packed format: golden bytes, round trips, padding, bad input."""
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from kquant.format import (PER_CHANNEL, PackedWeight, pack_int4, padded_k, qparams_from_range, quantize_weight,
+                           unpack_int4)
+
+GOLDEN_W = torch.tensor([[1.27, -0.5, 0.3, -1.27],
+                         [0.0, 0.0, 0.0, 0.0]])
+
+
+def f32_bytes(values):
+    return b"".join(struct.pack("<f", float(np.float32(v))) for v in values)
+
+
+def test_golden_bytes_int8_per_channel():
+    p = quantize_weight(GOLDEN_W, 8, PER_CHANNEL)
+    assert p.qweight.dtype == torch.int8 and list(p.qweight.shape) == [2, 4]
+    assert p.qweight.numpy().tobytes() == bytes([0x7F, 0xCE, 0x1E, 0x81, 0, 0, 0, 0])
+    # row 0: 1.27 / 127; row 1 is all zero: a safe scale of exactly 1.0
+    assert p.scales.numpy().tobytes() == f32_bytes([np.float32(1.27) / np.float32(127), 1.0])
+    assert p.zeros is None
+
+
+def test_golden_bytes_int4_per_channel():
+    p = quantize_weight(GOLDEN_W, 4, PER_CHANNEL)
+    # values [7, -3, 2, -7] -> nibbles (+8) [15, 5, 10, 1]; low nibble = even k
+    assert p.qweight.dtype == torch.uint8 and list(p.qweight.shape) == [2, 2]
+    assert p.qweight.numpy().tobytes() == bytes([0x5F, 0x1A, 0x88, 0x88])
+    assert p.scales.numpy().tobytes() == f32_bytes([np.float32(1.27) / np.float32(7), 1.0])
+
+
+def test_golden_bytes_int4_asymmetric():
+    w = torch.tensor([[0.0, 1.5, 3.0, 0.75]])
+    p = quantize_weight(w, 4, PER_CHANNEL, symmetric=False)
+    # range [0, 3] -> scale 0.2, zero 0, codes [0, 7.5->8 (half-even), 15, 3.75->4]
+    assert p.zeros.tolist() == [[0.0]]
+    assert p.qweight.numpy().tobytes() == bytes([0 | (8 << 4), 15 | (4 << 4)])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [32, 64, 128, PER_CHANNEL])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_round_trip_error_bound(bits, group, symmetric):
+    w = torch.randn(37, 300) * 0.05
+    p = quantize_weight(w, bits, group, symmetric).validate()
+    deq = p.dequantize()
+    assert deq.shape == w.shape
+    # every element within half a quantization step of its group
+    g = 300 if group == PER_CHANNEL else group
+    kp = padded_k(300, bits, group)
+    step = p.scales.repeat_interleave(kp // p.scales.shape[1] if group != PER_CHANNEL else kp, dim=1)[:, :300]
+    assert ((deq - w).abs() <= step * 0.5 + 1e-6).all()
+    assert g > 0
+
+
+@pytest.mark.parametrize("k", [1, 17, 33, 1025])
+def test_pack_unpack_round_trip(k):
+    kp = k + (k % 2)
+    u = torch.randint(0, 16, (5, kp), dtype=torch.uint8)
+    packed = pack_int4(u)
+    assert packed.shape == (5, kp // 2)
+    assert torch.equal(unpack_int4(packed), u)
+    assert torch.equal(packed & 0x0F, u[:, 0::2])
+
+
+@pytest.mark.parametrize("bits,group,k", [(8, 32, 17), (4, 128, 130), (4, PER_CHANNEL, 17), (8, 64, 1)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_padding_is_exact_zero(bits, group, k, symmetric):
+    w = torch.randn(3, k)
+    p = quantize_weight(w, bits, group, symmetric)
+    kp = padded_k(k, bits, group)
+    assert p.padded_in_features == kp and p.in_features == k
+    full = PackedWeight(p.qweight, p.scales, p.zeros, bits, group, kp).dequantize()
+    assert torch.equal(full[:, k:], torch.zeros(3, kp - k))
+
+
+def test_all_zero_rows_and_groups_are_safe():
+    w = torch.zeros(4, 64)
+    w[1, :32] = torch.randn(32)
+    for bits in (8, 4):
+        for sym in (True, False):
+            p = quantize_weight(w, bits, 32, sym)
+            assert torch.isfinite(p.scales).all() and (p.scales > 0).all()
+            deq = p.dequantize()
+            assert torch.equal(deq[0], torch.zeros(64)) and torch.equal(deq[1, 32:], torch.zeros(32))
+
+
+def test_qparams_never_zero_or_nan():
+    lo = torch.tensor([0.0, -1e-45, float("nan"), -2.0])
+    hi = torch.tensor([0.0, 1e-45, float("nan"), 2.0])
+    for sym in (True, False):
+        s, _ = qparams_from_range(lo, hi, 8, sym)
+        assert torch.isfinite(s).all() and (s > 0).all()
+
+
+def test_nan_inf_weights_name_the_layer():
+    w = torch.randn(4, 8)
+    w[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"encoder\.fc1.*NaN or Inf.*\[2, 3\]"):
+        quantize_weight(w, 8, name="encoder.fc1")
+    w[2, 3] = float("inf")
+    with pytest.raises(ValueError, match="encoder.fc1"):
+        quantize_weight(w, 4, 32, name="encoder.fc1")
+
+
+def test_unsupported_bits_and_groups_list_supported_values():
+    w = torch.randn(4, 64)
+    with pytest.raises(ValueError, match=r"supported: \[8, 4\]"):
+        quantize_weight(w, 3)
+    with pytest.raises(ValueError, match=r"32, 64, 128 or -1"):
+        quantize_weight(w, 8, 48)
+    with pytest.raises(TypeError, match="floating-point"):
+        quantize_weight(torch.ones(4, 4, dtype=torch.int32), 8)
+
+
+def test_validate_catches_bad_codes_and_shapes():
+    p = quantize_weight(torch.randn(4, 64), 8)
+    bad = PackedWeight(p.qweight.clone(), p.scales, None, 8, PER_CHANNEL, 64)
+    bad.qweight[0, 0] = -128
+    with pytest.raises(ValueError, match=r"outside \[-127, 127\]"):
+        bad.validate()
+    with pytest.raises(ValueError, match="qweight must be"):
+        PackedWeight(p.qweight[:, :32], p.scales, None, 8, PER_CHANNEL, 64).validate()
+    with pytest.raises(ValueError, match="scales must be > 0"):
+        PackedWeight(p.qweight, torch.zeros_like(p.scales), None, 8, PER_CHANNEL, 64).validate()
+    p4 = quantize_weight(torch.randn(4, 64), 4, 32)
+    bad4 = PackedWeight(p4.qweight.clone(), p4.scales, None, 4, 32, 64)
+    bad4.qweight[0, 0] = 0x80  # low nibble 0 = value -8, not used by symmetric int4
+    with pytest.raises(ValueError, match="1..15"):
+        bad4.validate()

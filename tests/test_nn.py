@@ -1,0 +1,145 @@
+"""QuantLinear against nn.Linear, module plumbing and torch.compile."""
+import pytest
+import torch
+from torch import nn
+
+import kquant
+from kquant import QuantConfig, QuantLinear
+
+# relative output error allowed against nn.Linear, by mode (random Gaussian weights/inputs)
+BOUND = {"w8a16": 0.01, "w8a8": 0.02, "w4a16": 0.15, "w4a8": 0.15}
+DT_EXTRA = {torch.float32: 0.0, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w8a16", "w4a16", "w4a8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3)])
+def test_quantlinear_close_to_linear(preset, dtype, bias, lead):
+    lin = nn.Linear(256, 48, bias=bias)
+    q = QuantLinear.from_linear(lin, preset, name="fc")
+    x = torch.randn(*lead, 256)
+    y = q(x.to(dtype))
+    assert y.dtype == dtype and y.shape == (*lead, 48)
+    assert rel_err(y, lin(x)) < BOUND[preset] + DT_EXTRA[dtype]
+
+
+@pytest.mark.parametrize("preset", ["w8a16", "w4a16"])
+def test_weight_only_equals_dequantized_weight_math(preset):
+    lin = nn.Linear(100, 30)
+    q = QuantLinear.from_linear(lin, preset)
+    x = torch.randn(7, 100)
+    expect = x.double() @ q.dequantize_weight(torch.float64).T + lin.bias.double()
+    assert rel_err(q(x), expect) < 1e-5
+
+
+def test_dequantize_weight_and_bytes():
+    lin = nn.Linear(300, 64)
+    for preset, nbytes in [("w8a8", 64 * 300 + 64 * 4), ("w4a16", 64 * 192 + 64 * 3 * 4)]:
+        q = QuantLinear.from_linear(lin, preset)
+        w = q.dequantize_weight()
+        assert w.shape == (64, 300) and w.dtype == torch.float32
+        assert q.weight_nbytes == nbytes
+        assert rel_err(w, lin.weight) < BOUND[preset]
+
+
+def test_extra_repr_shows_mode_bits_group_backend():
+    q = QuantLinear.from_linear(nn.Linear(64, 8), "w4a16")
+    r = repr(q)
+    for s in ("mode=w4a16", "bits=4", "group_size=128", "backend="):
+        assert s in r, r
+    assert "group_size=per-channel" in repr(QuantLinear.from_linear(nn.Linear(64, 8), "w8a8"))
+
+
+def test_all_zero_weight_rows_give_exact_zero_outputs():
+    lin = nn.Linear(64, 6, bias=False)
+    with torch.no_grad():
+        lin.weight[2] = 0
+        lin.weight[4, :32] = 0
+    for preset in ("w8a8", "w8a16", "w4a16", "w4a8"):
+        q = QuantLinear.from_linear(lin, preset)
+        assert torch.isfinite(q.scales).all() and (q.scales > 0).all()
+        y = q(torch.randn(5, 64))
+        assert torch.isfinite(y).all()
+        assert torch.equal(y[:, 2], torch.zeros(5)), preset
+
+
+def test_zero_input_rows_are_safe():
+    q = QuantLinear.from_linear(nn.Linear(64, 6), "w8a8")
+    x = torch.zeros(3, 64)
+    y = q(x)
+    assert torch.isfinite(y).all()
+    assert torch.allclose(y, q.bias.expand(3, 6))
+
+
+def test_bad_inputs_name_the_layer():
+    lin = nn.Linear(16, 4)
+    with torch.no_grad():
+        lin.weight[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="blocks.0.fc.*NaN"):
+        QuantLinear.from_linear(lin, "w8a8", name="blocks.0.fc")
+    q = QuantLinear.from_linear(nn.Linear(16, 4), "w8a8", name="head")
+    with pytest.raises(TypeError, match="head: input must be a float32"):
+        q(torch.ones(2, 16, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"head: input shape \[2, 15\] does not end in in_features=16"):
+        q(torch.randn(2, 15))
+    with pytest.raises(ValueError, match="unknown preset 'w2a2'"):
+        QuantLinear.from_linear(nn.Linear(16, 4), "w2a2")
+    with pytest.raises(ValueError, match="static.*act_scale"):
+        QuantLinear.from_linear(nn.Linear(16, 4), QuantConfig(activations="static"), name="x")
+    with pytest.raises(TypeError, match="expected nn.Linear"):
+        QuantLinear.from_linear(nn.Conv1d(4, 4, 1))
+
+
+def test_state_dict_round_trip_is_canonical_and_exact():
+    lin = nn.Linear(96, 40)
+    for preset in ("w8a8", "w4a8", "w4a16"):
+        q = QuantLinear.from_linear(lin, preset)
+        sd = q.state_dict()
+        assert torch.equal(sd["qweight"], q.packed_weight().qweight)
+        fresh = QuantLinear(96, 40, True, preset)
+        fresh.load_state_dict(sd)
+        x = torch.randn(4, 96)
+        assert torch.equal(fresh(x), q(x))
+
+
+def test_half_keeps_fp32_scales_and_works():
+    q = QuantLinear.from_linear(nn.Linear(64, 16), "w8a8")
+    scales = q.scales.clone()
+    q.half()
+    assert q.scales.dtype == torch.float32 and torch.equal(q.scales, scales)
+    assert q.bias.dtype == torch.float16
+    assert q(torch.randn(2, 64, dtype=torch.float16)).dtype == torch.float16
+
+
+def test_device_mismatch_is_an_error():
+    q = QuantLinear.from_linear(nn.Linear(8, 4), "w8a8", name="proj")
+    with pytest.raises(ValueError, match="proj: input is on meta"):
+        q(torch.randn(2, 8, device="meta"))
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 128)
+        self.b = nn.Linear(128, 32)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a16"])
+def test_torch_compile_fullgraph_no_graph_break(preset):
+    model = kquant.quantize_(Tiny(), preset, progress=False)
+    x = torch.randn(3, 64)
+    eager = model(x)
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(model)(x)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    compiled = torch.compile(model, fullgraph=True)
+    assert torch.allclose(compiled(x), eager, rtol=1e-5, atol=1e-5)
