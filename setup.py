@@ -87,4 +87,4 @@ def get_extensions():
 
 ext_modules, cmdclass = get_extensions()
 setup(packages=find_packages(include=["kquant", "kquant.*"]), ext_modules=ext_modules, cmdclass=cmdclass,
-      package_data={"kquant": ["data/*", "backends/triton/*.json"]}, include_package_data=True)
+      package_data={"kquant": ["data/*", "backends/*.json", "backends/triton/*.json"]}, include_package_data=True)

@@ -220,3 +220,14 @@ def test_forced_backend(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(kquant.BackendError, match="KQUANT_BACKEND=cuda cannot run"):
             call_linear("w8a8_linear", x, p, None)
+
+
+def test_router_prefers_measured_gpu_backend_per_shape(monkeypatch):
+    monkeypatch.delenv("KQUANT_BACKEND", raising=False)
+    monkeypatch.setattr(router, "_prefs", {"w4a16_linear": {"1": "cuda", "16": "cuda", "1024": "triton"}})
+    assert router.candidates("cuda", "w4a16_linear", 1) == ["cuda", "triton", "reference"]
+    assert router.candidates("cuda", "w4a16_linear", 2048) == ["triton", "cuda", "reference"]
+    assert router.candidates("cuda", "w8a8_linear", 2048) == ["cuda", "triton", "reference"]  # no entry
+    assert router.candidates("cpu", "w4a16_linear", 2048) == ["cpu", "reference"]
+    monkeypatch.setenv("KQUANT_BACKEND", "triton")
+    assert router.candidates("cuda", "w4a16_linear", 1) == ["triton"]

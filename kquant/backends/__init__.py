@@ -11,6 +11,8 @@ cannot run raises, it never falls back silently.
 from __future__ import annotations
 
 import importlib
+import json
+import math
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -76,17 +78,49 @@ def forced() -> Optional[str]:
     return name
 
 
-def candidates(device_type: str) -> List[str]:
+_PREFS_FILE = os.path.join(os.path.dirname(__file__), "gpu_prefs.json")
+_prefs: Optional[Dict[str, Dict[str, str]]] = None
+
+
+def gpu_prefs() -> Dict[str, Dict[str, str]]:
+    """{op: {M: backend}}: which of cuda/triton bench/gpu_check.py measured faster, per M."""
+    global _prefs
+    if _prefs is None:
+        try:
+            with open(_PREFS_FILE) as f:
+                _prefs = json.load(f).get("prefs", {})
+        except (OSError, ValueError):
+            _prefs = {}
+    return _prefs
+
+
+def _preferred_gpu(op: str, m: int) -> Optional[str]:
+    table = gpu_prefs().get(op)
+    if not table:
+        return None
+    # the measured M closest to this call's M (on a log scale)
+    best = min(table, key=lambda k: abs(math.log2(max(int(k), 1)) - math.log2(max(m, 1))))
+    return table[best]
+
+
+def candidates(device_type: str, op: Optional[str] = None, m: Optional[int] = None) -> List[str]:
     name = forced()
     if name is not None:
         return [name]
-    return _ORDER.get(device_type, ["reference"])
+    order = list(_ORDER.get(device_type, ["reference"]))
+    if device_type == "cuda" and op is not None and m is not None:
+        first = _preferred_gpu(op, m)
+        if first in order:
+            order.remove(first)
+            order.insert(0, first)
+    return order
 
 
 def select(op: str, device_type: str, *args) -> Tuple[str, List[str]]:
     """Name of the backend that runs ``op``, and the reasons the others were passed over."""
     skipped = []
-    for name in candidates(device_type):
+    m = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2 else None
+    for name in candidates(device_type, op, m):
         ok, why = status(name)
         if ok:
             ok, why = _module(name).can_run(op, *args)
