@@ -1,7 +1,382 @@
-# placeholder: replaced by the checkpoint work
-def save_quantized(model, path):
-    raise NotImplementedError
+"""Quantized checkpoints: safetensors files (no pickle) with integrity checks.
+
+File contents:
+
+* for every ``QuantLinear`` named ``L``: ``L.qweight`` (canonical layout, see
+  :mod:`kquant.format`), ``L.scales``, ``L.zeros`` (asymmetric only), ``L.bias`` (if any),
+  ``L.act_scale`` (static activations only);
+* every other entry of the model's ``state_dict`` (float weights of skipped layers,
+  embeddings, norms, persistent buffers), under its state-dict name; tensors that share
+  storage (tied weights) are stored once and listed under ``aliases``.
+* header metadata (all strings): ``format`` = ``"kquant"``, ``format_version``
+  (= :data:`kquant.format.FORMAT_VERSION`), ``kquant_version``, ``layers`` (JSON list of
+  per-layer configs), ``digests`` (JSON: tensor name -> sha256 of dtype, shape and bytes),
+  ``aliases`` (JSON) and ``meta_digest`` (sha256 over all other metadata, so an edited
+  header is caught).
+
+:func:`load_quantized` checks the file (size, header, version, digests) and the target
+model (every layer present with the right shape) before touching the model: any problem
+raises :class:`CheckpointError` (a ``ValueError``) naming the file and what is wrong.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import warnings
+from typing import Dict, List, Tuple, Union
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .format import FORMAT_VERSION, PackedWeight
+from .nn import QuantLinear
+
+__all__ = ["save_quantized", "load_quantized", "CheckpointError", "read_metadata"]
+
+FORMAT_NAME = "kquant"
+_QL_TENSORS = ("qweight", "scales", "zeros", "bias", "act_scale")
+_MAX_HEADER = 100 << 20  # a header larger than this is corrupt, not big
+_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+              "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+PathLike = Union[str, os.PathLike]
 
 
-def load_quantized(model, path):
-    raise NotImplementedError
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, tampered with, from another format version, or does not
+    match the model it is loaded into."""
+
+
+# ----------------------------------------------------------------------------- helpers
+def _digest(t: torch.Tensor) -> str:
+    t = t.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{str(t.dtype)}:{list(t.shape)}:".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _meta_digest(meta: Dict[str, str]) -> str:
+    body = json.dumps({k: v for k, v in meta.items() if k != "meta_digest"}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _quant_layers(model: nn.Module) -> List[Tuple[str, QuantLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def _layer_config(name: str, m: QuantLinear) -> Dict[str, object]:
+    return {"name": name, "bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric,
+            "activations": m.activations, "in_features": m.in_features, "out_features": m.out_features,
+            "bias": m.bias is not None, "bias_dtype": str(m.bias.dtype) if m.bias is not None else None}
+
+
+# ----------------------------------------------------------------------------- save
+@torch.no_grad()
+def save_quantized(model: nn.Module, path: PathLike) -> str:
+    """Write ``model`` (with its ``QuantLinear`` layers) to a safetensors file at ``path``.
+
+    The write is atomic (temp file in the same folder, then rename). Returns the path.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, QuantLinear):
+        raise TypeError("save_quantized saves a model holding QuantLinear layers; wrap a single layer in "
+                        "an nn.Module (e.g. nn.Sequential(layer))")
+    path = os.fspath(path)
+    tensors: Dict[str, torch.Tensor] = {}
+    layers = []
+    ql_keys = set()
+    for name, m in _quant_layers(model):
+        packed = m.packed_weight()
+        layers.append(_layer_config(name, m))
+        parts = {"qweight": packed.qweight, "scales": packed.scales, "zeros": packed.zeros,
+                 "bias": m.bias, "act_scale": m.act_scale}
+        for k, t in parts.items():
+            key = f"{name}.{k}"
+            ql_keys.add(key)
+            if t is not None:
+                tensors[key] = t.detach().to("cpu").contiguous().clone()
+    # every other state_dict entry; shared storage (tied weights) is stored once
+    aliases: Dict[str, str] = {}
+    seen: Dict[tuple, str] = {}
+    for key, t in model.state_dict().items():
+        if key in ql_keys or _owner_is_ql(model, key):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_dict entry {key!r} is a {type(t).__name__}, not a tensor; "
+                            f"save_quantized stores tensors only")
+        ident = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset()) \
+            if t.numel() else None
+        if ident is not None and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        if ident is not None:
+            seen[ident] = key
+        tensors[key] = t.detach().to("cpu").contiguous().clone()
+    import kquant
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "kquant_version": getattr(kquant, "__version__", "unknown"),
+        "layers": json.dumps(layers),
+        "digests": json.dumps({k: _digest(t) for k, t in tensors.items()}, sort_keys=True),
+        "aliases": json.dumps(aliases, sort_keys=True),
+    }
+    meta["meta_digest"] = _meta_digest(meta)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".kquant-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _owner_is_ql(model: nn.Module, key: str) -> bool:
+    owner = key.rpartition(".")[0]
+    try:
+        return isinstance(model.get_submodule(owner), QuantLinear) if owner else isinstance(model, QuantLinear)
+    except AttributeError:
+        return False
+
+
+# ----------------------------------------------------------------------------- read + verify
+def _read_header(path: str) -> Tuple[Dict[str, dict], Dict[str, str]]:
+    """Parse and sanity-check the safetensors header ourselves, for clear errors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: file is truncated or empty ({size} bytes; a safetensors file "
+                                  f"starts with an 8-byte header length)")
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > _MAX_HEADER or 8 + hlen > size:
+            raise CheckpointError(f"{path}: corrupt or truncated header (header length {hlen} bytes, file "
+                                  f"{size} bytes)")
+        raw = f.read(hlen)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt header (not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt header (not a JSON object)")
+    meta = header.pop("__metadata__", None)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: not a kquant checkpoint (the header has no '__metadata__' entry)")
+    if meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path}: not a kquant checkpoint (metadata 'format' is "
+                              f"{meta.get('format')!r}, expected {FORMAT_NAME!r})")
+    data_len = size - 8 - hlen
+    end_max = 0
+    for key, info in header.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            nbytes = _ST_DTYPES[dtype]
+            for d in shape:
+                nbytes *= int(d)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r}: {info!r}") from None
+        if not (0 <= start <= end) or end - start != nbytes:
+            raise CheckpointError(f"{path}: corrupt header: tensor {key!r} {dtype} {shape} needs {nbytes} bytes "
+                                  f"but its offsets are [{start}, {end}]")
+        if end > data_len:
+            raise CheckpointError(f"{path}: file is truncated: tensor {key!r} ends at data byte {end} but only "
+                                  f"{data_len} data bytes are present")
+        end_max = max(end_max, end)
+    if end_max != data_len:
+        raise CheckpointError(f"{path}: corrupt file: {data_len} data bytes but the header describes {end_max}")
+    return header, meta
+
+
+def read_metadata(path: PathLike) -> Dict[str, object]:
+    """The checked metadata of a kquant checkpoint (layers, digests, aliases parsed from JSON)."""
+    path = os.fspath(path)
+    header, meta = _read_header(path)
+    version = meta.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise CheckpointError(f"{path}: written with kquant format version {version!r}; this kquant reads "
+                              f"version {FORMAT_VERSION}")
+    if meta.get("meta_digest") != _meta_digest(meta):
+        raise CheckpointError(f"{path}: metadata was modified after saving (meta_digest mismatch)")
+    out: Dict[str, object] = dict(meta)
+    for k in ("layers", "digests", "aliases"):
+        try:
+            out[k] = json.loads(meta[k])
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: metadata {k!r} is missing or corrupt ({e})") from None
+    names = set(header)
+    if set(out["digests"]) != names:
+        missing = sorted(set(out["digests"]) - names)
+        extra = sorted(names - set(out["digests"]))
+        raise CheckpointError(f"{path}: tensor list does not match the saved digests (missing: {missing[:5]}, "
+                              f"unexpected: {extra[:5]})")
+    return out
+
+
+def _load_tensors(path: str, digests: Dict[str, str]) -> Dict[str, torch.Tensor]:
+    from safetensors import safe_open
+    tensors = {}
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except Exception as e:  # safetensors raises its own error types for malformed files
+        raise CheckpointError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from None
+    for key, t in tensors.items():
+        if _digest(t) != digests.get(key):
+            raise CheckpointError(f"{path}: tensor {key!r} ({t.dtype} {list(t.shape)}) does not match its saved "
+                                  f"sha256 digest: the file is corrupted or was modified")
+    return tensors
+
+
+# ----------------------------------------------------------------------------- load
+def _build_layer(path: str, model: nn.Module, cfg: dict, tensors: Dict[str, torch.Tensor]) -> QuantLinear:
+    name = cfg.get("name")
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{path}: layer entry without a valid name: {cfg!r}")
+    where = f"{path}: layer {name!r}"
+    try:
+        target = model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(f"{where}: the model has no module of that name (different architecture?)") from None
+    if not isinstance(target, (nn.Linear, QuantLinear)):
+        raise CheckpointError(f"{where}: the model has a {type(target).__name__} there, expected nn.Linear")
+    in_f, out_f = cfg["in_features"], cfg["out_features"]
+    if (target.in_features, target.out_features) != (in_f, out_f):
+        raise CheckpointError(f"{where}: checkpoint layer is [{out_f}, {in_f}] (out, in) but the model's is "
+                              f"[{target.out_features}, {target.in_features}]")
+    has_bias = target.bias is not None
+    if has_bias != bool(cfg["bias"]):
+        raise CheckpointError(f"{where}: bias={cfg['bias']} in the checkpoint but bias={has_bias} in the model")
+    try:
+        qcfg = QuantConfig(weight_bits=cfg["bits"], group_size=cfg["group_size"], symmetric=cfg["symmetric"],
+                           activations=cfg["activations"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: invalid layer config: {e}") from None
+    if isinstance(target, QuantLinear):
+        device = target.scales.device
+        dtype = target.bias.dtype if target.bias is not None else torch.float32
+    else:
+        device, dtype = target.weight.device, target.weight.dtype
+
+    def get(k, required):
+        t = tensors.get(f"{name}.{k}")
+        if t is None and required:
+            raise CheckpointError(f"{where}: tensor {name}.{k} is missing from the file")
+        if t is not None and not required:
+            raise CheckpointError(f"{where}: unexpected tensor {name}.{k} for this layer's config")
+        return t
+
+    q = get("qweight", True)
+    scales = get("scales", True)
+    zeros = get("zeros", not qcfg.symmetric)
+    bias = get("bias", has_bias)
+    act_scale = get("act_scale", qcfg.activations == "static")
+    try:
+        mod = QuantLinear(in_f, out_f, has_bias, qcfg, name=name, device=device, dtype=dtype)
+        mod.load_packed(PackedWeight(q, scales, zeros, qcfg.weight_bits, qcfg.group_size, in_f))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if bias is not None:
+        if tuple(bias.shape) != (out_f,) or not bias.is_floating_point():
+            raise CheckpointError(f"{where}: bias must be a float tensor [{out_f}], got {bias.dtype} "
+                                  f"{list(bias.shape)}")
+        mod.bias.data.copy_(bias)
+    if act_scale is not None:
+        if act_scale.dtype != torch.float32 or tuple(act_scale.shape) != (1,) or not (
+                torch.isfinite(act_scale).all() and act_scale.item() > 0):
+            raise CheckpointError(f"{where}: act_scale must be a finite float32 [1] > 0, got {act_scale.dtype} "
+                                  f"{list(act_scale.shape)}")
+        mod.act_scale = act_scale.to(device)
+    return mod
+
+
+@torch.no_grad()
+def load_quantized(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
+    """Rebuild the checkpoint's ``QuantLinear`` layers inside ``model`` (a float model of
+    the same architecture, or one already quantized the same way) and load every other
+    tensor. Returns ``model``.
+
+    Everything is checked before the model is changed. ``strict=False`` tolerates float
+    tensors that are missing from the file or not in the model (with a warning); shape
+    mismatches and quantized-layer problems always raise :class:`CheckpointError`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    path = os.fspath(path)
+    meta = read_metadata(path)
+    tensors = _load_tensors(path, meta["digests"])
+    layers = meta["layers"]
+    if not isinstance(layers, list):
+        raise CheckpointError(f"{path}: metadata 'layers' is not a list")
+    # phase 1: build and check everything, leave the model untouched
+    new_layers = {}
+    ql_keys = set()
+    for cfg in layers:
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{path}: corrupt layer entry {cfg!r}")
+        try:
+            mod = _build_layer(path, model, cfg, tensors)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: layer entry {cfg.get('name')!r} lacks field {e}") from None
+        new_layers[cfg["name"]] = mod
+        ql_keys.update(f"{cfg['name']}.{k}" for k in _QL_TENSORS)
+    rest = {k: t for k, t in tensors.items() if k not in ql_keys}
+    for alias, src in meta["aliases"].items():
+        if src not in rest:
+            raise CheckpointError(f"{path}: alias {alias!r} points to missing tensor {src!r}")
+        rest[alias] = rest[src]
+    model_sd = _float_state(model, set(new_layers))
+    missing = sorted(set(model_sd) - set(rest))
+    unexpected = sorted(set(rest) - set(model_sd))
+    for key in sorted(set(rest) & set(model_sd)):
+        want, got = model_sd[key], rest[key]
+        if tuple(want.shape) != tuple(got.shape):
+            raise CheckpointError(f"{path}: tensor {key!r} is {list(got.shape)} in the checkpoint but "
+                                  f"{list(want.shape)} in the model")
+        if want.is_floating_point() != got.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {key!r} is {got.dtype} in the checkpoint but {want.dtype} "
+                                  f"in the model")
+    if missing or unexpected:
+        msg = (f"{path}: checkpoint does not match the model: missing tensors {missing[:8]}"
+               f"{'...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
+               f"{'...' if len(unexpected) > 8 else ''}")
+        if strict:
+            raise CheckpointError(msg)
+        warnings.warn(msg + " (strict=False: ignored)", stacklevel=2)
+    # phase 2: swap layers in, copy the other tensors
+    for name, mod in new_layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, mod)
+    for key in sorted(set(rest) & set(model_sd)):
+        model_sd[key].copy_(rest[key])
+    return model
+
+
+def _float_state(model: nn.Module, ql_names: set) -> Dict[str, torch.Tensor]:
+    """state_dict entries (live tensors) outside the layers about to become QuantLinear."""
+    out = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        owner = key.rpartition(".")[0]
+        if owner in ql_names:
+            continue
+        if _owner_is_ql(model, key):
+            continue
+        out[key] = t.data if isinstance(t, nn.Parameter) else t
+    return out

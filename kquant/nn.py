@@ -34,7 +34,6 @@ class QuantLinear(nn.Module):
         self.activations = cfg.activations
         self.name = name
         self.op_name = ops.linear_op_name(self.bits, cfg.int8_activations)
-        self._op = ops.LINEAR_OPS[self.op_name][0]
         kp = padded_k(in_features, self.bits, self.group_size)
         groups = 1 if self.group_size == PER_CHANNEL else kp // self.group_size
         if self.bits == 8:
@@ -123,6 +122,11 @@ class QuantLinear(nn.Module):
     def weight_nbytes(self) -> int:
         """Bytes of the packed weight: codes + scales (+ zeros)."""
         return self.packed_weight().nbytes
+
+    @property
+    def _op(self):
+        # looked up, not stored: op objects cannot be deep-copied or pickled
+        return ops.LINEAR_OPS[self.op_name][0]
 
     @property
     def mode(self) -> str:

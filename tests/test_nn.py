@@ -143,3 +143,19 @@ def test_torch_compile_fullgraph_no_graph_break(preset):
     assert explain.graph_break_count == 0, explain.break_reasons
     compiled = torch.compile(model, fullgraph=True)
     assert torch.allclose(compiled(x), eager, rtol=1e-5, atol=1e-5)
+
+
+def test_deepcopy_and_pickle_a_quantized_model():
+    import copy
+    import io
+
+    model = kquant.quantize_(Tiny(), "w4a8", progress=False)
+    x = torch.randn(2, 64)
+    clone = copy.deepcopy(model)
+    assert torch.equal(clone(x), model(x))
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh = kquant.quantize_(Tiny(), "w4a8", progress=False)
+    fresh.load_state_dict(torch.load(buf))
+    assert torch.equal(fresh(x), model(x))

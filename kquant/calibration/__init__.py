@@ -1,7 +1,21 @@
-# placeholder: replaced by the calibration work (observers, weight_qparams)
-def make_observer(name, granularity="per_tensor", **kw):
-    raise NotImplementedError
+"""Calibration: observers that turn observed tensors into quantization ranges.
 
+    obs = make_observer("percentile", "per_tensor", percentile=99.99)
+    for batch in data:
+        obs.observe(batch)
+    scale, zero = obs.qparams(bits=8, symmetric=True)
 
-def weight_qparams(w, bits, group_size, symmetric, method):
-    raise NotImplementedError
+    scales, zeros = weight_qparams(linear.weight, bits=4, group_size=128,
+                                   symmetric=True, method="mse")
+
+Pure PyTorch; calibration never calls a kernel directly.
+"""
+from .observers import (DEFAULT_RATIOS, GRANULARITIES, OBSERVERS, WEIGHT_METHODS, MinMaxObserver,
+                        MovingAverageObserver, MSEObserver, Observer, PercentileObserver,
+                        fake_quant_error, make_observer, mse_search, weight_qparams)
+
+__all__ = [
+    "make_observer", "weight_qparams", "Observer", "MinMaxObserver", "PercentileObserver", "MSEObserver",
+    "MovingAverageObserver", "GRANULARITIES", "OBSERVERS", "WEIGHT_METHODS", "DEFAULT_RATIOS",
+    "fake_quant_error", "mse_search",
+]
