@@ -3,7 +3,12 @@
     import kquant
     kquant.quantize_(model, "w8a8")          # every nn.Linear -> QuantLinear
 """
+from . import _native
 from . import ops  # noqa: F401  (registers torch.ops.kquant.*)
+
+# load the C++ kernels now, so a failed build or load is reported (a warning naming why)
+# at import; everything keeps working on the reference backend
+_native.load("_C")
 from .api import quantize_
 from . import backends
 from .backends import BackendError
