@@ -75,11 +75,19 @@ def get_extensions():
                 cand = os.path.join(sp, sub)
                 if os.path.isdir(cand):
                     extra_inc.append(cand)
+        # the linker needs libcudart.so; CUDA_HOME guessed from an nvcc wrapper script
+        # (/usr/local/bin/nvcc -> /usr/local) may not hold it, so look in the usual places
+        cudart_dirs = []
+        for home in [os.environ.get("CUDA_HOME"), ce.CUDA_HOME, "/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*")):
+            for sub in ("lib64", "lib"):
+                d = os.path.join(home, sub) if home else None
+                if d and os.path.exists(os.path.join(d, "libcudart.so")) and d not in cudart_dirs:
+                    cudart_dirs.append(d)
         nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
                       "-Xptxas=-warn-spills", "--resource-usage"] + _cuda_gencode(archs)
         exts.append(ce.CUDAExtension(
             "kquant._C_cuda", [os.path.relpath(p, ROOT) for p in cu_sources],
-            include_dirs=[os.path.join(ROOT, "csrc")] + extra_inc,
+            include_dirs=[os.path.join(ROOT, "csrc")] + extra_inc, library_dirs=cudart_dirs[:1],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags}))
         _say(f"CUDA kernels for archs {archs} with {nvcc}")
     return exts, {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}

@@ -1,3 +1,251 @@
-# placeholder: replaced by the CLI work
-def main(argv=None):
-    raise SystemExit("kquant CLI not built yet")
+"""Command line: ``kquant demo`` (the main job), ``kquant info`` (what this machine can run) and
+``kquant quantize`` (model folder -> safetensors checkpoint).
+
+Also runnable as ``python -m kquant.cli``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+
+# ---------------------------------------------------------------------------- info
+def gather_info() -> Dict[str, object]:
+    """Backends, CPU features, torch, CUDA and Triton status as a JSON-ready dict."""
+    import torch
+
+    import kquant
+    from kquant import _native
+
+    info: Dict[str, object] = {"kquant": kquant.__version__, "backends": kquant.backends()}
+    native = _native.load("_C", warn=False)
+    if native is None:
+        info["native"] = {"built": False, "reason": f"native extension not built: {_native.error('_C') or 'unknown'}"}
+    else:
+        try:
+            info["native"] = {"built": True, "cpu_features": dict(native.cpu_features()),
+                              "build_info": dict(native.build_info())}
+        except Exception as e:  # a stale .so from an older build: report it, don't crash
+            info["native"] = {"built": False, "reason": f"native extension unusable: {type(e).__name__}: {e}"}
+    info["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads(),
+                     "interop_threads": torch.get_num_interop_threads()}
+
+    cuda: Dict[str, object] = {"torch_cuda": torch.version.cuda, "available": False, "devices": []}
+    try:
+        cuda["available"] = torch.cuda.is_available()
+        if cuda["available"]:
+            for i in range(torch.cuda.device_count()):
+                major, minor = torch.cuda.get_device_capability(i)
+                cuda["devices"].append({"index": i, "name": torch.cuda.get_device_name(i),
+                                        "capability": f"sm_{major}{minor}"})
+    except Exception as e:  # a broken driver must not break `kquant info`
+        cuda["error"] = f"{type(e).__name__}: {e}"
+    cuda_native = _native.load("_C_cuda", warn=False)
+    if cuda_native is not None:
+        cuda["native"] = {"built": True}
+    else:
+        why = _native.error("_C_cuda") or "unknown"
+        cuda["native"] = {"built": False, "reason": f"native extension not built: {why}"}
+    info["cuda"] = cuda
+
+    triton: Dict[str, object] = {"TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET") or None}
+    try:
+        import triton as _triton
+        triton.update(installed=True, version=getattr(_triton, "__version__", "unknown"))
+    except Exception as e:  # ImportError, or a broken install
+        triton.update(installed=False, reason=f"{type(e).__name__}: {e}")
+    info["triton"] = triton
+    info["KQUANT_BACKEND"] = os.environ.get("KQUANT_BACKEND") or None
+    info["routing"] = routing(["cpu"] + (["cuda"] if cuda["available"] else []))
+    return info
+
+
+def routing(devices: List[str]) -> Dict[str, Dict[str, str]]:
+    """Which backend the router picks per op and device (for the op in general, shapes aside)."""
+    router = sys.modules["kquant.backends"]  # the package; `kquant.backends` is the function
+    from kquant.ops import LINEAR_OPS
+    ops = ["quantize_per_token", "int8_mm", *LINEAR_OPS]
+    out: Dict[str, Dict[str, str]] = {}
+    for dev in devices:
+        out[dev] = {}
+        for op in ops:
+            try:
+                out[dev][op] = router.select(op, dev)[0]
+            except Exception as e:  # BackendError, or a bad KQUANT_BACKEND value
+                out[dev][op] = f"none ({e})"
+    return out
+
+
+def print_info(info: Dict[str, object], console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"kquant {info['kquant']} backends", title_justify="left")
+    t.add_column("backend")
+    t.add_column("available")
+    t.add_column("reason")
+    for name, st in info["backends"].items():
+        t.add_row(name, "[green]yes[/]" if st["available"] else "[red]no[/]", str(st["reason"]))
+    console.print(t)
+    r = Table(title="router picks", title_justify="left")
+    r.add_column("op")
+    devices = list(info["routing"])
+    for dev in devices:
+        r.add_column(dev)
+    for op in info["routing"][devices[0]]:
+        r.add_row(op, *(info["routing"][dev][op] for dev in devices))
+    console.print(r)
+    if info.get("KQUANT_BACKEND"):
+        console.print(f"KQUANT_BACKEND={info['KQUANT_BACKEND']} (forced)")
+
+    native = info["native"]
+    if native["built"]:
+        feats = ", ".join(f"{k}={v}" for k, v in native["cpu_features"].items())
+        build = ", ".join(f"{k}={v}" for k, v in native["build_info"].items())
+        console.print(f"CPU features: {feats}")
+        console.print(f"native build: {build}")
+    else:
+        console.print(f"CPU features: {native['reason']}")
+    tor = info["torch"]
+    console.print(f"torch {tor['version']}: {tor['threads']} threads ({tor['interop_threads']} inter-op)")
+    cuda = info["cuda"]
+    line = f"CUDA: torch built with {cuda['torch_cuda'] or 'no CUDA'}, available={cuda['available']}"
+    if cuda["devices"]:
+        line += "; " + "; ".join(f"{d['index']}: {d['name']} ({d['capability']})" for d in cuda["devices"])
+    if cuda.get("error"):
+        line += f"; error: {cuda['error']}"
+    console.print(line)
+    console.print("CUDA native: " + ("built" if cuda["native"]["built"] else cuda["native"]["reason"]))
+    tr = info["triton"]
+    if tr["installed"]:
+        console.print(f"Triton {tr['version']}, TRITON_INTERPRET={tr['TRITON_INTERPRET'] or 'unset'}")
+    else:
+        console.print(f"Triton: not usable ({tr['reason']})")
+
+
+# ---------------------------------------------------------------------------- quantize
+def quantize_command(args, console) -> int:
+    """Quantize a Hugging Face model folder (default: the packaged MiniLM), save it as a
+    safetensors checkpoint, reload it into a fresh float model and check the outputs match."""
+    import copy
+
+    import torch
+
+    import kquant
+    from .demo import DemoError, load_corpus, load_model, make_batches, model_bytes
+
+    tok, fp_model = load_model(args.model)
+    q_model = kquant.quantize_(copy.deepcopy(fp_model), args.preset, skip=args.skip or None)
+    n_quant = sum(isinstance(m, kquant.QuantLinear) for m in q_model.modules())
+    if n_quant == 0:
+        raise DemoError("no Linear layer was quantized (check --skip)")
+    out = kquant.save_quantized(q_model, args.out) or args.out
+
+    batch = dict(make_batches(tok, load_corpus(args.sentences), args.sentences)[0][0])
+    # the file must rebuild the same model: load into a fresh float copy and compare outputs
+    reloaded = kquant.load_quantized(copy.deepcopy(fp_model), out)
+    with torch.inference_mode():
+        a = q_model(**batch).last_hidden_state
+        b = reloaded(**batch).last_hidden_state
+    diff = (a - b).abs().max().item()
+    console.print(f"quantized {n_quant} Linear layers of {args.model or 'all-MiniLM-L6-v2'} with {args.preset}: "
+                  f"model {model_bytes(fp_model) / 2**20:.2f} MiB -> {model_bytes(q_model) / 2**20:.2f} MiB; "
+                  f"wrote {out} ({os.path.getsize(out) / 2**20:.2f} MiB)")
+    console.print(f"reload check on {args.sentences} sentences: max |difference| = {diff:.3g}")
+    if diff != 0.0:
+        console.print("[red]the reloaded model differs from the quantized one[/]")
+        return 1
+    if args.report or args.report_json:
+        rep = kquant.error_report(fp_model, q_model, batch)
+        if args.report:
+            console.print(rep.rich_table(title=f"kquant error report ({args.preset}, {args.sentences} sentences)"))
+        if args.report_json:
+            rep.to_json(args.report_json)
+            console.print(f"wrote {args.report_json}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def _presets(values: List[str]) -> List[str]:
+    # accept both `--presets w8a8 w4a16` and `--presets w8a8,w4a16`
+    return [p for v in values for p in v.split(",") if p]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo import DEFAULT_PRESETS
+
+    ap = argparse.ArgumentParser(prog="kquant", description="Integer quantization for PyTorch.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 in each preset; table + JSON + PNG",
+                       description="Quantize the pretrained all-MiniLM-L6-v2 in each preset, embed a fixed "
+                                   "English corpus and compare with fp32: size, latency, cosine, NN agreement.")
+    d.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), metavar="PRESET",
+                   help=f"presets to run (default: {' '.join(DEFAULT_PRESETS)})")
+    d.add_argument("--sentences", type=int, default=None, metavar="N",
+                   help="use only the first N corpus sentences (default: all)")
+    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--repeats", type=int, default=3, help="timed passes per mode; the median is reported")
+    d.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    d.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    d.add_argument("--out", default="kquant-demo", help="output directory for results.json and results.png")
+    d.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    q = sub.add_parser("quantize", help="quantize a model folder and save a safetensors checkpoint",
+                       description="Quantize a Hugging Face model folder (default: the packaged "
+                                   "all-MiniLM-L6-v2), save it with kquant.save_quantized and check that "
+                                   "the file reloads to the same outputs.")
+    q.add_argument("--preset", default="w8a8", help="w8a8 (default), w8a16, w4a16 or w4a8")
+    q.add_argument("--model", default=None, help="local Hugging Face model folder (default: all-MiniLM-L6-v2)")
+    q.add_argument("--skip", nargs="+", default=None, metavar="PATTERN", help="module-name patterns kept in float")
+    q.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
+    q.add_argument("--sentences", type=int, default=16, metavar="N",
+                   help="corpus sentences for the reload check and the error report (default 16)")
+    q.add_argument("--report", action="store_true", help="print the per-layer error report")
+    q.add_argument("--report-json", default=None, metavar="PATH", help="write the error report as JSON")
+
+    i = sub.add_parser("info", help="backends, CPU features, CUDA and Triton status")
+    i.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.command is None:
+        ap.print_help()
+        return 2
+    from rich.console import Console
+    # rich wraps at 80 columns when piped (make demo | tee): keep the table on one line per row
+    console = Console() if sys.stdout.isatty() else Console(width=140)
+
+    if args.command == "info":
+        info = gather_info()
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            print_info(info, console)
+        return 0
+
+    from .demo import DemoError
+    from .demo import main as demo_main
+    if args.command == "quantize":
+        try:
+            return quantize_command(args, console)
+        except (DemoError, ValueError, TypeError) as e:  # bad preset / pattern / path: say which
+            print(f"kquant quantize: error: {e}", file=sys.stderr)
+            return 2
+    try:
+        demo_main(presets=_presets(args.presets), sentences=args.sentences, batch_size=args.batch_size,
+                  repeats=args.repeats, out=args.out, progress=not args.no_progress, threads=args.threads,
+                  device=args.device, console=console)
+    except DemoError as e:
+        print(f"kquant demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Shared setup for the CPU benchmarks: machine/commit/load info stored in the JSON."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine()
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def git_dirty() -> bool:
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10).stdout
+        return bool(out.strip())
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    from kquant.backends import cpu as kcpu  # noqa: WPS433 (only when benchmarks run)
+    machine_info["kquant"] = {
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "commit": commit(),
+        "dirty_tree": git_dirty(),
+        "load_start": list(os.getloadavg()),
+        "fbgemm_isa": os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "default (best the CPU has)"),
+        "kquant_cpu": kcpu.available()[1],
+    }
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["machine_info"].setdefault("kquant", {})["load_end"] = list(os.getloadavg())

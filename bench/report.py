@@ -1,0 +1,187 @@
+"""Turn pytest-benchmark JSON from bench/test_cpu_linear.py into ratio tables and a chart.
+
+    python bench/report.py bench/results.json [more.json ...] [--out bench/RESULTS.md] [--png bench/cpu_speedup.png]
+
+Each JSON is one run (ratios are only formed inside a run). The `## CPU` section of the
+output file is replaced; any other section (e.g. `## GPU`) is kept as it is.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IMPLS = ["fp32", "fbgemm", "int_mm", "kquant_w8a8", "kquant_w4a8", "kquant_w4a16", "kquant_w8a16"]
+SHORT = {"fp32": "fp32", "fbgemm": "fbgemm", "int_mm": "_int_mm", "kquant_w8a8": "W8A8", "kquant_w4a8": "W4A8",
+         "kquant_w4a16": "W4A16", "kquant_w8a16": "W8A16"}
+
+
+def load(path):
+    with open(path) as f:
+        d = json.load(f)
+    lin, mini, ceil = {}, {}, {}
+    for b in d["benchmarks"]:
+        e = b.get("extra_info", {})
+        t = b["stats"]["median"]
+        if e.get("kind") == "linear":
+            lin[(e["K"], e["N"], e["M"], e["impl"])] = (t, e)
+        elif e.get("kind") == "minilm":
+            mini[e["impl"]] = (t, e)
+        elif e.get("kind") == "ceiling":
+            ceil[e["name"]] = e["value"]
+    return d, lin, mini, ceil
+
+
+def fmt_ms(t):
+    return "-" if t is None else (f"{t * 1e3:.3f}" if t < 0.01 else f"{t * 1e3:.1f}")
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def fr(x, nd=2):
+    return "-" if x is None else f"{x:.{nd}f}x"
+
+
+def machine_line(d, path):
+    mi = d.get("machine_info", {})
+    k = mi.get("kquant", {})
+    load0 = k.get("load_start", ["?"])[0]
+    load1 = k.get("load_end", ["?"])[0]
+    lf = (lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else str(v))
+    dirty = " (+ uncommitted changes)" if k.get("dirty_tree") else ""
+    return (f"`{os.path.basename(path)}`: **{k.get('cpu_model', mi.get('cpu', {}).get('brand_raw', '?'))}**, "
+            f"{k.get('logical_cpus', '?')} logical CPUs, torch threads {k.get('torch_threads', '?')}, "
+            f"torch {k.get('torch', '?')}, commit `{k.get('commit', '?')}`{dirty}, "
+            f"date {d.get('datetime', '?')[:19]}, fbgemm ISA: {k.get('fbgemm_isa', '?')}, kquant: "
+            f"{k.get('kquant_cpu', '?')}, 1-min load average {lf(load0)} at start / {lf(load1)} at end")
+
+
+def section(path, d, lin, mini, ceil, png_rel):
+    out = [f"### Run {machine_line(d, path)}", ""]
+    int16 = ceil.get("int16_vpmaddwd")
+    sign = ceil.get("sign_vpmaddubsw")
+    dram = ceil.get("read_dram_2GiB")
+    if ceil:
+        out += ["Ceilings (all threads; int8 GMAC/s of register-only loops of each instruction sequence, "
+                "GB/s of AVX2 reads):", "",
+                "| ceiling | value |", "|---|---|"]
+        for name, v in ceil.items():
+            unit = "GB/s" if name.startswith("read") else "GMAC/s"
+            out.append(f"| {name} | {v:.1f} {unit} |")
+        out.append("")
+    if lin:
+        out += ["Linear layers, median ms per call (x: fp32 [M, K]; weights [N, K]); ratios > 1 mean kquant is faster.",
+                "`W8A8/fbgemm` = fbgemm time / kquant W8A8 time. `eff` = kquant W8A8 GMAC/s as % of the int16 ceiling "
+                "(M >= 4) or weight GB/s as % of the DRAM read ceiling (M = 1).", "",
+                "| K x N | M | " + " | ".join(SHORT[i] for i in IMPLS) +
+                " | W8A8/fbgemm | W8A8/fp32 | W4A8/W8A8 | W4A16/W8A8 | eff |",
+                "|---|---:|" + "---:|" * len(IMPLS) + "---:|---:|---:|---:|---:|"]
+        shapes = sorted({(k, n) for (k, n, _, _) in lin}, key=lambda s: (s[0] * s[1] < 1e6, s))
+        for k, n in shapes:
+            for m in sorted({m for (kk, nn, m, _) in lin if (kk, nn) == (k, n)}):
+                t = {i: lin.get((k, n, m, i), (None, None))[0] for i in IMPLS}
+                w8 = t["kquant_w8a8"]
+                eff = "-"
+                if w8:
+                    if m == 1 and dram:
+                        eff = f"{k * n / w8 / 1e9:.1f} GB/s = {100 * k * n / w8 / 1e9 / dram:.0f}%"
+                    elif m >= 4 and int16:
+                        eff = f"{m * k * n / w8 / 1e9:.0f} GMAC/s = {100 * m * k * n / w8 / 1e9 / int16:.0f}%"
+                out.append(f"| {k}x{n} | {m} | " + " | ".join(fmt_ms(t[i]) for i in IMPLS) +
+                           f" | {fr(ratio(t['fbgemm'], w8))} | {fr(ratio(t['fp32'], w8))} | "
+                           f"{fr(ratio(w8, t['kquant_w4a8']))} | {fr(ratio(w8, t['kquant_w4a16']))} | {eff} |")
+        out.append("")
+        if png_rel:
+            out += [f"![kquant W8A8 / W4A8 speed-up over fbgemm]({png_rel})", ""]
+    if mini:
+        base = mini.get("fp32", (None, {}))[0]
+        fb = mini.get("fbgemm", (None, {}))[0]
+        e0 = next(iter(mini.values()))[1]
+        out += [f"all-MiniLM-L6-v2 end to end: {e0.get('sentences')} English sentences of kquant/data/corpus.txt, "
+                f"batch {e0.get('batch_size')}, {e0.get('tokens')} tokens, mean pooling + L2 norm; cosine to the "
+                "fp32 embeddings.", "",
+                "| model | median ms | vs fp32 | vs fbgemm | mean cosine | min cosine |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for impl, (t, e) in mini.items():
+            out.append(f"| {impl} | {t * 1e3:.1f} | {fr(ratio(base, t))} | {fr(ratio(fb, t))} | "
+                       f"{e.get('mean_cosine', float('nan')):.5f} | {e.get('min_cosine', float('nan')):.5f} |")
+        out.append("")
+    return out
+
+
+def chart(runs, png):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no chart", file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 4.5), squeeze=False)
+    for ax, (path, d, lin, _mini, _ceil) in zip(axes[0], runs):
+        keys = sorted({(k, n, m) for (k, n, m, _) in lin}, key=lambda x: (x[0] * x[1] < 1e6, x))
+        labels = [f"{k}x{n}\nM={m}" for k, n, m in keys]
+        series = {"W8A8": "kquant_w8a8", "W4A8": "kquant_w4a8", "W4A16": "kquant_w4a16"}
+        w = 0.8 / len(series)
+        for j, (lab, impl) in enumerate(series.items()):
+            vals = [ratio(lin.get((k, n, m, "fbgemm"), (None,))[0], lin.get((k, n, m, impl), (None,))[0]) or 0
+                    for k, n, m in keys]
+            ax.bar([i + j * w for i in range(len(keys))], vals, w, label=lab)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(1.1, color="r", lw=0.8, ls="--", label="target 1.1x")
+        ax.set_yscale("log")
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(keys))])
+        ax.set_xticklabels(labels, fontsize=6, rotation=90)
+        ax.set_ylabel("speed-up over fbgemm quantize_dynamic")
+        fb = d.get("machine_info", {}).get("kquant", {}).get("fbgemm_isa", "?")
+        ax.set_title(f"{os.path.basename(path)} (fbgemm ISA: {fb})", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    return True
+
+
+def write_section(md_path, lines):
+    text = open(md_path).read() if os.path.exists(md_path) else ""
+    new = "\n".join(lines).rstrip() + "\n"
+    m = re.search(r"^## CPU\b.*?(?=^## |\Z)", text, flags=re.S | re.M)
+    if m:
+        text = text[:m.start()] + new + ("\n" if text[m.end():] else "") + text[m.end():]
+    else:
+        text = new + ("\n" + text if text else "")
+    with open(md_path, "w") as f:
+        f.write(text)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json", nargs="+")
+    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument("--png", default=os.path.join(HERE, "cpu_speedup.png"))
+    ap.add_argument("--preamble", default=None, help="markdown file inserted under the ## CPU heading")
+    ap.add_argument("--print", action="store_true", help="print the section instead of writing files")
+    args = ap.parse_args(argv)
+    runs = [(p, *load(p)) for p in args.json]
+    lines = ["## CPU", ""]
+    if args.preamble:
+        with open(args.preamble) as f:
+            lines += [f.read().rstrip(), ""]
+    png_ok = False if args.print else chart(runs, args.png)
+    rel = os.path.relpath(args.png, os.path.dirname(os.path.abspath(args.out))) if png_ok else None
+    for i, (p, d, lin, mini, ceil) in enumerate(runs):
+        lines += section(p, d, lin, mini, ceil, rel if i == 0 else None)
+    if args.print:
+        print("\n".join(lines))
+    else:
+        write_section(args.out, lines)
+        print(f"wrote the ## CPU section of {args.out}" + (f" and {args.png}" if png_ok else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+// Machine ceilings for bench/: the int8 multiply-add peak of each exact AVX2 instruction
+// sequence the kernels use (register-only loops, no memory traffic), and the read
+// bandwidth of a buffer larger than the last-level cache. The empty asm statements keep
+// the compiler from hoisting loop-invariant multiplies out of the loops.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <chrono>
+#include <cstring>
+
+#include "kq_cpu.h"
+
+#if KQ_X86
+#include <immintrin.h>
+#endif
+
+namespace kquant::cpu {
+namespace {
+
+#if KQ_X86
+#define KQ_OPAQUE(v) asm volatile("" : "+x"(v))
+
+// returns int8 MACs performed
+template <int KIND>
+KQ_AVX2 inline __m256i step(__m256i acc, __m256i a, __m256i b, __m256i ones) {
+  if constexpr (KIND == 0)  // int16 operands: vpmaddwd + vpaddd, 16 MACs
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+  else if constexpr (KIND == 1)  // sign trick: vpsignb + vpmaddubsw + vpmaddwd + vpaddd, 32 MACs
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(b, a)), ones));
+  else if constexpr (KIND == 2)  // W4A8: vpmaddubsw + vpaddw (int16 accumulate), 32 MACs
+    return _mm256_add_epi16(acc, _mm256_maddubs_epi16(a, b));
+  else  // fbgemm-style (inexact for full 8-bit operands): vpmaddubsw + vpmaddwd + vpaddd
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
+}
+
+// six independent chains with distinct operands (no common subexpressions), in registers
+template <int KIND>
+KQ_AVX2 double peak_kind(int64_t iters) {
+  __m256i c0 = _mm256_set1_epi32(0), c1 = _mm256_set1_epi32(1), c2 = _mm256_set1_epi32(2);
+  __m256i c3 = _mm256_set1_epi32(3), c4 = _mm256_set1_epi32(4), c5 = _mm256_set1_epi32(5);
+  __m256i a0 = _mm256_set1_epi8(3), a1 = _mm256_set1_epi8(4), a2 = _mm256_set1_epi8(5);
+  __m256i a3 = _mm256_set1_epi8(6), a4 = _mm256_set1_epi8(7), a5 = _mm256_set1_epi8(9);
+  __m256i b = _mm256_set1_epi8(-5);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t it = 0; it < iters; ++it) {
+    KQ_OPAQUE(a0); KQ_OPAQUE(a1); KQ_OPAQUE(a2); KQ_OPAQUE(a3); KQ_OPAQUE(a4); KQ_OPAQUE(a5); KQ_OPAQUE(b);
+    c0 = step<KIND>(c0, a0, b, ones);
+    c1 = step<KIND>(c1, a1, b, ones);
+    c2 = step<KIND>(c2, a2, b, ones);
+    c3 = step<KIND>(c3, a3, b, ones);
+    c4 = step<KIND>(c4, a4, b, ones);
+    c5 = step<KIND>(c5, a5, b, ones);
+  }
+  KQ_OPAQUE(c0); KQ_OPAQUE(c1); KQ_OPAQUE(c2); KQ_OPAQUE(c3); KQ_OPAQUE(c4); KQ_OPAQUE(c5);
+  return double(iters) * 6 * (KIND == 0 ? 16 : 32);
+}
+
+double peak_loop(int kind, int64_t iters) {
+  switch (kind) {
+    case 0: return peak_kind<0>(iters);
+    case 1: return peak_kind<1>(iters);
+    case 2: return peak_kind<2>(iters);
+    default: return peak_kind<3>(iters);
+  }
+}
+
+KQ_AVX2 int64_t read_loop(const uint8_t* p, int64_t n) {
+  __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t i = 0;
+  for (; i + 128 <= n; i += 128) {
+    s0 = _mm256_xor_si256(s0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
+    s1 = _mm256_xor_si256(s1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 32)));
+    s2 = _mm256_xor_si256(s2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 64)));
+    s3 = _mm256_xor_si256(s3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 96)));
+  }
+  s0 = _mm256_xor_si256(_mm256_xor_si256(s0, s1), _mm256_xor_si256(s2, s3));
+  alignas(32) int64_t t[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), s0);
+  return t[0] ^ t[1] ^ t[2] ^ t[3];
+}
+#endif
+
+// kind 0..3: int8 GMAC/s of the instruction sequence on all threads;
+// kind 4: GB/s reading `buf` (one slice per thread), repeated `iters` times.
+double ceiling(int64_t kind, int64_t iters, const std::optional<at::Tensor>& buf) {
+#if KQ_X86
+  TORCH_CHECK(kquant::cpu_has_avx2_fma(), "ceilings need AVX2");
+  const int64_t nt = at::get_num_threads();
+  std::vector<double> work(nt, 0.0);
+  int64_t sink = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  if (kind < 4) {
+    at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) work[i] = peak_loop(static_cast<int>(kind), iters);
+    });
+  } else {
+    TORCH_CHECK(buf.has_value() && buf->is_contiguous(), "kind 4 needs a contiguous buffer");
+    const uint8_t* p = static_cast<const uint8_t*>(buf->data_ptr());
+    const int64_t n = buf->nbytes(), per = (n / nt) & ~int64_t(127);
+    std::vector<int64_t> sinks(nt, 0);
+    at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        for (int64_t r = 0; r < iters; ++r) {
+          sinks[i] ^= read_loop(p + i * per, per);
+          work[i] += double(per);
+        }
+    });
+    for (auto s : sinks) sink ^= s;
+  }
+  const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  double total = 0;
+  for (double w : work) total += w;
+  return total / sec / 1e9 + (sink == 0x5eed ? 1e-12 : 0.0);
+#else
+  (void)kind; (void)iters; (void)buf;
+  TORCH_CHECK(false, "ceilings need x86-64 AVX2");
+  return 0;
+#endif
+}
+
+}  // namespace
+}  // namespace kquant::cpu
+
+TORCH_LIBRARY_FRAGMENT(kquant, m) {
+  m.def("_ceiling_cpu(int kind, int iters, Tensor? buf=None) -> float", &kquant::cpu::ceiling);
+}

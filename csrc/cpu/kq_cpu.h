@@ -1,0 +1,68 @@
+// Shared pieces of kquant's CPU kernels: the blocked weight layouts, the ISA switch
+// and the problem description passed from the op drivers to the per-thread tasks.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "cpu_features.h"
+
+// AVX2 code is compiled per function so the library still loads on pre-AVX2 x86-64.
+#if defined(__x86_64__) || defined(_M_X64)
+#define KQ_X86 1
+#define KQ_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define KQ_X86 0
+#define KQ_AVX2
+#endif
+
+namespace kquant::cpu {
+
+// Weight layouts (ids shared with kquant/backends/cpu.py):
+//  1  int8  [Nb][Kq][8][4]: 8 output channels x 4 consecutive k per 32-byte block, so one
+//     256-bit load feeds vpmaddubsw (4 k per 32-bit lane) or two vpmovsxbw (int16 pairs).
+//  2  int4  [Nb][Ko][8][4] bytes: byte (c, j) of octet o = nib(k=8o+j) | nib(k=8o+4+j) << 4,
+//     so `v & 0xF` and `(v >> 4) & 0xF` give two vpmaddubsw-ready 8x4 blocks.
+constexpr int kLayoutInt8 = 1;
+constexpr int kLayoutInt4 = 2;
+constexpr int kNB = 8;  // output channels per block
+
+enum class Isa { Scalar, Avx2 };
+
+// KQUANT_CPU_ISA=scalar forces the portable path (read per call so tests can flip it).
+inline Isa active_isa() {
+  if (!kquant::cpu_has_avx2_fma()) return Isa::Scalar;
+  const char* e = std::getenv("KQUANT_CPU_ISA");
+  if (e && (std::strcmp(e, "scalar") == 0 || std::strcmp(e, "SCALAR") == 0)) return Isa::Scalar;
+  return Isa::Avx2;
+}
+
+enum class OutT { F32, F16, BF16, I32 };
+
+struct Problem {
+  int64_t M = 0, N = 0, Kp = 0;
+  int64_t nblk = 0;      // k-quads (int8 layout) or k-octets (int4 layout)
+  int64_t G = 1, gsz = 0;  // weight groups and group size in k (gsz = Kp per channel)
+  const int8_t* w8 = nullptr;
+  const uint8_t* w4 = nullptr;
+  const float* sw = nullptr;     // [N][G]
+  const float* zeros = nullptr;  // [N][G] weight-only asymmetric, else null
+  const float* bias = nullptr;   // [N] (fp32) or null
+  // int8 activations
+  const int8_t* a8 = nullptr;    // [M][lda]
+  const uint8_t* aabs = nullptr; // |a8| for the sign-trick kernel
+  const int16_t* a16 = nullptr;  // [M][lda] widened activations for the int16 GEMM
+  int64_t lda = 0;
+  const float* sx = nullptr;     // [M] per-token scale
+  const int32_t* asum = nullptr; // [M][G] sum of activations per group (W4A8 zero-point fix)
+  // float activations (weight-only)
+  const float* xf = nullptr;
+  int64_t ldx = 0;
+  int wo_zero = 0;  // implicit symmetric zero point for weight-only (8 for int4)
+  void* y = nullptr;
+  OutT yt = OutT::F32;
+  bool sign_path = false;  // small-M W8A8 kernel
+};
+
+}  // namespace kquant::cpu

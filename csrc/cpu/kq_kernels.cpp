@@ -1,0 +1,1127 @@
+// kquant CPU kernels: exact int8 GEMMs (W8A8, W4A8, int8_mm) and weight-only GEMMs
+// (W8A16, W4A16) for AVX2+FMA machines, with a portable scalar path that gives the
+// same bits (KQUANT_CPU_ISA=scalar forces it).
+//
+// Exactness without VNNI. vpmaddubsw (u8 x s8 -> int16 pair sums) saturates for
+// general int8 operands, so two exact sequences are used:
+//  * small M (<= 3 rows, decode): the sign trick vpmaddubsw(|a|, sign(w, a)). With
+//    a, w in [-127, 127] a pair sums to at most 2 * 127 * 127 = 32258 < 32767, so it
+//    never saturates; then vpmaddwd(.., 1) + vpaddd. 4 uops per 32 MACs and a single
+//    int8 weight load: the fastest per weight byte (what M = 1 is bound by).
+//  * larger M: int16 operands with vpmaddwd. Activations are quantized straight to
+//    int16, weights widened with one vpmovsxbw per 16 bytes (shared by 6 rows), then
+//    vpmaddwd + vpaddd: 2 uops per 16 MACs. Measured with bench/ceilings.py on the
+//    Xeon (SPR, 2 vCPU) this machine runs: vpmaddwd+vpaddd 22.5 and the sign trick
+//    18.5 int8 MACs per cycle per core (the sign trick puts 3 of its 4 uops on the
+//    two multiply ports), so the GEMM uses int16.
+//  * W4A8: nibbles u in 0..15 are the unsigned vpmaddubsw operand; pairs are at most
+//    2 * 15 * 127 = 3810, so 4 k-octets (7620 each) accumulate safely in int16 before
+//    one vpmaddwd: ~1.5x the MACs per uop of the int8 GEMM. The zero point 8 is folded
+//    out exactly with per-group activation sums.
+// Every int32 result equals the reference's; float epilogues mirror the reference's
+// operation order (per-channel W8A8 is bit-identical in fp32).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "kq_cpu.h"
+
+#if KQ_X86
+#include <immintrin.h>
+#endif
+
+namespace kquant::cpu {
+namespace {
+
+enum Kind { kSign = 0, kI16 = 1, kW4 = 2 };
+constexpr int kMaxMR = 6;
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ----------------------------------------------------------------------------- scalar
+inline float to_f(const void* x, OutT t, int64_t i) {
+  switch (t) {
+    case OutT::F16: return static_cast<float>(static_cast<const c10::Half*>(x)[i]);
+    case OutT::BF16: return static_cast<float>(static_cast<const c10::BFloat16*>(x)[i]);
+    default: return static_cast<const float*>(x)[i];
+  }
+}
+
+inline void store_f(void* y, OutT t, int64_t i, float v) {
+  switch (t) {
+    case OutT::F16: static_cast<c10::Half*>(y)[i] = c10::Half(v); break;
+    case OutT::BF16: static_cast<c10::BFloat16*>(y)[i] = c10::BFloat16(v); break;
+    default: static_cast<float*>(y)[i] = v;
+  }
+}
+
+inline int quant1(float v, float inv) {
+  float t = std::nearbyint(v * inv);  // round half to even, like torch.round
+  t = std::min(127.0f, std::max(-127.0f, t));
+  return static_cast<int>(t);
+}
+
+struct QuantArgs {
+  const void* x; OutT xt; int64_t K;
+  bool is_static; float s_inv, s_scale;
+  int8_t* q8; uint8_t* qabs; int16_t* q16; int64_t lda;
+  float* sx; int32_t* asum; int64_t G, gsz;
+};
+
+void finish_row(const QuantArgs& a, int64_t m) {
+  if (a.asum) {
+    const int8_t* q = a.q8 + m * a.lda;
+    for (int64_t g = 0; g < a.G; ++g) {
+      int32_t s = 0;
+      const int64_t k1 = std::min(a.K, (g + 1) * a.gsz);
+      for (int64_t k = g * a.gsz; k < k1; ++k) s += q[k];
+      a.asum[m * a.G + g] = s;
+    }
+  }
+}
+
+void row_params(float amax, const QuantArgs& a, float* inv, float* scale) {
+  if (a.is_static) { *inv = a.s_inv; *scale = a.s_scale; return; }
+  // torch evaluates the reference's `127.0 / amax` as reciprocal(amax) * 127: match it
+  *inv = amax > 0.0f ? (1.0f / amax) * 127.0f : 1.0f;
+  *scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+}
+
+void quant_rows_scalar(const QuantArgs& a, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t off = m * a.K;
+    float amax = 0.0f;
+    if (!a.is_static)
+      for (int64_t k = 0; k < a.K; ++k) amax = std::max(amax, std::fabs(to_f(a.x, a.xt, off + k)));
+    float inv, scale;
+    row_params(amax, a, &inv, &scale);
+    a.sx[m] = scale;
+    for (int64_t k = 0; k < a.lda; ++k) {
+      const int q = k < a.K ? quant1(to_f(a.x, a.xt, off + k), inv) : 0;
+      if (a.q8) a.q8[m * a.lda + k] = static_cast<int8_t>(q);
+      if (a.qabs) a.qabs[m * a.lda + k] = static_cast<uint8_t>(q < 0 ? -q : q);
+      if (a.q16) a.q16[m * a.lda + k] = static_cast<int16_t>(q);
+    }
+    finish_row(a, m);
+  }
+}
+
+// ----------------------------------------------------------------------------- AVX2 helpers
+#if KQ_X86
+KQ_AVX2 inline __m256 load8(const void* x, OutT t, int64_t i) {
+  switch (t) {
+    case OutT::F16:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i)));
+    case OutT::BF16:
+      return _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i))), 16));
+    default: return _mm256_loadu_ps(static_cast<const float*>(x) + i);
+  }
+}
+
+// fp32 -> out dtype with round-to-nearest-even (what torch's .to() does)
+KQ_AVX2 inline void store8(void* y, OutT t, int64_t i, __m256 v, int n) {
+  if (n == 8) {
+    switch (t) {
+      case OutT::F16:
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(y) + i),
+                         _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        return;
+      case OutT::BF16: {
+        __m256i u = _mm256_castps_si256(v);
+        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+        __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+        __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(y) + i), p);
+        return;
+      }
+      default: _mm256_storeu_ps(static_cast<float*>(y) + i, v); return;
+    }
+  }
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, v);
+  for (int c = 0; c < n; ++c) store_f(y, t, i + c, tmp[c]);
+}
+
+KQ_AVX2 void quant_rows_avx2(const QuantArgs& a, int64_t m0, int64_t m1) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  const int64_t K16 = a.K & ~int64_t(15);
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t off = m * a.K;
+    float amax = 0.0f;
+    if (!a.is_static) {
+      __m256 vm = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 8 <= a.K; k += 8) vm = _mm256_max_ps(vm, _mm256_and_ps(load8(a.x, a.xt, off + k), absmask));
+      alignas(32) float t[8];
+      _mm256_store_ps(t, vm);
+      for (int c = 0; c < 8; ++c) amax = std::max(amax, t[c]);
+      for (; k < a.K; ++k) amax = std::max(amax, std::fabs(to_f(a.x, a.xt, off + k)));
+    }
+    float inv, scale;
+    row_params(amax, a, &inv, &scale);
+    a.sx[m] = scale;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    int8_t* q8 = a.q8 ? a.q8 + m * a.lda : nullptr;
+    uint8_t* qa = a.qabs ? a.qabs + m * a.lda : nullptr;
+    int16_t* q16 = a.q16 ? a.q16 + m * a.lda : nullptr;
+    int64_t k = 0;
+    for (; k < K16; k += 16) {
+      __m256 f0 = _mm256_mul_ps(load8(a.x, a.xt, off + k), vinv);
+      __m256 f1 = _mm256_mul_ps(load8(a.x, a.xt, off + k + 8), vinv);
+      f0 = _mm256_round_ps(f0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      f1 = _mm256_round_ps(f1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      f0 = _mm256_min_ps(_mm256_max_ps(f0, lo), hi);
+      f1 = _mm256_min_ps(_mm256_max_ps(f1, lo), hi);
+      __m256i w = _mm256_permute4x64_epi64(
+          _mm256_packs_epi32(_mm256_cvtps_epi32(f0), _mm256_cvtps_epi32(f1)), 0xD8);
+      if (q16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(q16 + k), w);
+      if (q8 || qa) {
+        __m128i b = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packs_epi16(w, w), 0x08));
+        if (q8) _mm_storeu_si128(reinterpret_cast<__m128i*>(q8 + k), b);
+        if (qa) _mm_storeu_si128(reinterpret_cast<__m128i*>(qa + k), _mm_abs_epi8(b));
+      }
+    }
+    for (; k < a.lda; ++k) {
+      const int q = k < a.K ? quant1(to_f(a.x, a.xt, off + k), inv) : 0;
+      if (q8) q8[k] = static_cast<int8_t>(q);
+      if (qa) qa[k] = static_cast<uint8_t>(q < 0 ? -q : q);
+      if (q16) q16[k] = static_cast<int16_t>(q);
+    }
+    finish_row(a, m);
+  }
+}
+
+// ----------------------------------------------------------------------------- AVX2 kernels
+// Each computes exact int32 sums over weight blocks [b0, b1) for MR rows x 8 channels.
+template <int MR>
+KQ_AVX2 inline void k_sign(const int8_t* a, const uint8_t* aa, int64_t lda, const int8_t* w, int64_t q0,
+                           int64_t q1, int32_t* out) {
+  // two accumulator sets over even/odd quads: shorter dependency chains, more loads in flight
+  __m256i acc[MR], acc2[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = acc2[r] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  int64_t q = q0;
+  for (; q + 2 <= q1; q += 2) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * q));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * q + 32));
+    for (int r = 0; r < MR; ++r) {
+      int64_t av, aav;
+      std::memcpy(&av, a + r * lda + 4 * q, 8);
+      std::memcpy(&aav, aa + r * lda + 4 * q, 8);
+      const __m256i va = _mm256_set1_epi64x(av), vaa = _mm256_set1_epi64x(aav);
+      // quad q uses bytes 0-3 of the pair, quad q+1 bytes 4-7
+      const __m256i a0 = _mm256_shuffle_epi32(va, 0x00), a1 = _mm256_shuffle_epi32(va, 0x55);
+      const __m256i aa0 = _mm256_shuffle_epi32(vaa, 0x00), aa1 = _mm256_shuffle_epi32(vaa, 0x55);
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(aa0, _mm256_sign_epi8(b0, a0)), ones));
+      acc2[r] = _mm256_add_epi32(acc2[r], _mm256_madd_epi16(_mm256_maddubs_epi16(aa1, _mm256_sign_epi8(b1, a1)), ones));
+    }
+  }
+  for (; q < q1; ++q) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * q));
+    for (int r = 0; r < MR; ++r) {
+      int32_t av, aav;
+      std::memcpy(&av, a + r * lda + 4 * q, 4);
+      std::memcpy(&aav, aa + r * lda + 4 * q, 4);
+      const __m256i p = _mm256_maddubs_epi16(_mm256_set1_epi32(aav), _mm256_sign_epi8(b, _mm256_set1_epi32(av)));
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p, ones));
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * r), _mm256_add_epi32(acc[r], acc2[r]));
+}
+
+template <int MR>
+KQ_AVX2 inline void k_i16(const int16_t* a, int64_t lda, const int8_t* w, int64_t q0, int64_t q1, int32_t* out) {
+  __m256i lo[MR], hi[MR];
+  for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+  for (int64_t q = q0; q < q1; ++q) {
+    const __m256i blo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 32 * q)));
+    const __m256i bhi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 32 * q + 16)));
+    for (int r = 0; r < MR; ++r) {
+      int64_t av;
+      std::memcpy(&av, a + r * lda + 4 * q, 8);
+      const __m256i va = _mm256_set1_epi64x(av);
+      lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(va, blo));
+      hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(va, bhi));
+    }
+  }
+  // lanes hold (channel, k-half) partials: add the halves and restore channel order
+  for (int r = 0; r < MR; ++r)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * r),
+                        _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo[r], hi[r]), 0xD8));
+}
+
+template <int MR>
+KQ_AVX2 inline void k_w4a8(const int8_t* a, int64_t lda, const uint8_t* w, int64_t o0, int64_t o1, int32_t* out) {
+  __m256i acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_si256();
+  const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int64_t o = o0; o < o1; o += 4) {
+    const int64_t oe = std::min(o + 4, o1);  // 4 octets keep int16 sums <= 4 * 7620
+    __m256i s16[MR];
+    for (int r = 0; r < MR; ++r) s16[r] = _mm256_setzero_si256();
+    for (int64_t oo = o; oo < oe; ++oo) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * oo));
+      const __m256i bl = _mm256_and_si256(v, m4);
+      const __m256i bh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      for (int r = 0; r < MR; ++r) {
+        int32_t a0, a1;
+        std::memcpy(&a0, a + r * lda + 8 * oo, 4);
+        std::memcpy(&a1, a + r * lda + 8 * oo + 4, 4);
+        s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(bl, _mm256_set1_epi32(a0)));
+        s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(bh, _mm256_set1_epi32(a1)));
+      }
+    }
+    for (int r = 0; r < MR; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s16[r], ones));
+  }
+  for (int r = 0; r < MR; ++r) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * r), acc[r]);
+}
+
+// W4A8 over all groups with the per-group fold kept in registers (a call per group
+// costs as much as a group's work at M = 1): f += float(acc_g - 8 * sum_g(a)) * s[n, g]
+template <int MR>
+KQ_AVX2 inline void k_w4a8g(const int8_t* a, int64_t lda, const uint8_t* w, int64_t nblk, int64_t per, int64_t G,
+                            const float* sw, int nv, const int32_t* asum, float* out) {
+  __m256 f[MR];
+  for (int r = 0; r < MR; ++r) f[r] = _mm256_setzero_ps();
+  const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i gidx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(G)));
+  const __m256 gmask = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(nv), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t o0 = g * per, o1 = G > 1 ? o0 + per : nblk;
+    __m256i acc[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_si256();
+    for (int64_t o = o0; o < o1; o += 4) {
+      const int64_t oe = std::min(o + 4, o1);  // 4 octets keep int16 sums <= 4 * 7620
+      __m256i s16[MR];
+      for (int r = 0; r < MR; ++r) s16[r] = _mm256_setzero_si256();
+      for (int64_t oo = o; oo < oe; ++oo) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * oo));
+        const __m256i bl = _mm256_and_si256(v, m4);
+        const __m256i bh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        for (int r = 0; r < MR; ++r) {
+          int32_t a0, a1;
+          std::memcpy(&a0, a + r * lda + 8 * oo, 4);
+          std::memcpy(&a1, a + r * lda + 8 * oo + 4, 4);
+          s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(bl, _mm256_set1_epi32(a0)));
+          s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(bh, _mm256_set1_epi32(a1)));
+        }
+      }
+      for (int r = 0; r < MR; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s16[r], ones));
+    }
+    const __m256 sv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), sw + g, gidx, gmask, 4);
+    for (int r = 0; r < MR; ++r) {
+      const __m256i corr = _mm256_set1_epi32(8 * asum[r * G + g]);
+      f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r], corr)), sv, f[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out + 8 * r, f[r]);
+}
+
+// weight-only: fp32 sums over blocks; lanes (channel pair, k mod 4), reduced pairwise
+KQ_AVX2 inline __m256 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+template <int MR, bool Z>
+KQ_AVX2 inline void k_wo8(const float* x, int64_t ldx, const int8_t* w, int64_t q0, int64_t q1, const int32_t* z,
+                          float* out) {
+  __m256 acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+  __m256i zv[4];
+  for (int j = 0; j < 4; ++j)
+    zv[j] = Z ? _mm256_setr_epi32(z[2 * j], z[2 * j], z[2 * j], z[2 * j], z[2 * j + 1], z[2 * j + 1], z[2 * j + 1],
+                                  z[2 * j + 1])
+              : _mm256_setzero_si256();
+  for (int64_t q = q0; q < q1; ++q) {
+    const __m128i wl = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 32 * q));
+    const __m128i wh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 32 * q + 16));
+    __m256i i[4] = {_mm256_cvtepi8_epi32(wl), _mm256_cvtepi8_epi32(_mm_srli_si128(wl, 8)), _mm256_cvtepi8_epi32(wh),
+                    _mm256_cvtepi8_epi32(_mm_srli_si128(wh, 8))};
+    __m256 f[4];
+    for (int j = 0; j < 4; ++j) f[j] = _mm256_cvtepi32_ps(Z ? _mm256_sub_epi32(i[j], zv[j]) : i[j]);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 xv = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + r * ldx + 4 * q));
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_fmadd_ps(xv, f[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out + 8 * r, reduce4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+}
+
+template <int MR>
+KQ_AVX2 inline void k_wo4(const float* x, int64_t ldx, const uint8_t* w, int64_t o0, int64_t o1, const int32_t* z,
+                          float* out) {
+  __m256 acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+  __m256i zv[4];
+  for (int j = 0; j < 4; ++j)
+    zv[j] = _mm256_setr_epi32(z[2 * j], z[2 * j], z[2 * j], z[2 * j], z[2 * j + 1], z[2 * j + 1], z[2 * j + 1],
+                              z[2 * j + 1]);
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  for (int64_t o = o0; o < o1; ++o) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * o));
+    const __m256i bl = _mm256_and_si256(v, m4);
+    const __m256i bh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    __m256 fl[4], fh[4];
+    {
+      const __m128i l0 = _mm256_castsi256_si128(bl), l1 = _mm256_extracti128_si256(bl, 1);
+      const __m128i h0 = _mm256_castsi256_si128(bh), h1 = _mm256_extracti128_si256(bh, 1);
+      const __m256i il[4] = {_mm256_cvtepu8_epi32(l0), _mm256_cvtepu8_epi32(_mm_srli_si128(l0, 8)),
+                             _mm256_cvtepu8_epi32(l1), _mm256_cvtepu8_epi32(_mm_srli_si128(l1, 8))};
+      const __m256i ih[4] = {_mm256_cvtepu8_epi32(h0), _mm256_cvtepu8_epi32(_mm_srli_si128(h0, 8)),
+                             _mm256_cvtepu8_epi32(h1), _mm256_cvtepu8_epi32(_mm_srli_si128(h1, 8))};
+      for (int j = 0; j < 4; ++j) {
+        fl[j] = _mm256_cvtepi32_ps(_mm256_sub_epi32(il[j], zv[j]));
+        fh[j] = _mm256_cvtepi32_ps(_mm256_sub_epi32(ih[j], zv[j]));
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      const __m256 x0 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + r * ldx + 8 * o));
+      const __m256 x1 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + r * ldx + 8 * o + 4));
+      for (int j = 0; j < 4; ++j) {
+        acc[r][j] = _mm256_fmadd_ps(x0, fl[j], acc[r][j]);
+        acc[r][j] = _mm256_fmadd_ps(x1, fh[j], acc[r][j]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out + 8 * r, reduce4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+}
+
+// Dequantize one block of 8 channels to fp32, k-major: dst[k * ld + c] = (q - z) * s, the
+// reference's exact values. 4x8 byte blocks are transposed with one vpshufb + vpermd.
+KQ_AVX2 inline void dq_quad(__m256i v, __m256 z, __m256 s, float* dst, int64_t ld) {
+  const __m256i ctrl = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m256i t = _mm256_shuffle_epi8(v, ctrl);  // per lane: [k0: c0..3][k1: c0..3]...
+  for (int j = 0; j < 4; ++j) {
+    const __m256i b = _mm256_permutevar8x32_epi32(t, _mm256_setr_epi32(j, 4 + j, j, j, j, j, j, j));
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+    _mm256_storeu_ps(dst + j * ld, _mm256_mul_ps(_mm256_sub_ps(f, z), s));
+  }
+}
+
+KQ_AVX2 void dq_block_avx2(const Problem& p, bool int4, int64_t nb, int nv, float* dst, int64_t ld) {
+  alignas(32) float z8[8], s8[8];
+  const int64_t per = int4 ? 8 : 4;
+  const int64_t gb = p.G > 1 ? p.gsz / per : p.nblk;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  for (int64_t g = 0; g < p.G; ++g) {
+    for (int c = 0; c < 8; ++c) {
+      const int64_t n = nb * kNB + c;
+      s8[c] = c < nv ? p.sw[n * p.G + g] : 0.0f;
+      z8[c] = c < nv && p.zeros ? p.zeros[n * p.G + g] : float(p.wo_zero);
+    }
+    const __m256 z = _mm256_load_ps(z8), sc = _mm256_load_ps(s8);
+    const int64_t b1 = p.G > 1 ? (g + 1) * gb : p.nblk;
+    for (int64_t b = g * gb; b < b1; ++b) {
+      if (int4) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.w4 + (nb * p.nblk + b) * 32));
+        dq_quad(_mm256_and_si256(v, m4), z, sc, dst + 8 * b * ld, ld);
+        dq_quad(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), z, sc, dst + (8 * b + 4) * ld, ld);
+      } else {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.w8 + (nb * p.nblk + b) * 32));
+        dq_quad(v, z, sc, dst + 4 * b * ld, ld);
+      }
+    }
+  }
+}
+
+// fp32 GEMM of MR rows with one dequantized 8-channel block: acc = fma(x[k], w[k], acc)
+template <int MR>
+KQ_AVX2 inline void k_fgemm(const float* x, int64_t ldx, const float* wq, int64_t K, float* out) {
+  __m256 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 w = _mm256_loadu_ps(wq + 8 * k);
+    for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * ldx + k), w, acc[r]);
+  }
+  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out + 8 * r, acc[r]);
+}
+#endif  // KQ_X86
+
+// ----------------------------------------------------------------------------- scalar kernels
+void dq_block_scalar(const Problem& p, bool int4, int64_t nb, int nv, float* dst, int64_t ld) {
+  const int64_t per = int4 ? 8 : 4;
+  const int64_t kb = p.nblk * per;
+  for (int c = 0; c < 8; ++c) {
+    const int64_t n = nb * kNB + c;
+    for (int64_t k = 0; k < kb; ++k) {
+      const int64_t g = p.G > 1 ? std::min(k / p.gsz, p.G - 1) : 0;
+      const float s = c < nv ? p.sw[n * p.G + g] : 0.0f;
+      const float z = c < nv && p.zeros ? p.zeros[n * p.G + g] : float(p.wo_zero);
+      int32_t q;
+      if (int4) {
+        const uint8_t v = p.w4[(nb * p.nblk + k / 8) * 32 + 4 * c + (k & 3)];
+        q = (k & 4) ? (v >> 4) : (v & 15);
+      } else {
+        q = p.w8[(nb * p.nblk + k / 4) * 32 + 4 * c + (k & 3)];
+      }
+      dst[k * ld + c] = (float(q) - z) * s;
+    }
+  }
+}
+
+void s_fgemm(int mr, const float* x, int64_t ldx, const float* wq, int64_t K, float* out) {
+  for (int r = 0; r < mr; ++r)
+    for (int c = 0; c < 8; ++c) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; ++k) acc = std::fma(x[r * ldx + k], wq[8 * k + c], acc);
+      out[8 * r + c] = acc;
+    }
+}
+void s_int(const Problem& p, int kind, int mr, int64_t m, int64_t nb, int64_t b0, int64_t b1, int32_t* out) {
+  for (int r = 0; r < mr; ++r)
+    for (int c = 0; c < kNB; ++c) {
+      int32_t s = 0;
+      if (kind == kW4) {
+        const uint8_t* w = p.w4 + (nb * p.nblk) * 32;
+        const int8_t* a = p.a8 + (m + r) * p.lda;
+        for (int64_t o = b0; o < b1; ++o)
+          for (int j = 0; j < 4; ++j) {
+            const uint8_t v = w[32 * o + 4 * c + j];
+            s += int32_t(v & 15) * a[8 * o + j] + int32_t(v >> 4) * a[8 * o + 4 + j];
+          }
+      } else {
+        const int8_t* w = p.w8 + (nb * p.nblk) * 32;
+        for (int64_t q = b0; q < b1; ++q)
+          for (int j = 0; j < 4; ++j) {
+            const int32_t av = kind == kSign ? p.a8[(m + r) * p.lda + 4 * q + j] : p.a16[(m + r) * p.lda + 4 * q + j];
+            s += av * w[32 * q + 4 * c + j];
+          }
+      }
+      out[8 * r + c] = s;
+    }
+}
+
+// weight-only: same lane order and fma sequence as k_wo8 / k_wo4, so results are identical
+void s_wo(const Problem& p, bool int4, int mr, int64_t m, int64_t nb, int64_t b0, int64_t b1, const int32_t* z,
+          float* out) {
+  for (int r = 0; r < mr; ++r) {
+    const float* x = p.xf + (m + r) * p.ldx;
+    for (int c = 0; c < kNB; ++c) {
+      float part[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int64_t b = b0; b < b1; ++b)
+        for (int l = 0; l < 4; ++l) {
+          if (int4) {
+            const uint8_t v = p.w4[(nb * p.nblk + b) * 32 + 4 * c + l];
+            part[l] = std::fma(x[8 * b + l], float(int32_t(v & 15) - z[c]), part[l]);
+            part[l] = std::fma(x[8 * b + 4 + l], float(int32_t(v >> 4) - z[c]), part[l]);
+          } else {
+            const int8_t v = p.w8[(nb * p.nblk + b) * 32 + 4 * c + l];
+            part[l] = std::fma(x[4 * b + l], float(int32_t(v) - z[c]), part[l]);
+          }
+        }
+      out[8 * r + c] = (part[0] + part[1]) + (part[2] + part[3]);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- tiles
+// The tile loops are written once and inlined into an AVX2 and a scalar task function,
+// so both paths run the same float operations in the same order.
+struct ScalarK {
+  static void kint(const Problem& p, int kind, int mr, int64_t m, int64_t nb, int64_t b0, int64_t b1, int32_t* out) {
+    s_int(p, kind, mr, m, nb, b0, b1, out);
+  }
+  static void kwo(const Problem& p, bool int4, bool hasz, int mr, int64_t m, int64_t nb, int64_t b0, int64_t b1,
+                  const int32_t* z, float* out) {
+    (void)hasz;
+    s_wo(p, int4, mr, m, nb, b0, b1, z, out);
+  }
+  static void dq(const Problem& p, bool int4, int64_t nb, int nv, float* dst, int64_t ld) {
+    dq_block_scalar(p, int4, nb, nv, dst, ld);
+  }
+  static void fgemm(int mr, const float* x, int64_t ldx, const float* wq, int64_t K, float* out) {
+    s_fgemm(mr, x, ldx, wq, K, out);
+  }
+  static void kw4(const Problem& p, int mr, int64_t m, int64_t nb, int nv, float* f) {
+    alignas(32) int32_t acc[kMaxMR * 8];
+    const int64_t per = p.G > 1 ? p.gsz / 8 : p.nblk;
+    std::memset(f, 0, sizeof(float) * 8 * mr);
+    for (int64_t g = 0; g < p.G; ++g) {
+      s_int(p, kW4, mr, m, nb, g * per, p.G > 1 ? (g + 1) * per : p.nblk, acc);
+      for (int r = 0; r < mr; ++r)
+        for (int c = 0; c < kNB; ++c) {
+          const float s = c < nv ? p.sw[(nb * kNB + c) * p.G + g] : 0.0f;
+          f[8 * r + c] = std::fma(float(acc[8 * r + c] - 8 * p.asum[(m + r) * p.G + g]), s, f[8 * r + c]);
+        }
+    }
+  }
+  static void fold(int mr, const int32_t* acc, const float* s, float* f) {
+    for (int r = 0; r < mr; ++r)
+      for (int c = 0; c < kNB; ++c) f[8 * r + c] = std::fma(float(acc[8 * r + c]), s[c], f[8 * r + c]);
+  }
+  static void fold_f(int mr, const float* acc, const float* s, float* f) {
+    for (int r = 0; r < mr; ++r)
+      for (int c = 0; c < kNB; ++c) f[8 * r + c] = std::fma(acc[8 * r + c], s[c], f[8 * r + c]);
+  }
+  // per channel: y = (acc * s) * sx + bias, the reference's order
+  static void epi_int(const Problem& p, int mr, int64_t m, int64_t n0, int nv, const int32_t* acc, const float* s,
+                      const float* b8) {
+    for (int r = 0; r < mr; ++r) {
+      const int64_t row = (m + r) * p.N + n0;
+      for (int c = 0; c < nv; ++c) {
+        float v = float(acc[8 * r + c]) * s[c];
+        v = v * p.sx[m + r];
+        if (p.bias) v = v + b8[c];
+        store_f(p.y, p.yt, row + c, v);
+      }
+    }
+  }
+  // y = f * sx + bias  (sx null: y = f + bias)
+  static void epi(const Problem& p, int mr, int64_t m, int64_t n0, int nv, const float* f, const float* b8) {
+    for (int r = 0; r < mr; ++r) {
+      const int64_t row = (m + r) * p.N + n0;
+      for (int c = 0; c < nv; ++c) {
+        float v = f[8 * r + c];
+        if (p.sx) v = v * p.sx[m + r];
+        if (p.bias) v = v + b8[c];
+        store_f(p.y, p.yt, row + c, v);
+      }
+    }
+  }
+};
+
+#if KQ_X86
+struct Avx2K {
+  KQ_AVX2 static inline void kint(const Problem& p, int kind, int mr, int64_t m, int64_t nb, int64_t b0, int64_t b1,
+                                  int32_t* out) {
+    if (kind == kW4) {
+      const int8_t* a = p.a8 + m * p.lda;
+      const uint8_t* w = p.w4 + nb * p.nblk * 32;
+      switch (mr) {
+        case 1: k_w4a8<1>(a, p.lda, w, b0, b1, out); break;
+        case 2: k_w4a8<2>(a, p.lda, w, b0, b1, out); break;
+        case 3: k_w4a8<3>(a, p.lda, w, b0, b1, out); break;
+        default: k_w4a8<4>(a, p.lda, w, b0, b1, out); break;
+      }
+    } else if (kind == kSign) {
+      const int8_t* a = p.a8 + m * p.lda;
+      const uint8_t* aa = p.aabs + m * p.lda;
+      const int8_t* w = p.w8 + nb * p.nblk * 32;
+      switch (mr) {
+        case 1: k_sign<1>(a, aa, p.lda, w, b0, b1, out); break;
+        case 2: k_sign<2>(a, aa, p.lda, w, b0, b1, out); break;
+        default: k_sign<3>(a, aa, p.lda, w, b0, b1, out); break;
+      }
+    } else {
+      const int16_t* a = p.a16 + m * p.lda;
+      const int8_t* w = p.w8 + nb * p.nblk * 32;
+      switch (mr) {
+        case 1: k_i16<1>(a, p.lda, w, b0, b1, out); break;
+        case 2: k_i16<2>(a, p.lda, w, b0, b1, out); break;
+        case 3: k_i16<3>(a, p.lda, w, b0, b1, out); break;
+        case 4: k_i16<4>(a, p.lda, w, b0, b1, out); break;
+        case 5: k_i16<5>(a, p.lda, w, b0, b1, out); break;
+        default: k_i16<6>(a, p.lda, w, b0, b1, out); break;
+      }
+    }
+  }
+  KQ_AVX2 static inline void dq(const Problem& p, bool int4, int64_t nb, int nv, float* dst, int64_t ld) {
+    dq_block_avx2(p, int4, nb, nv, dst, ld);
+  }
+  KQ_AVX2 static inline void fgemm(int mr, const float* x, int64_t ldx, const float* wq, int64_t K, float* out) {
+    switch (mr) {
+      case 1: k_fgemm<1>(x, ldx, wq, K, out); break;
+      case 2: k_fgemm<2>(x, ldx, wq, K, out); break;
+      case 3: k_fgemm<3>(x, ldx, wq, K, out); break;
+      case 4: k_fgemm<4>(x, ldx, wq, K, out); break;
+      case 5: k_fgemm<5>(x, ldx, wq, K, out); break;
+      case 6: k_fgemm<6>(x, ldx, wq, K, out); break;
+      case 7: k_fgemm<7>(x, ldx, wq, K, out); break;
+      default: k_fgemm<8>(x, ldx, wq, K, out); break;
+    }
+  }
+  KQ_AVX2 static inline void kw4(const Problem& p, int mr, int64_t m, int64_t nb, int nv, float* f) {
+    const int8_t* a = p.a8 + m * p.lda;
+    const uint8_t* w = p.w4 + nb * p.nblk * 32;
+    const int64_t per = p.G > 1 ? p.gsz / 8 : p.nblk;
+    const float* sw = p.sw + nb * kNB * p.G;
+    const int32_t* as = p.asum + m * p.G;
+    switch (mr) {
+      case 1: k_w4a8g<1>(a, p.lda, w, p.nblk, per, p.G, sw, nv, as, f); break;
+      case 2: k_w4a8g<2>(a, p.lda, w, p.nblk, per, p.G, sw, nv, as, f); break;
+      case 3: k_w4a8g<3>(a, p.lda, w, p.nblk, per, p.G, sw, nv, as, f); break;
+      default: k_w4a8g<4>(a, p.lda, w, p.nblk, per, p.G, sw, nv, as, f); break;
+    }
+  }
+  KQ_AVX2 static inline void kwo(const Problem& p, bool int4, bool hasz, int mr, int64_t m, int64_t nb, int64_t b0,
+                                 int64_t b1, const int32_t* z, float* out) {
+    const float* x = p.xf + m * p.ldx;
+    if (int4) {
+      const uint8_t* w = p.w4 + nb * p.nblk * 32;
+      if (mr == 1) k_wo4<1>(x, p.ldx, w, b0, b1, z, out);
+      else k_wo4<2>(x, p.ldx, w, b0, b1, z, out);
+    } else {
+      const int8_t* w = p.w8 + nb * p.nblk * 32;
+      if (hasz) {
+        if (mr == 1) k_wo8<1, true>(x, p.ldx, w, b0, b1, z, out);
+        else k_wo8<2, true>(x, p.ldx, w, b0, b1, z, out);
+      } else {
+        if (mr == 1) k_wo8<1, false>(x, p.ldx, w, b0, b1, z, out);
+        else k_wo8<2, false>(x, p.ldx, w, b0, b1, z, out);
+      }
+    }
+  }
+  KQ_AVX2 static inline void fold(int mr, const int32_t* acc, const float* s, float* f) {
+    const __m256 sv = _mm256_loadu_ps(s);
+    for (int r = 0; r < mr; ++r)
+      _mm256_storeu_ps(f + 8 * r, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(
+                                                      reinterpret_cast<const __m256i*>(acc + 8 * r))),
+                                                  sv, _mm256_loadu_ps(f + 8 * r)));
+  }
+  KQ_AVX2 static inline void fold_f(int mr, const float* acc, const float* s, float* f) {
+    const __m256 sv = _mm256_loadu_ps(s);
+    for (int r = 0; r < mr; ++r)
+      _mm256_storeu_ps(f + 8 * r, _mm256_fmadd_ps(_mm256_loadu_ps(acc + 8 * r), sv, _mm256_loadu_ps(f + 8 * r)));
+  }
+  KQ_AVX2 static inline void epi_int(const Problem& p, int mr, int64_t m, int64_t n0, int nv, const int32_t* acc,
+                                     const float* s, const float* b8) {
+    const __m256 bv = _mm256_loadu_ps(b8), sv = _mm256_loadu_ps(s);
+    for (int r = 0; r < mr; ++r) {
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + 8 * r))), sv);
+      v = _mm256_mul_ps(v, _mm256_set1_ps(p.sx[m + r]));
+      if (p.bias) v = _mm256_add_ps(v, bv);
+      store8(p.y, p.yt, (m + r) * p.N + n0, v, nv);
+    }
+  }
+  KQ_AVX2 static inline void epi(const Problem& p, int mr, int64_t m, int64_t n0, int nv, const float* f,
+                                 const float* b8) {
+    const __m256 bv = _mm256_loadu_ps(b8);
+    for (int r = 0; r < mr; ++r) {
+      __m256 v = _mm256_loadu_ps(f + 8 * r);
+      if (p.sx) v = _mm256_mul_ps(v, _mm256_set1_ps(p.sx[m + r]));
+      if (p.bias) v = _mm256_add_ps(v, bv);
+      store8(p.y, p.yt, (m + r) * p.N + n0, v, nv);
+    }
+  }
+};
+#endif
+
+template <class KK>
+__attribute__((always_inline)) inline void tile_int(const Problem& p, int kind, int64_t m0, int64_t m1, int64_t nb0,
+                                                    int64_t nb1) {
+  const int mrmax = kind == kSign ? 3 : 4;
+  const int64_t per = p.G > 1 ? p.gsz / (kind == kW4 ? 8 : 4) : p.nblk;
+  alignas(32) int32_t acc[kMaxMR * 8];
+  alignas(32) float f[kMaxMR * 8];
+  alignas(32) float s8[8];
+  alignas(32) float s1[8];
+  alignas(32) float b8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const int64_t n0 = nb * kNB;
+    const int nv = static_cast<int>(std::min<int64_t>(kNB, p.N - n0));
+    if (p.bias)
+      for (int c = 0; c < nv; ++c) b8[c] = p.bias[n0 + c];
+    if (p.G == 1 && p.sw)
+      for (int c = 0; c < kNB; ++c) s1[c] = c < nv ? p.sw[n0 + c] : 0.0f;
+    for (int64_t m = m0; m < m1; m += mrmax) {
+      const int mr = static_cast<int>(std::min<int64_t>(mrmax, m1 - m));
+      if (p.yt == OutT::I32) {  // int8_mm: raw int32
+        KK::kint(p, kind, mr, m, nb, 0, p.nblk, acc);
+        int32_t* y = static_cast<int32_t*>(p.y);
+        for (int r = 0; r < mr; ++r) std::memcpy(y + (m + r) * p.N + n0, acc + 8 * r, nv * sizeof(int32_t));
+        continue;
+      }
+      if (kind == kW4) {
+        KK::kw4(p, mr, m, nb, nv, f);
+        KK::epi(p, mr, m, n0, nv, f, b8);
+        continue;
+      }
+      if (p.G == 1) {  // per channel: fma(acc, s, 0) == acc * s, skip the fold buffer
+        KK::kint(p, kind, mr, m, nb, 0, p.nblk, acc);
+        KK::epi_int(p, mr, m, n0, nv, acc, s1, b8);
+        continue;
+      }
+      std::memset(f, 0, sizeof(f));
+      for (int64_t g = 0; g < p.G; ++g) {
+        KK::kint(p, kind, mr, m, nb, g * per, p.G > 1 ? (g + 1) * per : p.nblk, acc);
+        if (kind == kW4)  // weight = nibble - 8: remove 8 * sum(a) exactly in int32
+          for (int r = 0; r < mr; ++r) {
+            const int32_t corr = 8 * p.asum[(m + r) * p.G + g];
+            for (int c = 0; c < kNB; ++c) acc[8 * r + c] -= corr;
+          }
+        for (int c = 0; c < kNB; ++c) s8[c] = c < nv ? p.sw[(n0 + c) * p.G + g] : 0.0f;
+        KK::fold(mr, acc, s8, f);
+      }
+      KK::epi(p, mr, m, n0, nv, f, b8);
+    }
+  }
+}
+
+template <class KK>
+__attribute__((always_inline)) inline void tile_wo(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_t nb0,
+                                                   int64_t nb1) {
+  constexpr int mrmax = 2;
+  const int64_t per = p.G > 1 ? p.gsz / (int4 ? 8 : 4) : p.nblk;
+  const bool hasz = p.zeros != nullptr || p.wo_zero != 0;
+  alignas(32) float acc[kMaxMR * 8];
+  alignas(32) float f[kMaxMR * 8];
+  alignas(32) float s8[8];
+  alignas(32) float b8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  alignas(32) int32_t z8[8];
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const int64_t n0 = nb * kNB;
+    const int nv = static_cast<int>(std::min<int64_t>(kNB, p.N - n0));
+    if (p.bias)
+      for (int c = 0; c < nv; ++c) b8[c] = p.bias[n0 + c];
+    for (int64_t m = m0; m < m1; m += mrmax) {
+      const int mr = static_cast<int>(std::min<int64_t>(mrmax, m1 - m));
+      std::memset(f, 0, sizeof(f));
+      for (int64_t g = 0; g < p.G; ++g) {
+        for (int c = 0; c < kNB; ++c) {
+          const bool ok = c < nv;
+          s8[c] = ok ? p.sw[(n0 + c) * p.G + g] : 0.0f;
+          z8[c] = p.zeros ? (ok ? static_cast<int32_t>(p.zeros[(n0 + c) * p.G + g]) : 0) : p.wo_zero;
+        }
+        KK::kwo(p, int4, hasz, mr, m, nb, g * per, p.G > 1 ? (g + 1) * per : p.nblk, z8, acc);
+        KK::fold_f(mr, acc, s8, f);
+      }
+      KK::epi(p, mr, m, n0, nv, f, b8);
+    }
+  }
+}
+
+// weight-only, moderate M: dequantize each 8-channel block once (thread-local buffer, in
+// L2), then an fp32 GEMM over all rows of the task
+template <class KK>
+__attribute__((always_inline)) inline void tile_wog(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_t nb0,
+                                                    int64_t nb1) {
+  constexpr int mrmax = 8;
+  const int64_t kb = p.nblk * (int4 ? 8 : 4);
+  thread_local std::vector<float> wbuf;
+  if (static_cast<int64_t>(wbuf.size()) < kb * 8) wbuf.resize(kb * 8);
+  float* wq = wbuf.data();
+  alignas(32) float acc[8 * 8];
+  alignas(32) float b8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const int64_t n0 = nb * kNB;
+    const int nv = static_cast<int>(std::min<int64_t>(kNB, p.N - n0));
+    if (p.bias)
+      for (int c = 0; c < nv; ++c) b8[c] = p.bias[n0 + c];
+    KK::dq(p, int4, nb, nv, wq, 8);
+    for (int64_t m = m0; m < m1; m += mrmax) {
+      const int mr = static_cast<int>(std::min<int64_t>(mrmax, m1 - m));
+      KK::fgemm(mr, p.xf + m * p.ldx, p.ldx, wq, p.Kp, acc);
+      KK::epi(p, mr, m, n0, nv, acc, b8);
+    }
+  }
+}
+
+void task_scalar(const Problem& p, int kind, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+  if (kind >= 12) tile_wog<ScalarK>(p, kind == 13, m0, m1, nb0, nb1);
+  else if (kind >= 10) tile_wo<ScalarK>(p, kind == 11, m0, m1, nb0, nb1);
+  else tile_int<ScalarK>(p, kind, m0, m1, nb0, nb1);
+}
+
+#if KQ_X86
+KQ_AVX2 void task_avx2(const Problem& p, int kind, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+  if (kind >= 12) tile_wog<Avx2K>(p, kind == 13, m0, m1, nb0, nb1);
+  else if (kind >= 10) tile_wo<Avx2K>(p, kind == 11, m0, m1, nb0, nb1);
+  else tile_int<Avx2K>(p, kind, m0, m1, nb0, nb1);
+}
+#endif
+
+// Split (M x N) into tasks of MC rows x NC channels; each output element is owned by one
+// task and computed in a fixed order, so any thread count gives the same bits.
+void run_tasks(const Problem& p, int kind, Isa isa) {
+  const int64_t nbt = cdiv(p.N, kNB);
+  const int64_t mc = p.M <= 48 ? p.M : 48;
+  const int64_t ncb = 8;  // 64 channels per task
+  const int64_t tm = cdiv(p.M, mc), tn = cdiv(nbt, ncb);
+  const int64_t nt = tm * tn;
+  // ~work per task decides the grain so tiny problems stay on the calling thread
+  // threads only pay off above ~2M MACs (waking a second thread costs microseconds)
+  const int64_t work = mc * ncb * kNB * p.Kp;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(1, work));
+  at::parallel_for(0, nt, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t mi = t / tn, ni = t % tn;
+      const int64_t m0 = mi * mc, m1 = std::min(p.M, m0 + mc);
+      const int64_t b0 = ni * ncb, b1 = std::min(nbt, b0 + ncb);
+#if KQ_X86
+      if (isa == Isa::Avx2) { task_avx2(p, kind, m0, m1, b0, b1); continue; }
+#endif
+      task_scalar(p, kind, m0, m1, b0, b1);
+    }
+  });
+}
+
+void quantize(const QuantArgs& qa, int64_t M, Isa isa) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, qa.K));
+  at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+#if KQ_X86
+    if (isa == Isa::Avx2) { quant_rows_avx2(qa, m0, m1); return; }
+#endif
+    quant_rows_scalar(qa, m0, m1);
+  });
+}
+
+// ----------------------------------------------------------------------------- drivers
+OutT out_type(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return OutT::F32;
+    case at::kHalf: return OutT::F16;
+    case at::kBFloat16: return OutT::BF16;
+    default: TORCH_CHECK(false, "kquant cpu: x must be float32, float16 or bfloat16, got ", t);
+  }
+  return OutT::F32;
+}
+
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "kquant cpu: x must be a 2-D CPU tensor, got ", x.sizes());
+  out_type(x.scalar_type());
+}
+
+// fills weights, scales, groups and bias of p; returns the dtype-ready bias tensor holder
+at::Tensor setup_weight(Problem& p, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& bias, int64_t group_size, bool int4) {
+  p.M = x.size(0);
+  p.Kp = x.size(1);
+  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == at::kFloat, "kquant cpu: scales must be float32 [N, G]");
+  p.N = scales.size(0);
+  p.G = scales.size(1);
+  TORCH_CHECK(p.G >= 1 && p.Kp % p.G == 0, "kquant cpu: scales ", scales.sizes(), " do not divide K=", p.Kp);
+  p.gsz = p.Kp / p.G;
+  if (p.G > 1)
+    TORCH_CHECK(p.gsz == group_size && p.gsz % 32 == 0, "kquant cpu: group size ", group_size,
+                " does not match scales ", scales.sizes(), " for K=", p.Kp);
+  const int64_t per = int4 ? 8 : 4;
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 8 && w.size(3) == 4 && w.is_contiguous() &&
+                  w.scalar_type() == (int4 ? at::kByte : at::kChar),
+              "kquant cpu: weight must be in the blocked layout ", int4 ? "uint8" : "int8", " [Nb, K/", per,
+              ", 8, 4], got ", w.scalar_type(), " ", w.sizes());
+  TORCH_CHECK(w.size(0) == cdiv(p.N, kNB) && w.size(1) == cdiv(p.Kp, per), "kquant cpu: blocked weight ", w.sizes(),
+              " does not match N=", p.N, " K=", p.Kp);
+  p.nblk = w.size(1);
+  if (int4) p.w4 = w.data_ptr<uint8_t>();
+  else p.w8 = w.data_ptr<int8_t>();
+  p.sw = scales.data_ptr<float>();
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == p.N, "kquant cpu: bias must have N=", p.N, " elements");
+    b = bias->to(at::kFloat).contiguous();
+    p.bias = b.data_ptr<float>();
+  }
+  return b;
+}
+
+at::Tensor act_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales_,
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale,
+                      int64_t group_size, bool int4) {
+  check_x(x_);
+  const at::Tensor x = x_.contiguous();
+  const at::Tensor scales = scales_.contiguous();
+  Problem p;
+  at::Tensor bkeep = setup_weight(p, x, w, scales, bias, group_size, int4);
+  at::Tensor y = at::empty({p.M, p.N}, x.options());
+  if (p.M == 0 || p.N == 0) return y;
+  p.y = y.data_ptr();
+  p.yt = out_type(x.scalar_type());
+  const Isa isa = active_isa();
+  const int kind = int4 ? kW4 : (p.M <= 3 ? kSign : kI16);
+  p.lda = p.nblk * (int4 ? 8 : 4);
+  QuantArgs qa{x.data_ptr(), p.yt, p.Kp, false, 1.f, 1.f, nullptr, nullptr, nullptr, p.lda, nullptr, nullptr,
+               p.G, p.gsz};
+  if (act_scale.has_value() && act_scale->defined()) {
+    TORCH_CHECK(act_scale->numel() == 1, "kquant cpu: act_scale must have one element");
+    const float s = act_scale->to(at::kFloat).item<float>();
+    qa.is_static = true;
+    qa.s_scale = s;
+    qa.s_inv = 1.0f / s;
+  }
+  at::Tensor sx = at::empty({p.M}, x.options().dtype(at::kFloat));
+  qa.sx = sx.data_ptr<float>();
+  at::Tensor abuf, abs_buf, sums;
+  if (kind == kI16) {
+    abuf = at::empty({p.M, p.lda}, x.options().dtype(at::kShort));
+    qa.q16 = abuf.data_ptr<int16_t>();
+  } else {
+    abuf = at::empty({p.M, p.lda}, x.options().dtype(at::kChar));
+    qa.q8 = abuf.data_ptr<int8_t>();
+  }
+  if (kind == kSign) {
+    abs_buf = at::empty({p.M, p.lda}, x.options().dtype(at::kByte));
+    qa.qabs = abs_buf.data_ptr<uint8_t>();
+  }
+  if (kind == kW4) {
+    sums = at::empty({p.M, p.G}, x.options().dtype(at::kInt));
+    qa.asum = sums.data_ptr<int32_t>();
+  }
+  quantize(qa, p.M, isa);
+  p.a8 = qa.q8;
+  p.aabs = qa.qabs;
+  p.a16 = qa.q16;
+  p.sx = qa.sx;
+  p.asum = qa.asum;
+  run_tasks(p, kind, isa);
+  return y;
+}
+
+at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale,
+                       int64_t group_size) {
+  return act_linear(x, w, scales, bias, act_scale, group_size, false);
+}
+
+at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale,
+                       int64_t group_size) {
+  return act_linear(x, w, scales, bias, act_scale, group_size, true);
+}
+
+// weight-only strategy by M: <= 2 rows: fused dequant-FMA kernels (no dequantized copy);
+// <= 128: per-block dequantization + an AVX2 fp32 GEMM; above: dequantize + at::mm
+constexpr int64_t kWeightOnlySmallM = 2;
+constexpr int64_t kWeightOnlyMidM = 128;
+
+at::Tensor wo_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales_,
+                     const std::optional<at::Tensor>& zeros_, const std::optional<at::Tensor>& bias,
+                     int64_t group_size, bool int4) {
+  check_x(x_);
+  const at::Tensor x = x_.contiguous();
+  const at::Tensor scales = scales_.contiguous();
+  Problem p;
+  at::Tensor bkeep = setup_weight(p, x, w, scales, bias, group_size, int4);
+  at::Tensor zeros;
+  if (zeros_.has_value() && zeros_->defined()) {
+    zeros = zeros_->contiguous();
+    TORCH_CHECK(zeros.sizes() == scales.sizes() && zeros.scalar_type() == at::kFloat,
+                "kquant cpu: zeros must be float32 like scales");
+    p.zeros = zeros.data_ptr<float>();
+  }
+  p.wo_zero = int4 ? 8 : 0;
+  const Isa isa = active_isa();
+  if (p.M > kWeightOnlyMidM) {
+    // large M: dequantize ~8 MiB of channels at a time into W^T and let at::mm
+    // (multi-threaded, the best fp32 GEMM on the machine) do the work
+    at::Tensor xf = x.to(at::kFloat);
+    at::Tensor res = at::empty({p.M, p.N}, xf.options());
+    const int64_t kb = p.nblk * (int4 ? 8 : 4);
+    const int64_t nbt = cdiv(p.N, kNB);
+    const int64_t blk = std::max<int64_t>(1, (int64_t(1) << 21) / (kb * kNB));
+    at::Tensor wt = at::empty({kb, std::min(nbt, blk) * kNB}, xf.options());
+    float* wd = wt.data_ptr<float>();
+    const int64_t ld = wt.size(1);
+    for (int64_t b0 = 0; b0 < nbt; b0 += blk) {
+      const int64_t b1 = std::min(nbt, b0 + blk);
+      const int64_t n0 = b0 * kNB, n1 = std::min(p.N, b1 * kNB);
+      at::parallel_for(b0, b1, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t nb = r0; nb < r1; ++nb) {
+          const int nv = static_cast<int>(std::min<int64_t>(kNB, p.N - nb * kNB));
+#if KQ_X86
+          if (isa == Isa::Avx2) { dq_block_avx2(p, int4, nb, nv, wd + (nb - b0) * kNB, ld); continue; }
+#endif
+          dq_block_scalar(p, int4, nb, nv, wd + (nb - b0) * kNB, ld);
+        }
+      });
+      res.narrow(1, n0, n1 - n0).copy_(at::mm(xf, wt.narrow(0, 0, p.Kp).narrow(1, 0, n1 - n0)));
+    }
+    if (p.bias) res.add_(bkeep);
+    return res.to(x.scalar_type());
+  }
+  at::Tensor y = at::empty({p.M, p.N}, x.options());
+  if (p.M == 0 || p.N == 0) return y;
+  p.y = y.data_ptr();
+  p.yt = out_type(x.scalar_type());
+  p.ldx = p.nblk * (int4 ? 8 : 4);
+  at::Tensor xf = at::zeros({p.M, p.ldx}, x.options().dtype(at::kFloat));
+  xf.narrow(1, 0, p.Kp).copy_(x);
+  p.xf = xf.data_ptr<float>();
+  run_tasks(p, p.M <= kWeightOnlySmallM ? (int4 ? 11 : 10) : (int4 ? 13 : 12), isa);
+  return y;
+}
+
+at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
+                        int64_t group_size) {
+  return wo_linear(x, w, scales, zeros, bias, group_size, false);
+}
+
+at::Tensor w4a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
+                        int64_t group_size) {
+  return wo_linear(x, w, scales, zeros, bias, group_size, true);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x_) {
+  check_x(x_);
+  const at::Tensor x = x_.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor s = at::empty({M, 1}, x.options().dtype(at::kFloat));
+  if (M == 0) return {q, s};
+  QuantArgs qa{x.data_ptr(), out_type(x.scalar_type()), K, false, 1.f, 1.f, q.data_ptr<int8_t>(), nullptr, nullptr,
+               K, s.data_ptr<float>(), nullptr, 1, K};
+  quantize(qa, M, active_isa());
+  return {q, s};
+}
+
+// int8 [M, K] x int8 [N, K] -> int32 [M, N]. Operands may hold -128, so only the int16
+// path (exact for all int8) is used; b is blocked on the fly.
+at::Tensor int8_mm(const at::Tensor& a_, const at::Tensor& b_) {
+  TORCH_CHECK(a_.dim() == 2 && b_.dim() == 2 && a_.scalar_type() == at::kChar && b_.scalar_type() == at::kChar &&
+                  a_.size(1) == b_.size(1),
+              "kquant cpu: int8_mm needs int8 [M, K] and [N, K], got ", a_.sizes(), " and ", b_.sizes());
+  const at::Tensor a = a_.contiguous(), b = b_.contiguous();
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
+  at::Tensor y = at::empty({M, N}, a.options().dtype(at::kInt));
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();
+  Problem p;
+  p.M = M; p.N = N; p.Kp = K; p.G = 1; p.gsz = K;
+  p.nblk = cdiv(K, 4);
+  p.lda = p.nblk * 4;
+  const int64_t nbt = cdiv(N, kNB);
+  at::Tensor wb = at::zeros({nbt, p.nblk, 8, 4}, a.options());
+  int8_t* wd = wb.data_ptr<int8_t>();
+  const int8_t* bd = b.data_ptr<int8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < K; ++k) wd[(((n / 8) * p.nblk + k / 4) * 8 + n % 8) * 4 + k % 4] = bd[n * K + k];
+  });
+  at::Tensor a16 = at::zeros({M, p.lda}, a.options().dtype(at::kShort));
+  a16.narrow(1, 0, K).copy_(a);
+  p.w8 = wd;
+  p.a16 = a16.data_ptr<int16_t>();
+  p.y = y.data_ptr();
+  p.yt = OutT::I32;
+  run_tasks(p, kI16, active_isa());
+  return y;
+}
+
+}  // namespace
+int64_t active_isa_id() { return active_isa() == Isa::Avx2 ? 1 : 0; }
+}  // namespace kquant::cpu
+
+TORCH_LIBRARY_FRAGMENT(kquant, m) {
+  m.def("_quantize_per_token_cpu(Tensor x) -> (Tensor, Tensor)");
+  m.def("_int8_mm_cpu(Tensor a, Tensor b) -> Tensor");
+  m.def("_w8a8_linear_cpu(Tensor x, Tensor w, Tensor scales, Tensor? bias, Tensor? act_scale, int group_size) -> Tensor");
+  m.def("_w4a8_linear_cpu(Tensor x, Tensor w, Tensor scales, Tensor? bias, Tensor? act_scale, int group_size) -> Tensor");
+  m.def("_w8a16_linear_cpu(Tensor x, Tensor w, Tensor scales, Tensor? zeros, Tensor? bias, int group_size) -> Tensor");
+  m.def("_w4a16_linear_cpu(Tensor x, Tensor w, Tensor scales, Tensor? zeros, Tensor? bias, int group_size) -> Tensor");
+  m.def("_cpu_isa() -> int", &kquant::cpu::active_isa_id);
+}
+
+TORCH_LIBRARY_IMPL(kquant, CPU, m) {
+  m.impl("_quantize_per_token_cpu", &kquant::cpu::quantize_per_token);
+  m.impl("_int8_mm_cpu", &kquant::cpu::int8_mm);
+  m.impl("_w8a8_linear_cpu", &kquant::cpu::w8a8_linear);
+  m.impl("_w4a8_linear_cpu", &kquant::cpu::w4a8_linear);
+  m.impl("_w8a16_linear_cpu", &kquant::cpu::w8a16_linear);
+  m.impl("_w4a16_linear_cpu", &kquant::cpu::w4a16_linear);
+}

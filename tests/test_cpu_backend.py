@@ -1,0 +1,267 @@
+"""CPU backend (csrc/cpu AVX2 kernels + scalar path) against the reference oracle.
+
+The reference functions are called directly. Integer results must be identical; float
+results are bit-identical where the kernels mirror the reference's operation order
+(per-channel W8A8/W4A8) and within a dtype-tied tolerance elsewhere. Both the AVX2 and
+the scalar path (KQUANT_CPU_ISA=scalar) run every case.
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kquant import backends as router
+from kquant.backends import reference as ref
+from kquant.format import padded_k, quantize_weight, to_canonical
+
+cpu = pytest.importorskip("kquant.backends.cpu")
+if not cpu.available()[0]:
+    pytest.skip(f"cpu backend unavailable: {cpu.available()[1]}", allow_module_level=True)
+
+HAS_AVX2 = "AVX2" in cpu.available()[1]
+ISAS = ["avx2", "scalar"] if HAS_AVX2 else ["scalar"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# tolerance of the float epilogue relative to the output's norm, tied to the output dtype
+TOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+HSET = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    if request.param == "scalar":
+        monkeypatch.setenv("KQUANT_CPU_ISA", "scalar")
+    else:
+        monkeypatch.delenv("KQUANT_CPU_ISA", raising=False)
+    want = 1 if request.param == "avx2" else 0
+    assert torch.ops.kquant._cpu_isa() == want
+    return request.param
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(m, k, n, bits, gs, dtype=torch.float32, symmetric=True, bias=True, seed=None):
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g)
+    pw = quantize_weight(w, bits, gs, symmetric=symmetric)
+    kp = padded_k(k, bits, gs)
+    xp = torch.nn.functional.pad(x, (0, kp - k))
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    return xp, pw, b
+
+
+def blocked(pw):
+    return (cpu.int8_to_blocked(pw.qweight), 1) if pw.bits == 8 else (cpu.int4_to_blocked(pw.qweight), 2)
+
+
+def run_act(pw, xp, b, act_scale=None, canonical=False):
+    op = "w8a8_linear" if pw.bits == 8 else "w4a8_linear"
+    wq, lay = (pw.qweight, 0) if canonical else blocked(pw)
+    y = cpu.OPS[op](xp, wq, pw.scales, b, act_scale, pw.group_size, lay)
+    r = getattr(ref, op)(xp, pw.qweight, pw.scales, b, act_scale, pw.group_size)
+    return y, r
+
+
+def run_wo(pw, xp, b):
+    op = "w8a16_linear" if pw.bits == 8 else "w4a16_linear"
+    wq, lay = blocked(pw)
+    y = cpu.OPS[op](xp, wq, pw.scales, pw.zeros, b, pw.group_size, lay)
+    r = getattr(ref, op)(xp, pw.qweight, pw.scales, pw.zeros, b, pw.group_size)
+    return y, r
+
+
+# ----------------------------------------------------------------------------- layouts
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("n,k,gs", [(1, 1, -1), (17, 17, -1), (9, 1025, -1), (8, 64, 32), (33, 256, 128), (5, 96, 32)])
+def test_layout_round_trip_is_exact(bits, n, k, gs):
+    pw = quantize_weight(torch.randn(n, k), bits, gs, symmetric=(bits == 8))
+    data, lay = blocked(pw)
+    kp = pw.padded_in_features
+    assert data.shape[:2] == (-(-n // 8), -(-kp // (4 if bits == 8 else 8)))
+    back = to_canonical(data, lay, bits, n, kp)
+    assert back.dtype == pw.qweight.dtype and torch.equal(back, pw.qweight)
+
+
+def test_prepare_weight_through_quantlinear_keeps_one_copy():
+    from kquant.nn import QuantLinear
+    lin = torch.nn.Linear(70, 19)
+    for cfg, lay in (("w8a8", 1), ("w4a16", 2), ("w8a16", 1), ("w4a8", 2)):
+        q = QuantLinear.from_linear(lin, cfg)
+        if router.select(q.op_name, "cpu")[0] != "cpu":
+            pytest.skip("router does not pick cpu (KQUANT_BACKEND set?)")
+        assert q.layout == lay and q.qweight.dim() == 4
+        sd = q.state_dict()
+        assert torch.equal(sd["qweight"], q.packed_weight().qweight)
+        assert sd["qweight"].dim() == 2
+        x = torch.randn(3, 5, 70)
+        y = q(x)
+        r = torch.nn.functional.linear(x, q.dequantize_weight(), lin.bias)
+        assert y.shape == (3, 5, 19) and rel_err(y, r) < 0.05
+
+
+# ----------------------------------------------------------------------------- quantize / int8_mm
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k", [(0, 8), (1, 1), (3, 17), (5, 1025), (33, 64)])
+def test_quantize_per_token_bit_identical(isa, dtype, m, k):
+    x = (torch.randn(m, k) * 3).to(dtype)
+    if m > 2:
+        x[1] = 0
+        x[2, : k // 2 + 1] = torch.tensor([0.5, -1.5, 2.5]).repeat(k)[: k // 2 + 1].to(dtype)  # ties
+    q, s = cpu.quantize_per_token(x)
+    rq, rs = ref.quantize_per_token(x)
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+
+
+@given(m=st.integers(0, 9), n=st.integers(1, 40), k=st.integers(1, 300), mode=st.sampled_from(["rand", "max", "min"]))
+@HSET
+def test_int8_mm_exact(isa, m, n, k, mode):
+    if mode == "rand":
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+        b = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    else:  # the saturation trap: every pair at the extreme
+        v = 127 if mode == "max" else -128
+        a = torch.full((m, k), v, dtype=torch.int8)
+        b = torch.full((n, k), v, dtype=torch.int8)
+    y = cpu.int8_mm(a, b)
+    assert y.dtype == torch.int32 and torch.equal(y, ref.int8_mm(a, b))
+
+
+def test_int8_mm_large_k_and_noncontiguous(isa):
+    a = torch.randint(-128, 128, (7, 4100), dtype=torch.int8)
+    b = torch.randint(-128, 128, (4100, 19), dtype=torch.int8).t()  # non-contiguous [19, 4100]
+    assert torch.equal(cpu.int8_mm(a, b), ref.int8_mm(a, b.contiguous()))
+
+
+# ----------------------------------------------------------------------------- W8A8 / W4A8
+@given(m=st.integers(0, 14), n=st.integers(1, 40), k=st.integers(1, 300), gs=st.sampled_from([-1, 32, 64, 128]),
+       bits=st.sampled_from([8, 4]), static=st.booleans())
+@HSET
+def test_act_linear_matches_reference(isa, m, n, k, gs, bits, static):
+    xp, pw, b = make(m, k, n, bits, gs)
+    act = torch.tensor([0.02]) if static else None
+    y, r = run_act(pw, xp, b, act)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    if gs == -1 or pw.scales.shape[1] == 1:
+        assert torch.equal(y, r)  # same int32, same fp32 operations in the same order
+    else:
+        torch.testing.assert_close(y, r, rtol=2e-6, atol=2e-6 * (r.abs().max().item() if r.numel() else 0.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("gs", [-1, 32, 64, 128])
+def test_act_linear_every_dtype_and_group(isa, dtype, bits, gs):
+    for m in (1, 2, 3, 4, 7):  # sign-trick rows (<= 3) and int16 GEMM tiles
+        xp, pw, b = make(m, 300, 21, bits, gs, dtype)
+        y, r = run_act(pw, xp, b)
+        assert y.dtype == dtype
+        if gs == -1:
+            assert torch.equal(y, r)
+        else:
+            assert rel_err(y, r) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_saturation_extremes_are_exact(isa, bits, sign):
+    # every activation quantizes to +-127 and every weight to +-127 (int4: +-7): the
+    # naive vpmaddubsw pair sum would saturate at 32767
+    k, n = 1024 + 8, 20
+    for m in (1, 3, 8):
+        x = torch.full((m, k), 1.0)
+        x[:, 1::2] = -1.0 if sign < 0 else 1.0
+        w = torch.full((n, k), float(sign))
+        w[1::2] = -float(sign)
+        pw = quantize_weight(w, bits, -1)
+        assert pw.codes().abs().max() == (127 if bits == 8 else 7)
+        y, r = run_act(pw, x, None)
+        assert torch.equal(y, r)
+        if bits == 8:
+            qx, _ = ref.quantize_per_token(x)
+            assert torch.equal(cpu.int8_mm(qx, pw.qweight), ref.int8_mm(qx, pw.qweight))
+
+
+def test_canonical_weight_and_noncontiguous_x(isa):
+    xp, pw, b = make(5, 96, 24, 8, 32)
+    xt = torch.randn(96 * 2, 5).t()[:, ::2]  # non-contiguous [5, 96]
+    for x in (xp, xt):
+        y, r = run_act(pw, x, b, canonical=True)
+        torch.testing.assert_close(y, r, rtol=2e-6, atol=1e-5)
+
+
+def test_bias_dtype_may_differ_from_x(isa):
+    xp, pw, _ = make(4, 64, 16, 8, -1, torch.bfloat16)
+    b = torch.randn(16, dtype=torch.float16)
+    y, r = run_act(pw, xp, b)
+    assert torch.equal(y, r)
+
+
+# ----------------------------------------------------------------------------- weight-only
+@given(m=st.integers(0, 20), n=st.integers(1, 33), k=st.integers(1, 260), gs=st.sampled_from([-1, 32, 64, 128]),
+       bits=st.sampled_from([8, 4]), sym=st.booleans())
+@HSET
+def test_weight_only_matches_reference(isa, m, n, k, gs, bits, sym):
+    xp, pw, b = make(m, k, n, bits, gs, symmetric=sym)
+    y, r = run_wo(pw, xp, b)
+    assert y.shape == (m, n)
+    if m:
+        assert rel_err(y, r) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_only_dtypes_small_and_large_m(isa, dtype, bits):
+    for m, sym in ((1, True), (2, False), (40, True), (40, False), (130, False)):  # every M strategy
+        xp, pw, b = make(m, 256, 24, bits, 64, dtype, symmetric=sym)
+        y, r = run_wo(pw, xp, b)
+        assert y.dtype == dtype and rel_err(y, r) <= TOL[dtype] + 1e-5
+
+
+# ----------------------------------------------------------------------------- determinism
+def _all_outputs(xp8, pw8, xp4, pw4, b):
+    outs = [run_act(pw8, xp8, b)[0], run_act(pw4, xp4, b)[0], run_wo(pw8, xp8, b)[0], run_wo(pw4, xp4, b)[0]]
+    return outs
+
+
+@pytest.mark.parametrize("m", [1, 3, 50])
+def test_threads_and_isa_give_identical_bits(monkeypatch, m):
+    xp8, pw8, b = make(m, 384, 200, 8, 64, seed=m)
+    xp4, pw4, _ = make(m, 384, 200, 4, 128, seed=m + 1)
+    old = torch.get_num_threads()
+    results = {}
+    try:
+        for isa_name in ISAS:
+            if isa_name == "scalar":
+                monkeypatch.setenv("KQUANT_CPU_ISA", "scalar")
+            else:
+                monkeypatch.delenv("KQUANT_CPU_ISA", raising=False)
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                results[(isa_name, t)] = _all_outputs(xp8, pw8, xp4, pw4, b)
+    finally:
+        torch.set_num_threads(old)
+    base = results[(ISAS[0], 1)]
+    for key, outs in results.items():
+        for a, c in zip(outs, base):
+            assert torch.equal(a, c), key
+
+
+# ----------------------------------------------------------------------------- errors
+def test_bad_layout_is_rejected():
+    xp, pw, b = make(2, 64, 16, 8, -1)
+    with pytest.raises(RuntimeError, match="blocked layout"):
+        torch.ops.kquant._w8a8_linear_cpu(xp, pw.qweight, pw.scales, b, None, -1)
+    data, _ = blocked(pw)
+    with pytest.raises(RuntimeError, match="does not match"):
+        torch.ops.kquant._w8a8_linear_cpu(xp[:, :32], data, pw.scales, b, None, -1)
+
+
+def test_env_forced_scalar_reports_in_available(monkeypatch):
+    monkeypatch.setenv("KQUANT_CPU_ISA", "scalar")
+    assert "scalar" in cpu.available()[1]
+    assert os.environ["KQUANT_CPU_ISA"] == "scalar"
