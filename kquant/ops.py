@@ -8,7 +8,7 @@ the packed width) and hands them to the router. Each has a fake implementation s
 Semantics (the reference backend is the definition):
 
 * ``quantize_per_token(x) -> (q int8 [..., K], scale fp32 [..., 1])``: per row
-  ``scale = amax / 127`` (1 for an all-zero row), ``q = rint(x * (127 / amax))`` in fp32.
+  ``scale = amax / 127`` (1 for an all-zero row), ``q = rint(x * ((1 / amax) * 127))`` in fp32.
 * ``int8_mm(a int8 [M, K], b int8 [N, K]) -> int32 [M, N] = a @ b.T``, exact.
 * ``w8a8_linear`` / ``w4a8_linear(x, qweight, scales, bias, act_scale, group_size, layout)``:
   activations quantized per token (or with the static per-tensor ``act_scale``), an

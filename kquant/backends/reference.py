@@ -31,19 +31,26 @@ def _quantize_rows(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: scale = amax / 127 (1 for all-zero rows), q = rint(x * 127 / amax)."""
+    """Symmetric int8 per row, bit-exact across devices and backends (all in fp32):
+
+    scale = amax / 127 (an IEEE division; 1 for an all-zero row)
+    inv   = (1 / amax) * 127 (an IEEE reciprocal, then a multiply: two roundings)
+    q     = clamp(rint(x * inv), -127, 127), round half to even
+    """
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True) if xf.shape[-1] else xf.new_zeros(*xf.shape[:-1], 1)
     nonzero = amax > 0
-    scale = torch.where(nonzero, amax / 127.0, torch.ones_like(amax))
-    inv = torch.where(nonzero, 127.0 / amax, torch.ones_like(amax))
+    safe = torch.where(nonzero, amax, torch.ones_like(amax))
+    # tensor / tensor: torch's CUDA tensor / scalar multiplies by a reciprocal instead
+    scale = torch.where(nonzero, safe / torch.full_like(safe, 127.0), torch.ones_like(amax))
+    inv = torch.where(nonzero, torch.reciprocal(safe) * 127.0, torch.ones_like(amax))
     return _quantize_rows(xf, inv), scale
 
 
 def quantize_static(x: torch.Tensor, act_scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor static scale from calibration: q = rint(x * (1 / s))."""
     s = act_scale.float().reshape(1, 1)
-    inv = 1.0 / s
+    inv = torch.reciprocal(s)
     return _quantize_rows(x, inv), s.expand(x.shape[0], 1)
 
 
