@@ -229,5 +229,10 @@ def test_router_prefers_measured_gpu_backend_per_shape(monkeypatch):
     assert router.candidates("cuda", "w4a16_linear", 2048) == ["triton", "cuda", "reference"]
     assert router.candidates("cuda", "w8a8_linear", 2048) == ["cuda", "triton", "reference"]  # no entry
     assert router.candidates("cpu", "w4a16_linear", 2048) == ["cpu", "reference"]
+    # CUDA kernels not verified on a GPU yet (no table entry names them): not used automatically
+    monkeypatch.setattr(router, "_prefs", {"w4a16_linear": {"1": "triton"}})
+    assert router.candidates("cuda", "w8a8_linear", 16) == ["triton", "reference"]
+    monkeypatch.setenv("KQUANT_BACKEND", "cuda")
+    assert router.candidates("cuda", "w8a8_linear", 16) == ["cuda"]
     monkeypatch.setenv("KQUANT_BACKEND", "triton")
     assert router.candidates("cuda", "w4a16_linear", 1) == ["triton"]

@@ -108,6 +108,11 @@ def candidates(device_type: str, op: Optional[str] = None, m: Optional[int] = No
     if name is not None:
         return [name]
     order = list(_ORDER.get(device_type, ["reference"]))
+    if device_type == "cuda" and not any("cuda" in t.values() for t in gpu_prefs().values()):
+        # CUDA kernels join the automatic order only once bench/gpu_check.py has checked them
+        # against the reference on a GPU and measured them (gpu_prefs.json); until then
+        # KQUANT_BACKEND=cuda runs them on request
+        order.remove("cuda")
     if device_type == "cuda" and op is not None and m is not None:
         first = _preferred_gpu(op, m)
         if first in order:
