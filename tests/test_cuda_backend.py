@@ -41,25 +41,12 @@ def close(y, ref, dtype=None):
 
 
 def exact_rows(m, k, dtype):
-    """Random x whose per-token quantization is unambiguous: integers times a power of two per
-    row, each row holding +-127 (x * 127/amax lands on integers, never near .5)."""
+    """Random x whose per-token quantization lands exactly on integers (integers times a power of
+    two per row, each row holding +-127): GEMM checks then do not hinge on rounding ties."""
     q = torch.randint(-127, 128, (m, k))
     q[:, torch.randint(0, k, (m,))] = 127 * (1 - 2 * torch.randint(0, 2, (m, 1)))
     scale = torch.pow(2.0, torch.randint(-9, -3, (m, 1)).float())
     return (q.float() * scale).to(dtype).to(DEV)
-
-
-def quant_oracle(x):
-    """The definition: amax in fp32, inv = fp32(127 / amax), scale = fp32(amax / 127), each one
-    IEEE division (tensor / tensor: torch turns `t / python_scalar` on CUDA and `scalar / t`
-    everywhere into a multiply by a rounded reciprocal), then rint(x * inv)."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=1, keepdim=True)
-    nz = amax > 0
-    c127 = torch.full_like(amax, 127.0)
-    inv = torch.where(nz, c127 / amax, torch.ones_like(amax))
-    scale = torch.where(nz, amax / c127, torch.ones_like(amax))
-    return torch.clamp(torch.round(xf * inv), -127, 127).to(torch.int8), scale
 
 
 # ----------------------------------------------------------------------------- quantize
@@ -74,7 +61,7 @@ def test_quantize_per_token_bit_identical(dtype, m, k):
         x[2, : k // 2 + 1] = x[2].abs().max()    # ties at amax -> +127
     poison(m * k, torch.int8)
     q, s = torch.ops.kquant._quantize_per_token_cuda(x, None)
-    qr, sr = quant_oracle(x)
+    qr, sr = R.quantize_per_token(x)  # device-independent definition (IEEE reciprocal, then * 127)
     assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (m, 1)
     assert torch.equal(q, qr)
     assert torch.equal(s, sr)
@@ -226,6 +213,25 @@ def test_weight_only_vs_reference(op, bits, group, symmetric, dtype, m):
     y = getattr(torch.ops.kquant, f"_{op}_cuda")(x, qw, sw, zw, bias, group)
     ref = getattr(R, op)(x, qw, sw, zw, bias, group, 0)
     close(y, ref)
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("mma", ("1", "0"))
+@pytest.mark.parametrize("group", (PER_CHANNEL, 128))
+@pytest.mark.parametrize("symmetric", (True, False))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("m", (1, 7, 16))
+def test_w4a16_tensor_core_and_fma_paths(mma, group, symmetric, dtype, m, monkeypatch):
+    # int4 + 16-bit x + one scale per 128 k runs on mma.sync unless KQUANT_CUDA_GEMV_MMA=0;
+    # K = 640 gives a partial split-K slice, N = 200 a partial row block
+    monkeypatch.setenv("KQUANT_CUDA_GEMV_MMA", mma)
+    qw, sw, zw, kp = _weights(200, 640, 4, group, symmetric)
+    x = torch.randn(m, kp, device=DEV).to(dtype)
+    bias = torch.randn(200, device=DEV).to(dtype)
+    poison(m * 200 * 2, dtype)
+    y = torch.ops.kquant._w4a16_linear_cuda(x, qw, sw, zw, bias, group)
+    close(y, R.w4a16_linear(x, qw, sw, zw, bias, group, 0))
 
 
 @gpu

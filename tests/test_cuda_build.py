@@ -14,7 +14,7 @@ import kquant
 
 PKG = os.path.dirname(kquant.__file__)
 ARCHS = ("sm_80", "sm_90a")
-MAIN_KERNELS = ("gemm_i8_kernel", "wo_gemv_kernel", "quant_rows_kernel")
+MAIN_KERNELS = ("gemm_i8_kernel", "gemm_wgmma_kernel", "wo_gemv_kernel", "wo_mma_kernel", "quant_rows_kernel")
 
 
 def _nvcc():

@@ -14,10 +14,13 @@
 //   so the result is deterministic and no second launch is needed.
 #include "kq_cuda.cuh"
 
+#include <cstdlib>
 #include <map>
 #include <mutex>
 
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -71,13 +74,37 @@ __device__ __forceinline__ uint4 ld_stream(const uint8_t* p) {
   return __ldcs(reinterpret_cast<const uint4*>(p));
 }
 
+// split-K: the last block to finish row block blockIdx.x sums the slices in order (+ bias)
+__device__ __forceinline__ void splitk_finish(const GemvParams& p, int rpb) {
+  __shared__ int last_flag;
+  const int tid = threadIdx.x;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    const int ticket = atomicAdd(p.counters + blockIdx.x, 1);
+    last_flag = ticket == p.S - 1;
+  }
+  __syncthreads();
+  if (!last_flag) return;
+  __threadfence();
+  const int n_begin = blockIdx.x * rpb;
+  for (int idx = tid; idx < rpb * p.M; idx += blockDim.x) {
+    const int m = idx / rpb, n = n_begin + idx % rpb;
+    if (n >= p.N) continue;
+    float v = 0.f;
+    for (int s = 0; s < p.S; ++s) v += __ldcg(p.ws + ((int64_t)s * p.M + m) * p.N + n);
+    if (p.bias != nullptr) v += p.bias[n];
+    store1_kind(p.out, p.kind, (int64_t)m * p.N + n, v);
+  }
+  if (tid == 0) p.counters[blockIdx.x] = 0;  // ready for the next launch on this stream
+}
+
 template <int BITS, int MT>
 __global__ void __launch_bounds__(GV_THREADS) wo_gemv_kernel(const GemvParams p) {
   using C = GemvCfg<BITS>;
   constexpr int R = RowsPerWarp<MT>::R;
   constexpr int U = C::U;
   extern __shared__ float4 xs[];  // [MT][KS4] swizzled
-  __shared__ int last_flag;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int k0 = blockIdx.y * C::KS;
@@ -197,26 +224,158 @@ __global__ void __launch_bounds__(GV_THREADS) wo_gemv_kernel(const GemvParams p)
   }
 
   if (p.S == 1) return;
-  // split-K: the last block to finish this row block sums the slices in order
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) {
-    const int ticket = atomicAdd(p.counters + blockIdx.x, 1);
-    last_flag = ticket == p.S - 1;
+  splitk_finish(p, rpb);
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor-core variant for int4 weights with fp16/bf16 activations and one scale per 128 k
+// (group 128, or per channel with K % 128 == 0), any M <= 16 in one pass:
+//   mma.sync m16n8k16 (f32 accumulate), A = x (rows >= M are zeros), B = (nibble - zero)
+//   made exact in f16/bf16 registers from the canonical bytes (prmt + lop3 magic + hsub2).
+// Lane (g, tig) of a warp loads 16 canonical bytes of row n0 + g at k = kr + 32 * tig and
+// uses its elements 4s..4s+3 as the mma k-slots {2tig, 2tig+1, 2tig+8, 2tig+9} of k-step s;
+// its A fragment is read from the same 4 k of x, so the dot product is unchanged. A round
+// of 128 k lies in one scale group: the round's fp32 partial is scaled by the column's scale.
+constexpr int TC_NT = 2;                    // n-tiles (8 rows) per warp
+constexpr int TC_NR = 4;                    // rounds of 128 k per block slice
+constexpr int TC_KS = TC_NR * 128;          // k per block slice
+constexpr int TC_ROWS = GV_WARPS * TC_NT * 8;  // rows per block
+constexpr int TC_XSTRIDE = TC_KS + 8;       // x row stride in smem (16-bit elements)
+
+template <bool BF16>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (BF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// (lo nibble, hi nibble) of byte `b` of w as an exact 16-bit pair (value - zero):
+// magic | nibble is 1024 + u (f16 0x6400) or 128 + u (bf16 0x4300); subtract magic + zero
+template <bool BF16>
+__device__ __forceinline__ uint32_t nib_pair(uint32_t w, uint32_t w_sh4, int b, uint32_t zz) {
+  const uint32_t t = __byte_perm(w, w_sh4, static_cast<uint32_t>(b) | (static_cast<uint32_t>(4 + b) << 8));
+  const uint32_t v = (t & 0x000F000Fu) | (BF16 ? 0x43004300u : 0x64006400u);
+  uint32_t r;
+  if constexpr (BF16) {
+    const __nv_bfloat162 d = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v),
+                                     *reinterpret_cast<const __nv_bfloat162*>(&zz));
+    r = *reinterpret_cast<const uint32_t*>(&d);
+  } else {
+    const __half2 d = __hsub2(*reinterpret_cast<const __half2*>(&v), *reinterpret_cast<const __half2*>(&zz));
+    r = *reinterpret_cast<const uint32_t*>(&d);
+  }
+  return r;
+}
+
+template <bool BF16>
+__global__ void __launch_bounds__(GV_THREADS) wo_mma_kernel(const GemvParams p) {
+  __shared__ __align__(16) uint16_t xs[16 * TC_XSTRIDE];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, tig = lane & 3;
+  const int k0 = blockIdx.y * TC_KS;
+
+  // x slice (16-bit, as given) -> smem; rows >= M and k >= Kp are zeros
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  for (int u = tid; u < 16 * (TC_KS / 8); u += GV_THREADS) {
+    const int m = u / (TC_KS / 8), c8 = u % (TC_KS / 8);
+    const int k = k0 + 8 * c8;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (m < p.M && k < p.Kp) v = __ldg(reinterpret_cast<const uint4*>(x + (int64_t)m * p.Kp + k));
+    *reinterpret_cast<uint4*>(xs + m * TC_XSTRIDE + 8 * c8) = v;
   }
   __syncthreads();
-  if (!last_flag) return;
-  __threadfence();
-  const int n_begin = blockIdx.x * rpb;
-  for (int idx = tid; idx < rpb * p.M; idx += GV_THREADS) {
-    const int m = idx / rpb, n = n_begin + idx % rpb;
-    if (n >= p.N) continue;
-    float v = 0.f;
-    for (int s = 0; s < p.S; ++s) v += __ldcg(p.ws + ((int64_t)s * p.M + m) * p.N + n);
-    if (p.bias != nullptr) v += p.bias[n];
-    store1_kind(p.out, p.kind, (int64_t)m * p.N + n, v);
+
+  const int nb = blockIdx.x * TC_ROWS + warp * (TC_NT * 8);
+  const int64_t row_bytes = p.Kp / 2;
+  uint4 wv[TC_NT][TC_NR];
+#pragma unroll
+  for (int j = 0; j < TC_NT; ++j)
+#pragma unroll
+    for (int r = 0; r < TC_NR; ++r) {
+      const int n = nb + 8 * j + g;
+      const int k = k0 + r * 128 + tig * 32;
+      wv[j][r] = (n < p.N && k < p.Kp) ? ld_stream(p.w + (int64_t)n * row_bytes + k / 2)
+                                       : make_uint4(0x88888888u, 0x88888888u, 0x88888888u, 0x88888888u);
+    }
+
+  float acc[TC_NT][4];
+#pragma unroll
+  for (int j = 0; j < TC_NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+
+#pragma unroll
+  for (int r = 0; r < TC_NR; ++r) {
+    const int kr = k0 + r * 128;
+    if (kr >= p.Kp) break;  // same for the whole warp
+    const int grp = kr / p.gs;
+    // A fragments of the 8 k-steps: rows g and g+8, k = r*128 + tig*32 + 4s .. +3
+    uint32_t af[8][4];
+#pragma unroll
+    for (int st = 0; st < 8; ++st) {
+      const int col = r * 128 + tig * 32 + 4 * st;
+      const uint2 lo = *reinterpret_cast<const uint2*>(xs + g * TC_XSTRIDE + col);
+      const uint2 hi = *reinterpret_cast<const uint2*>(xs + (g + 8) * TC_XSTRIDE + col);
+      af[st][0] = lo.x;
+      af[st][1] = hi.x;
+      af[st][2] = lo.y;
+      af[st][3] = hi.y;
+    }
+#pragma unroll
+    for (int j = 0; j < TC_NT; ++j) {
+      const int nrow = nb + 8 * j + g;  // this lane's B row
+      const float z = p.zeros != nullptr ? __ldg(p.zeros + (int64_t)min(nrow, p.N - 1) * p.G + grp) : 8.f;
+      uint32_t zz;
+      if constexpr (BF16) {
+        const __nv_bfloat162 t = __float2bfloat162_rn(128.f + z);
+        zz = *reinterpret_cast<const uint32_t*>(&t);
+      } else {
+        const __half2 t = __float2half2_rn(1024.f + z);
+        zz = *reinterpret_cast<const uint32_t*>(&t);
+      }
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int st = 0; st < 8; ++st) {
+        const uint32_t w = u4get(wv[j][r], st >> 1);
+        const int b = (st & 1) * 2;
+        mma_16816<BF16>(c, af[st], nib_pair<BF16>(w, w >> 4, b, zz), nib_pair<BF16>(w, w >> 4, b + 1, zz));
+      }
+      const int col = nb + 8 * j + 2 * tig;
+      const float s0 = col < p.N ? __ldg(p.scales + (int64_t)col * p.G + grp) : 0.f;
+      const float s1 = col + 1 < p.N ? __ldg(p.scales + (int64_t)(col + 1) * p.G + grp) : 0.f;
+      acc[j][0] = fmaf(c[0], s0, acc[j][0]);
+      acc[j][1] = fmaf(c[1], s1, acc[j][1]);
+      acc[j][2] = fmaf(c[2], s0, acc[j][2]);
+      acc[j][3] = fmaf(c[3], s1, acc[j][3]);
+    }
   }
-  if (tid == 0) p.counters[blockIdx.x] = 0;  // ready for the next launch on this stream
+
+#pragma unroll
+  for (int j = 0; j < TC_NT; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int m = g + (e >> 1) * 8;
+      const int n = nb + 8 * j + 2 * tig + (e & 1);
+      if (m >= p.M || n >= p.N) continue;
+      if (p.S == 1) {
+        store1_kind(p.out, p.kind, (int64_t)m * p.N + n, p.bias != nullptr ? acc[j][e] + p.bias[n] : acc[j][e]);
+      } else {
+        p.ws[((int64_t)blockIdx.y * p.M + m) * p.N + n] = acc[j][e];
+      }
+    }
+  }
+  if (p.S == 1) return;
+  splitk_finish(p, TC_ROWS);
 }
 
 // Split-K tickets: one zeroed int buffer per (device, stream), kept zero by the kernels.
@@ -256,6 +415,23 @@ void launch_gemv(GemvParams p, int sms, const at::Device& dev, cudaStream_t stre
   set_smem_limit_once(kernel, smem);
   TORCH_CHECK(S < 65536, "kquant CUDA GEMV: K too large");
   kernel<<<dim3(bx, S), GV_THREADS, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_mma(GemvParams p, const at::Device& dev, cudaStream_t stream) {
+  const int S = (p.Kp + TC_KS - 1) / TC_KS;
+  const int bx = (p.N + TC_ROWS - 1) / TC_ROWS;
+  TORCH_CHECK(S < 65536, "kquant CUDA GEMV: K too large");
+  p.S = S;
+  p.loops = 1;
+  at::Tensor ws;
+  if (S > 1) {
+    ws = at::empty({S, p.M, p.N}, at::TensorOptions().device(dev).dtype(at::kFloat));
+    p.ws = ws.data_ptr<float>();
+    p.counters = counters_for(bx, dev, stream);
+  }
+  if (p.kind == KIND_BF16) wo_mma_kernel<true><<<dim3(bx, S), GV_THREADS, 0, stream>>>(p);
+  else wo_mma_kernel<false><<<dim3(bx, S), GV_THREADS, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -308,9 +484,13 @@ at::Tensor wo_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const size_t esz = x.element_size();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  // up to 8 rows of x per launch (the fp32 x slice lives in shared memory)
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const int mc = static_cast<int>(std::min<int64_t>(8, M - m0));
+  // int4, 16-bit x, one scale per 128 k: tensor cores, 16 rows of x per launch
+  const char* env = std::getenv("KQUANT_CUDA_GEMV_MMA");
+  const bool tc = bits == 4 && kind != KIND_F32 && gs % 128 == 0 && !(env != nullptr && env[0] == '0');
+  // otherwise up to 8 rows of x per launch (the fp32 x slice lives in shared memory)
+  const int rows_per_launch = tc ? 16 : 8;
+  for (int64_t m0 = 0; m0 < M; m0 += rows_per_launch) {
+    const int mc = static_cast<int>(std::min<int64_t>(rows_per_launch, M - m0));
     GemvParams p{static_cast<const uint8_t*>(x.data_ptr()) + m0 * Kp * esz,
                  reinterpret_cast<const uint8_t*>(qweight.data_ptr()),
                  scales.data_ptr<float>(),
@@ -319,7 +499,8 @@ at::Tensor wo_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
                  static_cast<uint8_t*>(out.data_ptr()) + m0 * N * esz,
                  nullptr, nullptr, mc, static_cast<int>(N), static_cast<int>(Kp), static_cast<int>(G),
                  static_cast<int>(gs), 1, 1, kind};
-    if (bits == 8) launch_rows<8>(p, sms, x.device(), stream);
+    if (tc) launch_mma(p, x.device(), stream);
+    else if (bits == 8) launch_rows<8>(p, sms, x.device(), stream);
     else launch_rows<4>(p, sms, x.device(), stream);
   }
   return out;

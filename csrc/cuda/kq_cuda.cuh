@@ -13,7 +13,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen.h: every .cu parses its headers 3 times (host + 2 archs)
 #include <c10/cuda/CUDAException.h>
 
 namespace kq {

@@ -1,10 +1,13 @@
 // Per-token int8 activation quantization, bit-identical to the reference definition:
-//   amax = max|x| in fp32; scale = amax / 127 (1 for an all-zero row);
-//   q = clamp(rint(x * (127.0f / amax)), -127, 127)   (one IEEE division, then a multiply)
-// Static: scale = act_scale, q = clamp(rint(x * (1.0f / act_scale)), -127, 127).
+//   amax = max|x| in fp32; scale = amax / 127 (IEEE division; 1 for an all-zero row);
+//   inv = (1 / amax) * 127 (IEEE reciprocal, then a multiply: two roundings);
+//   q = clamp(rint(x * inv), -127, 127), round half to even.
+// Static: scale = act_scale, q = clamp(rint(x * (1 / act_scale)), -127, 127).
+// No fast-math anywhere in this library, so '/' is the IEEE-rounded division.
 #include "kq_cuda.cuh"
 
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -90,7 +93,7 @@ __global__ void __launch_bounds__(QTHREADS) quant_rows_kernel(const T* __restric
     for (int w = 1; w < QTHREADS / 32; ++w) amax = fmaxf(amax, red[w]);
     const bool nz = amax > 0.f;
     s = nz ? amax / 127.0f : 1.0f;
-    inv = nz ? 127.0f / amax : 1.0f;
+    inv = nz ? __fmul_rn(1.0f / amax, 127.0f) : 1.0f;
   }
   if (threadIdx.x == 0) scale[row] = s;
   for (int64_t i = threadIdx.x; i < nv; i += QTHREADS) {

@@ -4,9 +4,13 @@
 * ``int8_mm`` / ``w8a8_linear`` / ``w4a8_linear``: ``mma.sync`` m16n8k32 s8 GEMM, 128x128x64
   tiles, 4-stage cp.async pipeline, ldmatrix; int4 weights (canonical layout) unpacked to
   int8 in registers; per-channel or per-group (32/64/128, folded per K-group into fp32)
-  weight scales, per-token activation scale and bias fused in the epilogue.
+  weight scales, per-token activation scale and bias fused in the epilogue. On sm_90 the
+  per-channel int8 case runs on a ``wgmma`` kernel once it reproduced the mma.sync result
+  on the device (``KQUANT_CUDA_WGMMA=0`` turns it off).
 * ``w8a16_linear`` / ``w4a16_linear``: split-K GEMV for decode (M <= 16) streaming the
-  canonical weights with 16-byte loads; group scales and optional zero points.
+  canonical weights with 16-byte loads; group scales and optional zero points. int4 with
+  fp16/bf16 activations and one scale per 128 k (group 128, or per channel with
+  K % 128 == 0) runs on ``mma.sync`` m16n8k16 (``KQUANT_CUDA_GEMV_MMA=0``: FMA path).
 
 Every kernel reads the canonical layout (no prepare_weight: nothing to convert back).
 ``can_run`` refuses, with a reason, whatever the kernels do not cover (CPU tensors, devices
@@ -15,6 +19,7 @@ weight-only, other layouts) so that the router moves on to Triton or the referen
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -32,6 +37,7 @@ def _lib():
     return _native.load("_C_cuda", warn=False)
 
 
+@functools.lru_cache(maxsize=None)
 def built_archs() -> Tuple[int, ...]:
     """Architectures with machine code in the built library, e.g. (80, 90)."""
     lib = _lib()
@@ -41,6 +47,7 @@ def built_archs() -> Tuple[int, ...]:
     return tuple(int(a) // 10 for a in text.split(",") if a.strip().isdigit())
 
 
+@functools.lru_cache(maxsize=None)
 def _arch_ok(cap: Tuple[int, int]) -> Tuple[bool, str]:
     major, minor = cap
     if major < 8:
@@ -55,13 +62,24 @@ def _arch_ok(cap: Tuple[int, int]) -> Tuple[bool, str]:
 
 
 def available() -> Tuple[bool, str]:
+    # asked on every dispatch: the answer cannot change within a process once it is yes
+    global _AVAILABLE
+    if _AVAILABLE is None or not _AVAILABLE[0]:
+        _AVAILABLE = _available()
+    return _AVAILABLE
+
+
+_AVAILABLE: Optional[Tuple[bool, str]] = None
+
+
+def _available() -> Tuple[bool, str]:
     if not torch.version.cuda:
         return False, f"torch {torch.__version__} is not a CUDA build"
     if _lib() is None:
         return False, f"kquant._C_cuda is not built or does not load ({_native.error('_C_cuda') or 'unknown'})"
     if not torch.cuda.is_available():
         return False, "no CUDA device is visible"
-    ok, why = _arch_ok(torch.cuda.get_device_capability())
+    ok, why = _arch_ok(tuple(torch.cuda.get_device_capability()))
     if not ok:
         return False, why
     return True, f"CUDA kernels for sm_{'/'.join(map(str, built_archs()))} on {torch.cuda.get_device_name()}"
@@ -83,7 +101,7 @@ def _check_tensors(tensors) -> Optional[str]:
         elif t.device != dev:
             return f"tensors on {dev} and {t.device}"
     if dev is not None:
-        ok, why = _arch_ok(torch.cuda.get_device_capability(dev))
+        ok, why = _arch_ok(tuple(torch.cuda.get_device_capability(dev)))
         if not ok:
             return why
     return None
