@@ -65,6 +65,9 @@ def available() -> Tuple[bool, str]:
     if _interpret():
         return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1), CPU tensors"
     if torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        if cap < (8, 0):  # int8 tl.dot and bf16 need Ampere or newer
+            return False, f"{torch.cuda.get_device_name()} is sm_{cap[0]}{cap[1]}; the triton kernels need sm_80+"
         return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
     return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
 
@@ -213,13 +216,12 @@ def candidate_configs(kind: str, m: int, n: int, k: int, group_size: int, device
             for bk in bks:
                 if grouped and bk % group_size:
                     continue
-                for w, st in ((4, 4), (8, 3)):
+                for w, st in ((4, 3),) if kind == "wo4" else ((4, 3), (8, 3)):
                     base = _auto_split(dict(_cfg(1, bn, bk, w, st), KERNEL="gemv"), m, n, k, device, min_steps=2)
                     for split in {base["SPLIT_K"], base["SPLIT_K"] * 2}:
                         out.append(dict(base, SPLIT_K=split))
                         if kind == "wo4":
                             out.append(dict(base, SPLIT_K=split, FAST_CVT=True))
-                            out.append(dict(base, SPLIT_K=split, SPLIT_X=True))
     else:
         bks = [group_size] if grouped else ([128, 256] if kind in ("int8", "int4a8") else [64, 128])
         if m <= 16:
