@@ -21,6 +21,8 @@ import torch
 from ..format import CANONICAL
 
 ENV = "KQUANT_BACKEND"
+# every backend module defines a function per op and OPS = backend_ops(globals())
+OP_NAMES = ("quantize_per_token", "int8_mm", "w8a8_linear", "w4a8_linear", "w8a16_linear", "w4a16_linear")
 _MODULES = {
     "reference": "kquant.backends.reference",
     "cpu": "kquant.backends.cpu",
@@ -36,6 +38,11 @@ _load_errors: Dict[str, str] = {}
 
 class BackendError(RuntimeError):
     """A forced backend cannot run a call, or no backend can."""
+
+
+def backend_ops(namespace: dict) -> Dict[str, object]:
+    """{op name: function} from a backend module's globals()."""
+    return {op: namespace[op] for op in OP_NAMES}
 
 
 def _module(name: str):

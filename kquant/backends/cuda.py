@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import backend_ops
 from .. import _native
 from ..format import CANONICAL, PER_CHANNEL
 
@@ -215,11 +216,4 @@ def w4a16_linear(x, qweight, scales, zeros, bias, group_size, layout=CANONICAL):
     return torch.ops.kquant._w4a16_linear_cuda(x, qweight, scales, zeros, bias, group_size)
 
 
-OPS = {
-    "quantize_per_token": quantize_per_token,
-    "int8_mm": int8_mm,
-    "w8a8_linear": w8a8_linear,
-    "w4a8_linear": w4a8_linear,
-    "w8a16_linear": w8a16_linear,
-    "w4a16_linear": w4a16_linear,
-}
+OPS = backend_ops(globals())

@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import backend_ops
 from ..format import CANONICAL, PER_CHANNEL, to_canonical, unpack_int4
 
 NAME = "reference"
@@ -122,11 +123,4 @@ def w4a16_linear(x, qweight, scales, zeros, bias, group_size, layout=CANONICAL):
     return _weight_only_linear(x, qweight, scales, zeros, bias, group_size, layout, 4)
 
 
-OPS = {
-    "quantize_per_token": quantize_per_token,
-    "int8_mm": int8_mm,
-    "w8a8_linear": w8a8_linear,
-    "w4a8_linear": w4a8_linear,
-    "w8a16_linear": w8a16_linear,
-    "w4a16_linear": w4a16_linear,
-}
+OPS = backend_ops(globals())

@@ -37,6 +37,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .. import backend_ops
 from ...format import CANONICAL, PER_CHANNEL
 
 NAME = "triton"
@@ -568,11 +569,4 @@ def w4a16_linear(x, qweight, scales, zeros, bias, group_size, layout=CANONICAL, 
     return _wo_linear(x, qweight, scales, zeros, bias, group_size, True, config)
 
 
-OPS = {
-    "quantize_per_token": quantize_per_token,
-    "int8_mm": int8_mm,
-    "w8a8_linear": w8a8_linear,
-    "w4a8_linear": w4a8_linear,
-    "w8a16_linear": w8a16_linear,
-    "w4a16_linear": w4a16_linear,
-}
+OPS = backend_ops(globals())
