@@ -164,6 +164,7 @@ class ModeResult:
     latency_ms: float
     latency_best_ms: float
     latency_runs_ms: List[float]
+    cpu_time_ms: float
     speedup: float
     cos_mean: float
     cos_min: float
@@ -179,19 +180,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_passes(model, batches, repeats: int, bar, device: torch.device) -> List[float]:
-    runs = []
+def _time_passes(model, batches, repeats: int, bar, device: torch.device):
+    """Wall ms per pass, and process CPU ms per pass (all threads; less sensitive to other
+    load on a shared machine than wall time, though spinning threads count too)."""
+    runs, cpu = [], []
     with torch.inference_mode():
         for _ in range(repeats):
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for b in batches:
                 embed_batch(model, b)
                 if bar is not None:
                     bar.update(1)
             _sync(device)  # kernels are asynchronous on GPUs
             runs.append((time.perf_counter() - t0) * 1e3)
-    return runs
+            cpu.append((time.process_time() - c0) * 1e3)
+    return runs, cpu
 
 
 def resolve_device(device: str) -> torch.device:
@@ -295,6 +299,7 @@ def run(presets: Sequence[str] = DEFAULT_PRESETS, sentences: Optional[int] = Non
     bar = tqdm(total=len(modes) * (1 + repeats) * len(batches), desc="kquant demo", unit="batch",
                disable=None if progress else True)
     runs: Dict[str, List[float]] = {m: [] for m in modes}
+    cpu_runs: Dict[str, List[float]] = {m: [] for m in modes}
     embs: Dict[str, torch.Tensor] = {}
     try:
         for mode in modes:
@@ -305,7 +310,9 @@ def run(presets: Sequence[str] = DEFAULT_PRESETS, sentences: Optional[int] = Non
         for r in range(repeats):
             for mode in modes:
                 bar.set_postfix_str(f"{mode} timing {r + 1}/{repeats}")
-                runs[mode] += _time_passes(models[mode], batches, 1, bar, dev)
+                wall, cpu = _time_passes(models[mode], batches, 1, bar, dev)
+                runs[mode] += wall
+                cpu_runs[mode] += cpu
     finally:
         bar.close()
     load_after = _loadavg()
@@ -319,6 +326,7 @@ def run(presets: Sequence[str] = DEFAULT_PRESETS, sentences: Optional[int] = Non
         results.append(ModeResult(
             mode=mode, weight_bytes=linear_weight_bytes(model), model_bytes=model_bytes(model),
             latency_ms=latency, latency_best_ms=min(runs[mode]), latency_runs_ms=runs[mode],
+            cpu_time_ms=statistics.median(cpu_runs[mode]),
             speedup=base_latency / latency,
             cos_mean=cos.mean().item(), cos_min=cos.min().item(),
             nn_agreement=(nearest_neighbours(emb) == base_nn).float().mean().item(),
@@ -334,7 +342,7 @@ def run(presets: Sequence[str] = DEFAULT_PRESETS, sentences: Optional[int] = Non
                    "batches": len(batches), "repeats": repeats},
         "latency_note": "median wall time of one pass over the corpus (model forward + mean pooling, "
                         "torch.inference_mode, after an untimed pass; passes interleaved across modes); "
-                        "tokenization excluded",
+                        "tokenization excluded; cpu_time_ms: median process CPU time of those passes",
         # other work on the machine skews latency: keep the evidence next to the numbers
         "environment": {**environment(), "load_avg_1m_before": load_before, "load_avg_1m_after": load_after},
         "results": [asdict(r) for r in results],
@@ -355,14 +363,15 @@ def render_table(report: Dict[str, object]):
               caption=f"{env['cpu']}, {env['cores']} cores, torch {env['torch']} ({env['torch_threads']} threads), "
                       f"load avg {env.get('load_avg_1m_before')} -> {env.get('load_avg_1m_after')}, "
                       f"commit {env['git_commit'] or 'n/a'}")
-    for col, just in [("mode", "left"), ("weights MiB", "right"), ("model MiB", "right"),
-                      ("latency ms", "right"), ("best ms", "right"), ("speedup", "right"), ("cos mean", "right"),
-                      ("cos min", "right"), ("NN agree", "right"), ("backend", "left")]:
-        t.add_column(col, justify=just)
+    cols = ["mode", "weights MiB", "model MiB", "latency ms", "best ms", "CPU ms", "speedup", "cos mean", "cos min",
+            "NN agree", "backend"]
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("mode", "backend") else "right")
     for r in report["results"]:
         t.add_row(r["mode"], _mb(r["weight_bytes"]), _mb(r["model_bytes"]), f"{r['latency_ms']:.1f}",
-                  f"{r['latency_best_ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['cos_mean']:.5f}",
-                  f"{r['cos_min']:.5f}", f"{100 * r['nn_agreement']:.1f}%", ", ".join(r["backends"]))
+                  f"{r['latency_best_ms']:.1f}", f"{r['cpu_time_ms']:.0f}", f"{r['speedup']:.2f}x",
+                  f"{r['cos_mean']:.5f}", f"{r['cos_min']:.5f}", f"{100 * r['nn_agreement']:.1f}%",
+                  ", ".join(r["backends"]))
     return t
 
 

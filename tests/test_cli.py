@@ -163,6 +163,7 @@ def test_demo_end_to_end_real_minilm(tmp_path, capsys):
     for r in res.values():
         assert len(r["latency_runs_ms"]) == 1 and math.isfinite(r["latency_ms"]) and r["latency_ms"] > 0
         assert r["latency_best_ms"] == min(r["latency_runs_ms"])
+        assert math.isfinite(r["cpu_time_ms"]) and r["cpu_time_ms"] >= 0
         assert r["speedup"] == pytest.approx(base["latency_ms"] / r["latency_ms"])
         assert r["sentences_per_s"] == pytest.approx(24 / (r["latency_ms"] / 1e3))
 

@@ -1,0 +1,3 @@
+from kquant.cli import main
+
+raise SystemExit(main())
