@@ -53,8 +53,11 @@ def get_extensions():
     wanted = set(os.environ.get("KQUANT_EXTENSIONS", "cpu,cuda").replace(" ", "").split(","))
     exts = []
     if "cpu" in wanted:
+        # at::parallel_for is a header template: without -fopenmp it silently runs serially
+        # (torch's own libgomp.so.1 is already loaded, so the soname resolves to it)
+        omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
         exts.append(ce.CppExtension("kquant._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                                    extra_compile_args={"cxx": cxx}))
+                                    extra_compile_args={"cxx": cxx + omp}, extra_link_args=omp))
     cu_sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     nvcc = shutil.which("nvcc") or (os.path.join(ce.CUDA_HOME, "bin", "nvcc") if ce.CUDA_HOME else None)
     if os.environ.get("KQUANT_NO_CUDA") == "1" or "cuda" not in wanted:

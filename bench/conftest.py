@@ -9,6 +9,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# KQUANT_BENCH_THREADS=1 pins every implementation to one thread; with
+# `--benchmark-timer=time.process_time` that gives per-core numbers that other
+# processes sharing the machine barely disturb (CPU time, not wall time).
+if os.environ.get("KQUANT_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["KQUANT_BENCH_THREADS"]))
+
 
 def cpu_model() -> str:
     try:
@@ -47,7 +53,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "torch": torch.__version__,
         "commit": commit(),
         "dirty_tree": git_dirty(),
-        "load_start": list(os.getloadavg()),
+        "timer": str(getattr(config.option, "benchmark_timer", "")),
         "fbgemm_isa": os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "default (best the CPU has)"),
         "kquant_cpu": kcpu.available()[1],
     }

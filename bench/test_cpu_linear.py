@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import kquant
-from kquant.format import quantize_weight
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -40,6 +39,7 @@ CASES = [(k, n, m, impl) for (k, n) in SHAPES for m in MS for impl in IMPLS]
 
 def run_timed(benchmark, fn):
     """pedantic with rounds sized from one untimed call, so slow baselines stay bounded."""
+    fn()  # first calls pay one-time costs (op registration, lazy imports, allocator)
     t0 = time.perf_counter()
     fn()
     one = time.perf_counter() - t0
@@ -108,6 +108,53 @@ def test_linear(benchmark, k, n, m, impl):
     benchmark.extra_info.update(kind="linear", K=k, N=n, M=m, impl=impl, macs=m * k * n, weight_bytes=wbytes)
     with torch.no_grad():
         run_timed(benchmark, fn)
+
+
+# ----------------------------------------------------------------------------- cold weights
+# M = 1 with weights that cannot stay in the last-level cache: each call uses the next of
+# COLD_COPIES distinct 4096 x 4096 layers (COLD_COPIES * 16 MiB of int8 > L3), so every
+# weight byte comes from DRAM. Compared with the DRAM read ceiling.
+COLD_COPIES = int(os.environ.get("KQUANT_BENCH_COLD_COPIES", "40"))  # 640 MiB of int8
+COLD_IMPLS = ["fbgemm", "kquant_w8a8", "kquant_w4a8", "kquant_w4a16"]
+
+
+class _Cold:
+    layers = {}
+
+    @classmethod
+    def get(cls, impl, k=4096, n=4096):
+        if impl not in cls.layers:
+            import copy
+            cls.layers.clear()
+            gc.collect()
+            lin = nn.Linear(k, n)
+            with torch.no_grad():
+                if impl == "fbgemm":
+                    first = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
+                else:
+                    first = kquant.nn.QuantLinear.from_linear(lin, impl.split("_", 1)[1])
+            # deep copies: distinct memory per layer, no re-quantization cost
+            cls.layers[impl] = [first] + [copy.deepcopy(first) for _ in range(COLD_COPIES - 1)]
+        return cls.layers[impl]
+
+
+@pytest.mark.skipif(QUICK or not HAVE_CPU, reason="quick mode / kquant CPU kernels not built")
+@pytest.mark.parametrize("impl", COLD_IMPLS)
+def test_linear_cold(benchmark, impl):
+    k = n = 4096
+    layers = _Cold.get(impl)
+    x = torch.randn(1, k)
+
+    def run():  # one call = one pass over all copies, each read once
+        for layer in layers:
+            layer(x)
+
+    benchmark.group = "linear_cold"
+    wbytes = k * n if impl in ("fbgemm", "kquant_w8a8") else k * n // 2
+    benchmark.extra_info.update(kind="linear_cold", K=k, N=n, M=1, impl=impl, copies=len(layers),
+                                weight_bytes=wbytes * len(layers))
+    with torch.no_grad():
+        run_timed(benchmark, run)
 
 
 # ----------------------------------------------------------------------------- MiniLM

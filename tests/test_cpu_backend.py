@@ -186,6 +186,19 @@ def test_saturation_extremes_are_exact(isa, bits, sign):
             assert torch.equal(cpu.int8_mm(qx, pw.qweight), ref.int8_mm(qx, pw.qweight))
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("n", [25, 64, 100])
+def test_single_row_four_block_path(isa, bits, n):
+    # M = 1 runs 4 channel blocks per pass; tails of 1..3 blocks and partial blocks
+    for gs in (-1, 64):
+        xp, pw, b = make(1, 320, n, bits, gs)
+        y, r = run_act(pw, xp, b)
+        if gs == -1:
+            assert torch.equal(y, r)
+        else:
+            torch.testing.assert_close(y, r, rtol=2e-6, atol=2e-6 * r.abs().max().item())
+
+
 def test_canonical_weight_and_noncontiguous_x(isa):
     xp, pw, b = make(5, 96, 24, 8, 32)
     xt = torch.randn(96 * 2, 5).t()[:, ::2]  # non-contiguous [5, 96]
@@ -228,10 +241,10 @@ def _all_outputs(xp8, pw8, xp4, pw4, b):
     return outs
 
 
-@pytest.mark.parametrize("m", [1, 3, 50])
-def test_threads_and_isa_give_identical_bits(monkeypatch, m):
-    xp8, pw8, b = make(m, 384, 200, 8, 64, seed=m)
-    xp4, pw4, _ = make(m, 384, 200, 4, 128, seed=m + 1)
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 512), (3, 2048, 1024), (50, 384, 200)])  # each splits across threads
+def test_threads_and_isa_give_identical_bits(monkeypatch, m, k, n):
+    xp8, pw8, b = make(m, k, n, 8, 64, seed=m)
+    xp4, pw4, _ = make(m, k, n, 4, 128, seed=m + 1)
     old = torch.get_num_threads()
     results = {}
     try:

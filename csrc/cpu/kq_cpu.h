@@ -12,9 +12,13 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #define KQ_X86 1
 #define KQ_AVX2 __attribute__((target("avx2,fma,f16c")))
+// an empty asm the value must pass through: stops GCC from fusing a mul and a following
+// add into one FMA (different rounding from the reference's separate ops)
+#define KQ_NO_CONTRACT(v) asm volatile("" : "+x"(v))
 #else
 #define KQ_X86 0
 #define KQ_AVX2
+#define KQ_NO_CONTRACT(v) (void)0
 #endif
 
 namespace kquant::cpu {

@@ -9,11 +9,13 @@
 //    never saturates; then vpmaddwd(.., 1) + vpaddd. 4 uops per 32 MACs and a single
 //    int8 weight load: the fastest per weight byte (what M = 1 is bound by).
 //  * larger M: int16 operands with vpmaddwd. Activations are quantized straight to
-//    int16, weights widened with one vpmovsxbw per 16 bytes (shared by 6 rows), then
-//    vpmaddwd + vpaddd: 2 uops per 16 MACs. Measured with bench/ceilings.py on the
-//    Xeon (SPR, 2 vCPU) this machine runs: vpmaddwd+vpaddd 22.5 and the sign trick
-//    18.5 int8 MACs per cycle per core (the sign trick puts 3 of its 4 uops on the
-//    two multiply ports), so the GEMM uses int16.
+//    int16, weights widened with one vpmovsxbw per 16 bytes (shared by 4 rows), then
+//    vpmaddwd + vpaddd: 2 uops per 16 MACs. bench/ceilings (register-only loops, one
+//    core of this Xeon, test_ceiling in bench/test_cpu_linear.py): vpmaddwd+vpaddd
+//    91 GMAC/s, the sign trick 83 GMAC/s (3 of its 4 uops need the two multiply
+//    ports); in the kernels the int16 GEMM reached 69 GMAC/s at M >= 48 against
+//    59 GMAC/s for the sign trick at its best tile (M = 3), so M > 3 uses int16.
+//    (4 rows x 8 channels: 6 rows spilled accumulators with GCC 12 and ran at 50.)
 //  * W4A8: nibbles u in 0..15 are the unsigned vpmaddubsw operand; pairs are at most
 //    2 * 15 * 127 = 3810, so 4 k-octets (7620 each) accumulate safely in int16 before
 //    one vpmaddwd: ~1.5x the MACs per uop of the int8 GEMM. The zero point 8 is folded
@@ -29,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "kq_cpu.h"
 
@@ -40,7 +43,7 @@ namespace kquant::cpu {
 namespace {
 
 enum Kind { kSign = 0, kI16 = 1, kW4 = 2 };
-constexpr int kMaxMR = 6;
+constexpr int kMaxMR = 8;  // largest row tile (weight-only fp32 GEMM)
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -240,6 +243,41 @@ KQ_AVX2 inline void k_sign(const int8_t* a, const uint8_t* aa, int64_t lda, cons
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * r), _mm256_add_epi32(acc[r], acc2[r]));
 }
 
+// M = 1 GEMV over 4 channel blocks at once: the activation broadcasts are shared by 4
+// weight streams (1.5 loads per 32 MACs instead of 3)
+KQ_AVX2 inline void k_sign4(const int8_t* a, const uint8_t* aa, const int8_t* w, int64_t wstride, int64_t nq,
+                            int32_t* out) {
+  __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* w1 = w + wstride;
+  const int8_t* w2 = w + 2 * wstride;
+  const int8_t* w3 = w + 3 * wstride;
+  for (int64_t q = 0; q < nq; ++q) {
+    if ((q & 1) == 0 && q + 32 < nq) {  // 1 KiB ahead in each of the 4 streams (DRAM-bound decode)
+      _mm_prefetch(reinterpret_cast<const char*>(w + 32 * q + 1024), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w1 + 32 * q + 1024), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w2 + 32 * q + 1024), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w3 + 32 * q + 1024), _MM_HINT_T0);
+    }
+    int32_t av, aav;
+    std::memcpy(&av, a + 4 * q, 4);
+    std::memcpy(&aav, aa + 4 * q, 4);
+    const __m256i va = _mm256_set1_epi32(av), vaa = _mm256_set1_epi32(aav);
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * q));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + 32 * q));
+    const __m256i b2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w2 + 32 * q));
+    const __m256i b3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w3 + 32 * q));
+    c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(_mm256_maddubs_epi16(vaa, _mm256_sign_epi8(b0, va)), ones));
+    c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(_mm256_maddubs_epi16(vaa, _mm256_sign_epi8(b1, va)), ones));
+    c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(_mm256_maddubs_epi16(vaa, _mm256_sign_epi8(b2, va)), ones));
+    c3 = _mm256_add_epi32(c3, _mm256_madd_epi16(_mm256_maddubs_epi16(vaa, _mm256_sign_epi8(b3, va)), ones));
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), c0);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8), c1);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), c2);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 24), c3);
+}
+
 template <int MR>
 KQ_AVX2 inline void k_i16(const int16_t* a, int64_t lda, const int8_t* w, int64_t q0, int64_t q1, int32_t* out) {
   __m256i lo[MR], hi[MR];
@@ -261,71 +299,67 @@ KQ_AVX2 inline void k_i16(const int16_t* a, int64_t lda, const int8_t* w, int64_
                         _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo[r], hi[r]), 0xD8));
 }
 
-template <int MR>
-KQ_AVX2 inline void k_w4a8(const int8_t* a, int64_t lda, const uint8_t* w, int64_t o0, int64_t o1, int32_t* out) {
-  __m256i acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_si256();
-  const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  for (int64_t o = o0; o < o1; o += 4) {
-    const int64_t oe = std::min(o + 4, o1);  // 4 octets keep int16 sums <= 4 * 7620
-    __m256i s16[MR];
-    for (int r = 0; r < MR; ++r) s16[r] = _mm256_setzero_si256();
-    for (int64_t oo = o; oo < oe; ++oo) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * oo));
-      const __m256i bl = _mm256_and_si256(v, m4);
-      const __m256i bh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-      for (int r = 0; r < MR; ++r) {
-        int32_t a0, a1;
-        std::memcpy(&a0, a + r * lda + 8 * oo, 4);
-        std::memcpy(&a1, a + r * lda + 8 * oo + 4, 4);
-        s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(bl, _mm256_set1_epi32(a0)));
-        s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(bh, _mm256_set1_epi32(a1)));
-      }
-    }
-    for (int r = 0; r < MR; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s16[r], ones));
-  }
-  for (int r = 0; r < MR; ++r) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * r), acc[r]);
-}
-
 // W4A8 over all groups with the per-group fold kept in registers (a call per group
 // costs as much as a group's work at M = 1): f += float(acc_g - 8 * sum_g(a)) * s[n, g]
-template <int MR>
-KQ_AVX2 inline void k_w4a8g(const int8_t* a, int64_t lda, const uint8_t* w, int64_t nblk, int64_t per, int64_t G,
-                            const float* sw, int nv, const int32_t* asum, float* out) {
-  __m256 f[MR];
-  for (int r = 0; r < MR; ++r) f[r] = _mm256_setzero_ps();
+template <int MR, int NB>
+KQ_AVX2 inline void k_w4a8g(const int8_t* a, int64_t lda, const uint8_t* w, int64_t wstride, int64_t nblk,
+                            int64_t per, int64_t G, const float* sw, const int* nv, const int32_t* asum, float* out) {
+  // out[r][j * 8 + c]: MR rows x NB channel blocks (NB > 1 shares activation loads at M = 1)
+  __m256 f[MR][NB];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NB; ++j) f[r][j] = _mm256_setzero_ps();
   const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const __m256i gidx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(G)));
-  const __m256 gmask = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(nv), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i gidx = _mm256_mullo_epi32(lane, _mm256_set1_epi32(int(G)));
+  __m256 gmask[NB];
+  for (int j = 0; j < NB; ++j) gmask[j] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(nv[j]), lane));
   for (int64_t g = 0; g < G; ++g) {
     const int64_t o0 = g * per, o1 = G > 1 ? o0 + per : nblk;
-    __m256i acc[MR];
-    for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_si256();
+    __m256i acc[MR][NB];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_si256();
     for (int64_t o = o0; o < o1; o += 4) {
       const int64_t oe = std::min(o + 4, o1);  // 4 octets keep int16 sums <= 4 * 7620
-      __m256i s16[MR];
-      for (int r = 0; r < MR; ++r) s16[r] = _mm256_setzero_si256();
+      __m256i s16[MR][NB];
+      for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NB; ++j) s16[r][j] = _mm256_setzero_si256();
+      if (NB > 1 && o + 32 < o1)  // 1 KiB ahead in each weight stream (DRAM-bound decode)
+        for (int j = 0; j < NB; ++j) {
+          _mm_prefetch(reinterpret_cast<const char*>(w + j * wstride + 32 * o + 1024), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(w + j * wstride + 32 * o + 1088), _MM_HINT_T0);
+        }
       for (int64_t oo = o; oo < oe; ++oo) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * oo));
-        const __m256i bl = _mm256_and_si256(v, m4);
-        const __m256i bh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        __m256i a0[MR], a1[MR];
         for (int r = 0; r < MR; ++r) {
-          int32_t a0, a1;
-          std::memcpy(&a0, a + r * lda + 8 * oo, 4);
-          std::memcpy(&a1, a + r * lda + 8 * oo + 4, 4);
-          s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(bl, _mm256_set1_epi32(a0)));
-          s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(bh, _mm256_set1_epi32(a1)));
+          int64_t av;
+          std::memcpy(&av, a + r * lda + 8 * oo, 8);
+          const __m256i va = _mm256_set1_epi64x(av);
+          a0[r] = _mm256_shuffle_epi32(va, 0x00);
+          a1[r] = _mm256_shuffle_epi32(va, 0x55);
+        }
+        for (int j = 0; j < NB; ++j) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * wstride + 32 * oo));
+          const __m256i bl = _mm256_and_si256(v, m4);
+          const __m256i bh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          for (int r = 0; r < MR; ++r) {
+            s16[r][j] = _mm256_add_epi16(s16[r][j], _mm256_maddubs_epi16(bl, a0[r]));
+            s16[r][j] = _mm256_add_epi16(s16[r][j], _mm256_maddubs_epi16(bh, a1[r]));
+          }
         }
       }
-      for (int r = 0; r < MR; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s16[r], ones));
+      for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(s16[r][j], ones));
     }
-    const __m256 sv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), sw + g, gidx, gmask, 4);
-    for (int r = 0; r < MR; ++r) {
-      const __m256i corr = _mm256_set1_epi32(8 * asum[r * G + g]);
-      f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r], corr)), sv, f[r]);
+    for (int j = 0; j < NB; ++j) {
+      const __m256 sv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), sw + j * kNB * G + g, gidx, gmask[j], 4);
+      for (int r = 0; r < MR; ++r) {
+        const __m256i corr = _mm256_set1_epi32(8 * asum[r * G + g]);
+        f[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][j], corr)), sv, f[r][j]);
+      }
     }
   }
-  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out + 8 * r, f[r]);
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NB; ++j) _mm256_storeu_ps(out + r * NB * 8 + 8 * j, f[r][j]);
 }
 
 // weight-only: fp32 sums over blocks; lanes (channel pair, k mod 4), reduced pairwise
@@ -541,6 +575,8 @@ struct ScalarK {
     (void)hasz;
     s_wo(p, int4, mr, m, nb, b0, b1, z, out);
   }
+  static bool gemv4(const Problem&, int64_t, int64_t, int32_t*) { return false; }
+  static bool kw4x4(const Problem&, int64_t, int64_t, const int*, float*) { return false; }
   static void dq(const Problem& p, bool int4, int64_t nb, int nv, float* dst, int64_t ld) {
     dq_block_scalar(p, int4, nb, nv, dst, ld);
   }
@@ -599,16 +635,7 @@ struct ScalarK {
 struct Avx2K {
   KQ_AVX2 static inline void kint(const Problem& p, int kind, int mr, int64_t m, int64_t nb, int64_t b0, int64_t b1,
                                   int32_t* out) {
-    if (kind == kW4) {
-      const int8_t* a = p.a8 + m * p.lda;
-      const uint8_t* w = p.w4 + nb * p.nblk * 32;
-      switch (mr) {
-        case 1: k_w4a8<1>(a, p.lda, w, b0, b1, out); break;
-        case 2: k_w4a8<2>(a, p.lda, w, b0, b1, out); break;
-        case 3: k_w4a8<3>(a, p.lda, w, b0, b1, out); break;
-        default: k_w4a8<4>(a, p.lda, w, b0, b1, out); break;
-      }
-    } else if (kind == kSign) {
+    if (kind == kSign) {
       const int8_t* a = p.a8 + m * p.lda;
       const uint8_t* aa = p.aabs + m * p.lda;
       const int8_t* w = p.w8 + nb * p.nblk * 32;
@@ -624,11 +651,13 @@ struct Avx2K {
         case 1: k_i16<1>(a, p.lda, w, b0, b1, out); break;
         case 2: k_i16<2>(a, p.lda, w, b0, b1, out); break;
         case 3: k_i16<3>(a, p.lda, w, b0, b1, out); break;
-        case 4: k_i16<4>(a, p.lda, w, b0, b1, out); break;
-        case 5: k_i16<5>(a, p.lda, w, b0, b1, out); break;
-        default: k_i16<6>(a, p.lda, w, b0, b1, out); break;
+        default: k_i16<4>(a, p.lda, w, b0, b1, out); break;
       }
     }
+  }
+  KQ_AVX2 static inline bool gemv4(const Problem& p, int64_t m, int64_t nb, int32_t* out) {
+    k_sign4(p.a8 + m * p.lda, p.aabs + m * p.lda, p.w8 + nb * p.nblk * 32, p.nblk * 32, p.nblk, out);
+    return true;
   }
   KQ_AVX2 static inline void dq(const Problem& p, bool int4, int64_t nb, int nv, float* dst, int64_t ld) {
     dq_block_avx2(p, int4, nb, nv, dst, ld);
@@ -651,12 +680,20 @@ struct Avx2K {
     const int64_t per = p.G > 1 ? p.gsz / 8 : p.nblk;
     const float* sw = p.sw + nb * kNB * p.G;
     const int32_t* as = p.asum + m * p.G;
+    const int nvv[1] = {nv};
     switch (mr) {
-      case 1: k_w4a8g<1>(a, p.lda, w, p.nblk, per, p.G, sw, nv, as, f); break;
-      case 2: k_w4a8g<2>(a, p.lda, w, p.nblk, per, p.G, sw, nv, as, f); break;
-      case 3: k_w4a8g<3>(a, p.lda, w, p.nblk, per, p.G, sw, nv, as, f); break;
-      default: k_w4a8g<4>(a, p.lda, w, p.nblk, per, p.G, sw, nv, as, f); break;
+      case 1: k_w4a8g<1, 1>(a, p.lda, w, 0, p.nblk, per, p.G, sw, nvv, as, f); break;
+      case 2: k_w4a8g<2, 1>(a, p.lda, w, 0, p.nblk, per, p.G, sw, nvv, as, f); break;
+      case 3: k_w4a8g<3, 1>(a, p.lda, w, 0, p.nblk, per, p.G, sw, nvv, as, f); break;
+      default: k_w4a8g<4, 1>(a, p.lda, w, 0, p.nblk, per, p.G, sw, nvv, as, f); break;
     }
+  }
+  // one row x 4 channel blocks; f is [4 * 8]
+  KQ_AVX2 static inline bool kw4x4(const Problem& p, int64_t m, int64_t nb, const int* nv, float* f) {
+    const int64_t per = p.G > 1 ? p.gsz / 8 : p.nblk;
+    k_w4a8g<1, 4>(p.a8 + m * p.lda, p.lda, p.w4 + nb * p.nblk * 32, p.nblk * 32, p.nblk, per, p.G,
+                  p.sw + nb * kNB * p.G, nv, p.asum + m * p.G, f);
+    return true;
   }
   KQ_AVX2 static inline void kwo(const Problem& p, bool int4, bool hasz, int mr, int64_t m, int64_t nb, int64_t b0,
                                  int64_t b1, const int32_t* z, float* out) {
@@ -694,6 +731,7 @@ struct Avx2K {
     for (int r = 0; r < mr; ++r) {
       __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + 8 * r))), sv);
       v = _mm256_mul_ps(v, _mm256_set1_ps(p.sx[m + r]));
+      KQ_NO_CONTRACT(v);  // the reference rounds the product before adding the bias
       if (p.bias) v = _mm256_add_ps(v, bv);
       store8(p.y, p.yt, (m + r) * p.N + n0, v, nv);
     }
@@ -704,6 +742,7 @@ struct Avx2K {
     for (int r = 0; r < mr; ++r) {
       __m256 v = _mm256_loadu_ps(f + 8 * r);
       if (p.sx) v = _mm256_mul_ps(v, _mm256_set1_ps(p.sx[m + r]));
+      KQ_NO_CONTRACT(v);
       if (p.bias) v = _mm256_add_ps(v, bv);
       store8(p.y, p.yt, (m + r) * p.N + n0, v, nv);
     }
@@ -714,14 +753,84 @@ struct Avx2K {
 template <class KK>
 __attribute__((always_inline)) inline void tile_int(const Problem& p, int kind, int64_t m0, int64_t m1, int64_t nb0,
                                                     int64_t nb1) {
-  const int mrmax = kind == kSign ? 3 : 4;
+  const int mrmax = kind == kSign ? 3 : 4;  // int16 tile 4 x 8: 6 rows spill with GCC 12
   const int64_t per = p.G > 1 ? p.gsz / (kind == kW4 ? 8 : 4) : p.nblk;
-  alignas(32) int32_t acc[kMaxMR * 8];
+  alignas(32) int32_t acc[kMaxMR * 8] = {};
   alignas(32) float f[kMaxMR * 8];
   alignas(32) float s8[8];
   alignas(32) float s1[8];
   alignas(32) float b8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t nb = nb0; nb < nb1; ++nb) {
+  if (kind == kI16 && p.G == 1) {
+    // K blocked so a 4-row activation tile and an 8-channel weight block (8 KiB each) stay
+    // in L1 across the task's tiles; int32 partial sums wait in a small buffer (exact)
+    constexpr int64_t kcq = 256;  // quads = 1024 k per block
+    const int64_t mm = m1 - m0;
+    thread_local std::vector<int32_t> part;
+    if (static_cast<int64_t>(part.size()) < mm * (nb1 - nb0) * 8) part.resize(mm * (nb1 - nb0) * 8);
+    for (int64_t q0 = 0; q0 < p.nblk; q0 += kcq) {
+      const int64_t q1 = std::min(p.nblk, q0 + kcq);
+      for (int64_t nb = nb0; nb < nb1; ++nb)
+        for (int64_t m = m0; m < m1; m += mrmax) {
+          const int mr = static_cast<int>(std::min<int64_t>(mrmax, m1 - m));
+          int32_t* dst = part.data() + ((nb - nb0) * mm + (m - m0)) * 8;
+          KK::kint(p, kind, mr, m, nb, q0, q1, q0 == 0 ? dst : acc);
+          if (q0 != 0)
+            for (int i = 0; i < 8 * mr; ++i) dst[i] += acc[i];
+        }
+    }
+    for (int64_t nb = nb0; nb < nb1; ++nb) {
+      const int64_t n0 = nb * kNB;
+      const int nv = static_cast<int>(std::min<int64_t>(kNB, p.N - n0));
+      const int32_t* src = part.data() + (nb - nb0) * mm * 8;
+      if (p.yt == OutT::I32) {
+        int32_t* y = static_cast<int32_t*>(p.y);
+        for (int64_t m = m0; m < m1; ++m) std::memcpy(y + m * p.N + n0, src + (m - m0) * 8, nv * sizeof(int32_t));
+        continue;
+      }
+      for (int c = 0; c < kNB; ++c) {
+        s1[c] = c < nv ? p.sw[n0 + c] : 0.0f;
+        b8[c] = p.bias && c < nv ? p.bias[n0 + c] : 0.0f;
+      }
+      for (int64_t m = m0; m < m1; m += mrmax) {
+        const int mr = static_cast<int>(std::min<int64_t>(mrmax, m1 - m));
+        KK::epi_int(p, mr, m, n0, nv, src + (m - m0) * 8, s1, b8);
+      }
+    }
+    return;
+  }
+  int64_t nbs = nb0;
+  if (kind == kSign && p.G == 1 && p.yt != OutT::I32) {
+    // one activation row at a time, 4 channel blocks per pass (same int32 sums)
+    alignas(32) int32_t acc4[32];
+    for (; nbs + 4 <= nb1; nbs += 4)
+      for (int64_t m = m0; m < m1; ++m) {
+        if (!KK::gemv4(p, m, nbs, acc4)) goto general;
+        for (int j = 0; j < 4; ++j) {
+          const int64_t n0 = (nbs + j) * kNB;
+          const int nv = static_cast<int>(std::min<int64_t>(kNB, p.N - n0));
+          for (int c = 0; c < kNB; ++c) {
+            s1[c] = c < nv ? p.sw[n0 + c] : 0.0f;
+            b8[c] = p.bias && c < nv ? p.bias[n0 + c] : 0.0f;
+          }
+          KK::epi_int(p, 1, m, n0, nv, acc4 + 8 * j, s1, b8);
+        }
+      }
+  }
+  if (kind == kW4 && m1 - m0 == 1) {
+    alignas(32) float f4[32];
+    int nv4[4];
+    for (; nbs + 4 <= nb1; nbs += 4) {
+      for (int j = 0; j < 4; ++j) nv4[j] = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kNB, p.N - (nbs + j) * kNB)));
+      if (!KK::kw4x4(p, m0, nbs, nv4, f4)) goto general;
+      for (int j = 0; j < 4; ++j) {
+        const int64_t n0 = (nbs + j) * kNB;
+        for (int c = 0; c < kNB; ++c) b8[c] = p.bias && c < nv4[j] ? p.bias[n0 + c] : 0.0f;
+        KK::epi(p, 1, m0, n0, nv4[j], f4 + 8 * j, b8);
+      }
+    }
+  }
+general:
+  for (int64_t nb = nbs; nb < nb1; ++nb) {
     const int64_t n0 = nb * kNB;
     const int nv = static_cast<int>(std::min<int64_t>(kNB, p.N - n0));
     if (p.bias)
@@ -843,8 +952,8 @@ void run_tasks(const Problem& p, int kind, Isa isa) {
   const int64_t ncb = 8;  // 64 channels per task
   const int64_t tm = cdiv(p.M, mc), tn = cdiv(nbt, ncb);
   const int64_t nt = tm * tn;
-  // ~work per task decides the grain so tiny problems stay on the calling thread
-  // threads only pay off above ~2M MACs (waking a second thread costs microseconds)
+  // the grain keeps problems under ~2M MACs on the calling thread: waking a second
+  // thread costs microseconds, more than such a call takes
   const int64_t work = mc * ncb * kNB * p.Kp;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(1, work));
   at::parallel_for(0, nt, grain, [&](int64_t t0, int64_t t1) {
@@ -1086,13 +1195,12 @@ at::Tensor int8_mm(const at::Tensor& a_, const at::Tensor& b_) {
   p.nblk = cdiv(K, 4);
   p.lda = p.nblk * 4;
   const int64_t nbt = cdiv(N, kNB);
-  at::Tensor wb = at::zeros({nbt, p.nblk, 8, 4}, a.options());
-  int8_t* wd = wb.data_ptr<int8_t>();
-  const int8_t* bd = b.data_ptr<int8_t>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t k = 0; k < K; ++k) wd[(((n / 8) * p.nblk + k / 4) * 8 + n % 8) * 4 + k % 4] = bd[n * K + k];
-  });
+  // block b as layout 1 with vectorized ATen copies: [N, K] -> [Nb, 8, Kq, 4] -> [Nb, Kq, 8, 4]
+  at::Tensor wb = at::constant_pad_nd(b, {0, p.nblk * 4 - K, 0, nbt * 8 - N}, 0)
+                      .view({nbt, 8, p.nblk, 4})
+                      .permute({0, 2, 1, 3})
+                      .contiguous();
+  const int8_t* wd = wb.data_ptr<int8_t>();
   at::Tensor a16 = at::zeros({M, p.lda}, a.options().dtype(at::kShort));
   a16.narrow(1, 0, K).copy_(a);
   p.w8 = wd;

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import backend_ops
 from .. import _native
 from ..format import CANONICAL, Layout, pack_int4, register_layout, unpack_int4
 
@@ -145,11 +146,4 @@ def w4a16_linear(x, qweight, scales, zeros, bias, group_size, layout=CANONICAL):
     return torch.ops.kquant._w4a16_linear_cpu(x, qweight, scales, zeros, bias, group_size)
 
 
-OPS = {
-    "quantize_per_token": quantize_per_token,
-    "int8_mm": int8_mm,
-    "w8a8_linear": w8a8_linear,
-    "w4a8_linear": w4a8_linear,
-    "w8a16_linear": w8a16_linear,
-    "w4a16_linear": w4a16_linear,
-}
+OPS = backend_ops(globals())
