@@ -149,9 +149,11 @@ class QuantLinear(nn.Module):
                              f"in_features={self.in_features}")
         if x.device != self.qweight.device:
             raise ValueError(f"{self.name}: input is on {x.device} but the layer is on {self.qweight.device}")
+        # the registered op when tracing (fake impl, no graph break); its body directly in eager
+        op = self._op if torch.compiler.is_compiling() else ops.EAGER_LINEAR[self.op_name]
         if self.activations == "none":
-            return self._op(x, self.qweight, self.scales, self.zeros, self.bias, self.group_size, self.layout)
-        return self._op(x, self.qweight, self.scales, self.bias, self.act_scale, self.group_size, self.layout)
+            return op(x, self.qweight, self.scales, self.zeros, self.bias, self.group_size, self.layout)
+        return op(x, self.qweight, self.scales, self.bias, self.act_scale, self.group_size, self.layout)
 
     # ------------------------------------------------------------------ module plumbing
     def _apply(self, fn, recurse=True):
