@@ -29,8 +29,7 @@ test-all: $(STAMP)
 	KQUANT_SLOW=1 $(PY) -m pytest tests -q
 
 bench: $(STAMP)
-	$(PY) -m pytest bench --benchmark-only --benchmark-json=bench/results.json
-	$(PY) bench/report.py bench/results.json
+	bash bench/run_cpu.sh $(PY)
 
 clean:
 	rm -rf build *.egg-info kquant/*.so $(VENV)
