@@ -34,7 +34,7 @@ def select_layers(model: nn.Module, config: QuantConfig, skip: Sequence[str] = (
     """(name, Linear, per-layer config) for every Linear that will be converted."""
     out = []
     for name, mod in model.named_modules():
-        if type(mod) is not nn.Linear and not isinstance(mod, nn.Linear):
+        if not isinstance(mod, nn.Linear):
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in skip):
             continue

@@ -243,7 +243,6 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int = PER_CHANNEL, s
 class Layout:
     id: int
     name: str
-    device_type: str
     from_canonical: Callable[[torch.Tensor, int, int], torch.Tensor]  # (qweight, bits, Kp)
     to_canonical: Callable[[torch.Tensor, int, int, int], torch.Tensor]  # (data, bits, N, Kp)
 

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from torch import nn
 
+from .api import run_model
 from .format import PER_CHANNEL
 from .nn import QuantLinear
 
@@ -304,8 +305,6 @@ def error_report(fp_model: nn.Module, q_model: nn.Module, inputs) -> ErrorReport
     tuple of positional args, a dict of keyword args) or an iterable of batches (a list is
     taken as a list of batches). Both models run in eval mode (restored afterwards).
     """
-    from .api import run_model  # api imports this package's siblings; import late
-
     pairs = _match_layers(fp_model, q_model)
     accs = {name: _Acc() for name in pairs}
     model_acc = _Acc()

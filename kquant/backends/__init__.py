@@ -59,14 +59,22 @@ def _module(name: str):
     return mod
 
 
+_available: Dict[str, str] = {}  # backends found usable: asked once, not on every call
+
+
 def status(name: str) -> Tuple[bool, str]:
     """Whether backend ``name`` is usable in this process, and why (not)."""
+    if name in _available:
+        return True, _available[name]
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; choose from {sorted(_MODULES)}")
     mod = _module(name)
     if mod is None:
         return False, _load_errors[name]
-    return mod.available()
+    ok, why = mod.available()
+    if ok:
+        _available[name] = why
+    return ok, why
 
 
 def backends() -> Dict[str, Dict[str, object]]:

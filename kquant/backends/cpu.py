@@ -67,8 +67,8 @@ def int4_from_blocked(d: torch.Tensor, bits: int, n: int, kp: int) -> torch.Tens
     return pack_int4(u.reshape(nb * 8, ko * 8)[:n, :kp])
 
 
-register_layout(Layout(LAYOUT_INT8, "cpu_int8_n8k4", "cpu", int8_to_blocked, int8_from_blocked))
-register_layout(Layout(LAYOUT_INT4, "cpu_int4_n8k8", "cpu", int4_to_blocked, int4_from_blocked))
+register_layout(Layout(LAYOUT_INT8, "cpu_int8_n8k4", int8_to_blocked, int8_from_blocked))
+register_layout(Layout(LAYOUT_INT4, "cpu_int4_n8k8", int4_to_blocked, int4_from_blocked))
 
 
 # ----------------------------------------------------------------------------- backend API

@@ -39,7 +39,7 @@ def quantize_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     q     = clamp(rint(x * inv), -127, 127), round half to even
     """
     xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True) if xf.shape[-1] else xf.new_zeros(*xf.shape[:-1], 1)
+    amax = xf.abs().amax(dim=-1, keepdim=True)  # K >= 1: the op refuses empty rows
     nonzero = amax > 0
     safe = torch.where(nonzero, amax, torch.ones_like(amax))
     # tensor / tensor: torch's CUDA tensor / scalar multiplies by a reciprocal instead
