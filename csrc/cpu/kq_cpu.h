@@ -26,20 +26,25 @@ namespace kquant::cpu {
 // Weight layouts (ids shared with kquant/backends/cpu.py):
 //  1  int8  [Nb][Kq][8][4]: 8 output channels x 4 consecutive k per 32-byte block, so one
 //     256-bit load feeds vpmaddubsw (4 k per 32-bit lane) or two vpmovsxbw (int16 pairs).
+//     Kq is a multiple of 16 (K padded to 64 with zeros): whole AMX tiles of 16 k-quads.
 //  2  int4  [Nb][Ko][8][4] bytes: byte (c, j) of octet o = nib(k=8o+j) | nib(k=8o+4+j) << 4,
-//     so `v & 0xF` and `(v >> 4) & 0xF` give two vpmaddubsw-ready 8x4 blocks.
+//     so `v & 0xF` and `(v >> 4) & 0xF` give two vpmaddubsw-ready 8x4 blocks
+//     (Ko a multiple of 8, K padded to 64 like layout 1).
 constexpr int kLayoutInt8 = 1;
 constexpr int kLayoutInt4 = 2;
 constexpr int kNB = 8;  // output channels per block
 
-enum class Isa { Scalar, Avx2 };
+// Amx: AVX2 kernels plus AMX-INT8 tiles for the int8 GEMMs of M >= kAmxMinM rows.
+enum class Isa { Scalar = 0, Avx2 = 1, Amx = 2 };
 
-// KQUANT_CPU_ISA=scalar forces the portable path (read per call so tests can flip it).
+// KQUANT_CPU_ISA=scalar|avx2 caps the ISA (read per call so tests can flip it); the
+// default is the best the machine has.
 inline Isa active_isa() {
   if (!kquant::cpu_has_avx2_fma()) return Isa::Scalar;
   const char* e = std::getenv("KQUANT_CPU_ISA");
   if (e && (std::strcmp(e, "scalar") == 0 || std::strcmp(e, "SCALAR") == 0)) return Isa::Scalar;
-  return Isa::Avx2;
+  if (e && (std::strcmp(e, "avx2") == 0 || std::strcmp(e, "AVX2") == 0)) return Isa::Avx2;
+  return kquant::cpu_has_amx_int8() ? Isa::Amx : Isa::Avx2;
 }
 
 enum class OutT { F32, F16, BF16, I32 };

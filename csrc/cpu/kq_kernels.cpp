@@ -42,7 +42,12 @@
 namespace kquant::cpu {
 namespace {
 
-enum Kind { kSign = 0, kI16 = 1, kW4 = 2 };
+enum Kind { kSign = 0, kI16 = 1, kW4 = 2, kAmx8 = 3, kAmx4 = 4 };
+// Rows from which the int8 GEMMs use AMX tiles when the machine has them (below, the
+// AVX2 sign-trick GEMV streams the weights as fast; see bench/RESULTS.md)
+constexpr int64_t kAmxMinM = 4;
+constexpr int64_t kAmxMC = 128;     // rows per AMX task: the B panel is reused 4 times from L2
+constexpr int64_t kAmxSpeedup = 8;  // AMX MACs per AVX2 MAC in time, for the threading grain
 constexpr int kMaxMR = 8;  // largest row tile (weight-only fp32 GEMM)
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -748,6 +753,147 @@ struct Avx2K {
     }
   }
 };
+
+// ----------------------------------------------------------------------------- AMX
+// W8A8 / W4A8 / int8_mm with AMX-INT8 (tdpbssd: signed x signed int8, int32 accumulation,
+// no saturation: exact for every int8 operand, -128 included). The weight tiles come
+// straight from layout 1: one 8-channel block's 16 consecutive k-quads are a 16 x 32-byte
+// tile, exactly tdpbssd's B operand for 8 output channels. Register-only loops on one core
+// of this Xeon (bench/test_cpu_linear.py::test_ceiling): 1.7 TMAC/s with 8-channel B tiles;
+// 1.2 TMAC/s with all four tiles reloaded from L1 every step (the 2 x 2 tile block below),
+// against 0.9 TMAC/s for 16-channel B tiles, whose extra C traffic costs more than they
+// save. W4A8 unpacks each block's nibbles once per task into int8 (u - 8), so the int32
+// sums are the exact W4A8 sums and the epilogue is the AVX2 one.
+#define KQ_AMX __attribute__((target("amx-tile,amx-int8,avx2,fma,f16c")))
+
+struct alignas(64) TileCfg {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tiles 0-3: int32 C, 16 rows x 8 channels; 4-5: int8 A, 16 rows x 64 k; 6-7: B, 16 k-quads
+// x 8 channels x 4 k
+KQ_AMX inline void amx_config() {
+  TileCfg c;
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = 16;
+    c.colsb[t] = (t == 4 || t == 5) ? 64 : 32;
+  }
+  _tile_loadconfig(&c);
+}
+
+template <bool A2, bool B2>
+KQ_AMX inline void amx_steps(const int8_t* a, int64_t lda, const int8_t* b0, const int8_t* b1, int64_t q0,
+                             int64_t q1) {
+  for (int64_t q = q0; q < q1; q += 16) {
+    _tile_loadd(4, a + q * 4, lda);
+    if (A2) _tile_loadd(5, a + 16 * lda + q * 4, lda);
+    _tile_loadd(6, b0 + q * 32, 32);
+    if (B2) _tile_loadd(7, b1 + q * 32, 32);
+    _tile_dpbssd(0, 4, 6);
+    if (B2) _tile_dpbssd(1, 4, 7);
+    if (A2) _tile_dpbssd(2, 5, 6);
+    if (A2 && B2) _tile_dpbssd(3, 5, 7);
+  }
+}
+
+KQ_AMX inline void amx_store(int32_t (*acc)[16 * 8]) {
+  _tile_stored(0, acc[0], 32);
+  _tile_stored(1, acc[1], 32);
+  _tile_stored(2, acc[2], 32);
+  _tile_stored(3, acc[3], 32);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+// layout-2 block (no octets) -> int8 (u - 8) in layout-1 form (2 * no k-quads)
+KQ_AMX inline void unpack_int4_block(const uint8_t* w, int64_t no, int8_t* dst) {
+  const __m256i lo = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
+  for (int64_t o = 0; o < no; ++o) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + o * 32));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + o * 64), _mm256_sub_epi8(_mm256_and_si256(v, lo), eight));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + o * 64 + 32),
+                        _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), lo), eight));
+  }
+}
+
+// Rows [m0, m1) x channel blocks [nb0, nb1): 32 rows x 16 channels per tile block. p.a8
+// holds whole 16-row tiles (rows past M are zeros) and K padded to 64.
+KQ_AMX void task_amx(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+  amx_config();
+  const int64_t nq = int4 ? 2 * p.nblk : p.nblk;             // k-quads
+  const bool fold = int4 || p.G > 1;                          // per-group float sums
+  const int64_t perq = p.G > 1 ? p.gsz / 4 : nq;
+  thread_local std::vector<int8_t> wq;
+  if (int4 && static_cast<int64_t>(wq.size()) < 2 * nq * 32) wq.resize(2 * nq * 32);
+  alignas(64) int32_t acc[4][16 * 8];
+  alignas(64) float f[4][16 * 8];
+  alignas(32) float s1[2][8], b8[2][8], s8[8];
+  for (int64_t nb = nb0; nb < nb1; nb += 2) {
+    const int nbn = nb + 1 < nb1 ? 2 : 1;
+    const int8_t* bw[2];
+    int64_t n0[2];
+    int nv[2] = {0, 0};
+    for (int j = 0; j < nbn; ++j) {
+      if (int4) {
+        unpack_int4_block(p.w4 + (nb + j) * p.nblk * 32, p.nblk, wq.data() + j * nq * 32);
+        bw[j] = wq.data() + j * nq * 32;
+      } else {
+        bw[j] = p.w8 + (nb + j) * p.nblk * 32;
+      }
+      n0[j] = (nb + j) * kNB;
+      nv[j] = static_cast<int>(std::min<int64_t>(kNB, p.N - n0[j]));
+      for (int c = 0; c < kNB; ++c) {
+        s1[j][c] = c < nv[j] && p.sw ? p.sw[(n0[j] + c) * p.G] : 0.0f;
+        b8[j][c] = p.bias && c < nv[j] ? p.bias[n0[j] + c] : 0.0f;
+      }
+    }
+    if (nbn == 1) bw[1] = bw[0];
+    for (int64_t m = m0; m < m1; m += 32) {
+      const int mr[2] = {static_cast<int>(std::min<int64_t>(16, m1 - m)),
+                         static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(16, m1 - m - 16)))};
+      const bool a2 = mr[1] > 0;
+      const int8_t* a = p.a8 + m * p.lda;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      if (fold) std::memset(f, 0, sizeof(f));
+      for (int64_t g = 0; g < p.G; ++g) {
+        const int64_t q0 = g * perq, q1 = p.G > 1 ? q0 + perq : nq;
+        if (a2 && nbn == 2) amx_steps<true, true>(a, p.lda, bw[0], bw[1], q0, q1);
+        else if (a2) amx_steps<true, false>(a, p.lda, bw[0], bw[1], q0, q1);
+        else if (nbn == 2) amx_steps<false, true>(a, p.lda, bw[0], bw[1], q0, q1);
+        else amx_steps<false, false>(a, p.lda, bw[0], bw[1], q0, q1);
+        if (!fold) continue;
+        amx_store(acc);
+        for (int j = 0; j < nbn; ++j) {
+          for (int c = 0; c < kNB; ++c) s8[c] = c < nv[j] ? p.sw[(n0[j] + c) * p.G + g] : 0.0f;
+          for (int i = 0; i < (a2 ? 2 : 1); ++i) Avx2K::fold(mr[i], acc[2 * i + j], s8, f[2 * i + j]);
+        }
+      }
+      if (!fold) amx_store(acc);
+      for (int i = 0; i < (a2 ? 2 : 1); ++i)
+        for (int j = 0; j < nbn; ++j) {
+          const int t = 2 * i + j;
+          const int64_t row = m + 16 * i;
+          if (p.yt == OutT::I32) {  // int8_mm: raw int32
+            int32_t* y = static_cast<int32_t*>(p.y);
+            for (int r = 0; r < mr[i]; ++r)
+              std::memcpy(y + (row + r) * p.N + n0[j], acc[t] + 8 * r, nv[j] * sizeof(int32_t));
+          } else if (fold) {
+            Avx2K::epi(p, mr[i], row, n0[j], nv[j], f[t], b8[j]);
+          } else {
+            Avx2K::epi_int(p, mr[i], row, n0[j], nv[j], acc[t], s1[j], b8[j]);
+          }
+        }
+    }
+  }
+  _tile_release();
+}
 #endif
 
 template <class KK>
@@ -948,13 +1094,15 @@ KQ_AVX2 void task_avx2(const Problem& p, int kind, int64_t m0, int64_t m1, int64
 // task and computed in a fixed order, so any thread count gives the same bits.
 void run_tasks(const Problem& p, int kind, Isa isa) {
   const int64_t nbt = cdiv(p.N, kNB);
-  const int64_t mc = p.M <= 48 ? p.M : 48;
+  const bool amx = kind == kAmx8 || kind == kAmx4;
+  const int64_t mcap = amx ? kAmxMC : 48;
+  const int64_t mc = p.M <= mcap ? p.M : mcap;
   const int64_t ncb = 8;  // 64 channels per task
   const int64_t tm = cdiv(p.M, mc), tn = cdiv(nbt, ncb);
   const int64_t nt = tm * tn;
   // the grain keeps problems under ~2M MACs on the calling thread: waking a second
   // thread costs microseconds, more than such a call takes
-  const int64_t work = mc * ncb * kNB * p.Kp;
+  const int64_t work = mc * ncb * kNB * p.Kp / (amx ? kAmxSpeedup : 1);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(1, work));
   at::parallel_for(0, nt, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -962,7 +1110,8 @@ void run_tasks(const Problem& p, int kind, Isa isa) {
       const int64_t m0 = mi * mc, m1 = std::min(p.M, m0 + mc);
       const int64_t b0 = ni * ncb, b1 = std::min(nbt, b0 + ncb);
 #if KQ_X86
-      if (isa == Isa::Avx2) { task_avx2(p, kind, m0, m1, b0, b1); continue; }
+      if (amx) { task_amx(p, kind == kAmx4, m0, m1, b0, b1); continue; }
+      if (isa != Isa::Scalar) { task_avx2(p, kind, m0, m1, b0, b1); continue; }
 #endif
       task_scalar(p, kind, m0, m1, b0, b1);
     }
@@ -973,7 +1122,7 @@ void quantize(const QuantArgs& qa, int64_t M, Isa isa) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, qa.K));
   at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
 #if KQ_X86
-    if (isa == Isa::Avx2) { quant_rows_avx2(qa, m0, m1); return; }
+    if (isa != Isa::Scalar) { quant_rows_avx2(qa, m0, m1); return; }
 #endif
     quant_rows_scalar(qa, m0, m1);
   });
@@ -1013,7 +1162,7 @@ at::Tensor setup_weight(Problem& p, const at::Tensor& x, const at::Tensor& w, co
                   w.scalar_type() == (int4 ? at::kByte : at::kChar),
               "kquant cpu: weight must be in the blocked layout ", int4 ? "uint8" : "int8", " [Nb, K/", per,
               ", 8, 4], got ", w.scalar_type(), " ", w.sizes());
-  TORCH_CHECK(w.size(0) == cdiv(p.N, kNB) && w.size(1) == cdiv(p.Kp, per), "kquant cpu: blocked weight ", w.sizes(),
+  TORCH_CHECK(w.size(0) == cdiv(p.N, kNB) && w.size(1) == cdiv(p.Kp, 64) * (64 / per), "kquant cpu: blocked weight ", w.sizes(),
               " does not match N=", p.N, " K=", p.Kp);
   p.nblk = w.size(1);
   if (int4) p.w4 = w.data_ptr<uint8_t>();
@@ -1041,8 +1190,9 @@ at::Tensor act_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tenso
   p.y = y.data_ptr();
   p.yt = out_type(x.scalar_type());
   const Isa isa = active_isa();
-  const int kind = int4 ? kW4 : (p.M <= 3 ? kSign : kI16);
   p.lda = p.nblk * (int4 ? 8 : 4);
+  const bool amx = isa == Isa::Amx && p.M >= kAmxMinM && p.lda % 64 == 0 && (p.G == 1 || p.gsz % 64 == 0);
+  const int kind = amx ? (int4 ? kAmx4 : kAmx8) : int4 ? kW4 : (p.M <= 3 ? kSign : kI16);
   QuantArgs qa{x.data_ptr(), p.yt, p.Kp, false, 1.f, 1.f, nullptr, nullptr, nullptr, p.lda, nullptr, nullptr,
                p.G, p.gsz};
   if (act_scale.has_value() && act_scale->defined()) {
@@ -1059,7 +1209,10 @@ at::Tensor act_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tenso
     abuf = at::empty({p.M, p.lda}, x.options().dtype(at::kShort));
     qa.q16 = abuf.data_ptr<int16_t>();
   } else {
-    abuf = at::empty({p.M, p.lda}, x.options().dtype(at::kChar));
+    // AMX reads whole 16-row tiles: the rows past M are zeros
+    const int64_t rows = amx ? cdiv(p.M, 16) * 16 : p.M;
+    abuf = at::empty({rows, p.lda}, x.options().dtype(at::kChar));
+    if (rows > p.M) abuf.narrow(0, p.M, rows - p.M).zero_();
     qa.q8 = abuf.data_ptr<int8_t>();
   }
   if (kind == kSign) {
@@ -1132,7 +1285,7 @@ at::Tensor wo_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
         for (int64_t nb = r0; nb < r1; ++nb) {
           const int nv = static_cast<int>(std::min<int64_t>(kNB, p.N - nb * kNB));
 #if KQ_X86
-          if (isa == Isa::Avx2) { dq_block_avx2(p, int4, nb, nv, wd + (nb - b0) * kNB, ld); continue; }
+          if (isa != Isa::Scalar) { dq_block_avx2(p, int4, nb, nv, wd + (nb - b0) * kNB, ld); continue; }
 #endif
           dq_block_scalar(p, int4, nb, nv, wd + (nb - b0) * kNB, ld);
         }
@@ -1179,8 +1332,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x_) {
   return {q, s};
 }
 
-// int8 [M, K] x int8 [N, K] -> int32 [M, N]. Operands may hold -128, so only the int16
-// path (exact for all int8) is used; b is blocked on the fly.
+// int8 [M, K] x int8 [N, K] -> int32 [M, N]. Operands may hold -128, so AMX or the int16
+// path (both exact for all int8) is used; b is blocked on the fly (K padded to 64).
 at::Tensor int8_mm(const at::Tensor& a_, const at::Tensor& b_) {
   TORCH_CHECK(a_.dim() == 2 && b_.dim() == 2 && a_.scalar_type() == at::kChar && b_.scalar_type() == at::kChar &&
                   a_.size(1) == b_.size(1),
@@ -1192,8 +1345,10 @@ at::Tensor int8_mm(const at::Tensor& a_, const at::Tensor& b_) {
   if (K == 0) return y.zero_();
   Problem p;
   p.M = M; p.N = N; p.Kp = K; p.G = 1; p.gsz = K;
-  p.nblk = cdiv(K, 4);
+  p.nblk = cdiv(K, 64) * 16;
   p.lda = p.nblk * 4;
+  const Isa isa = active_isa();
+  const bool amx = isa == Isa::Amx && M >= kAmxMinM;
   const int64_t nbt = cdiv(N, kNB);
   // block b as layout 1 with vectorized ATen copies: [N, K] -> [Nb, 8, Kq, 4] -> [Nb, Kq, 8, 4]
   at::Tensor wb = at::constant_pad_nd(b, {0, p.nblk * 4 - K, 0, nbt * 8 - N}, 0)
@@ -1201,18 +1356,19 @@ at::Tensor int8_mm(const at::Tensor& a_, const at::Tensor& b_) {
                       .permute({0, 2, 1, 3})
                       .contiguous();
   const int8_t* wd = wb.data_ptr<int8_t>();
-  at::Tensor a16 = at::zeros({M, p.lda}, a.options().dtype(at::kShort));
-  a16.narrow(1, 0, K).copy_(a);
+  at::Tensor ap = at::zeros({amx ? cdiv(M, 16) * 16 : M, p.lda}, a.options().dtype(amx ? at::kChar : at::kShort));
+  ap.narrow(0, 0, M).narrow(1, 0, K).copy_(a);
   p.w8 = wd;
-  p.a16 = a16.data_ptr<int16_t>();
+  if (amx) p.a8 = ap.data_ptr<int8_t>();
+  else p.a16 = ap.data_ptr<int16_t>();
   p.y = y.data_ptr();
   p.yt = OutT::I32;
-  run_tasks(p, kI16, active_isa());
+  run_tasks(p, amx ? kAmx8 : kI16, isa);
   return y;
 }
 
 }  // namespace
-int64_t active_isa_id() { return active_isa() == Isa::Avx2 ? 1 : 0; }
+int64_t active_isa_id() { return static_cast<int64_t>(active_isa()); }
 }  // namespace kquant::cpu
 
 TORCH_LIBRARY_FRAGMENT(kquant, m) {

@@ -2,14 +2,17 @@
 
 Weights are re-laid out once (:func:`prepare_weight`) into blocks of 8 output channels:
 
-* layout 1 ``cpu_int8_n8k4``: int8 ``[ceil(N/8), ceil(Kp/4), 8, 4]``, 4 consecutive k of
-  one channel per 32-bit lane (one load feeds vpmaddubsw or two vpmovsxbw).
-* layout 2 ``cpu_int4_n8k8``: uint8 ``[ceil(N/8), ceil(Kp/8), 8, 4]``; byte (c, j) of k-octet
+* layout 1 ``cpu_int8_n8k4``: int8 ``[ceil(N/8), Kq, 8, 4]``, 4 consecutive k of one
+  channel per 32-bit lane (one load feeds vpmaddubsw or two vpmovsxbw; 16 k-quads of a
+  block are one AMX tile).
+* layout 2 ``cpu_int4_n8k8``: uint8 ``[ceil(N/8), Kq/2, 8, 4]``; byte (c, j) of k-octet
   o holds nibble k = 8o + j (low) and k = 8o + 4 + j (high), so ``v & 15`` and ``v >> 4`` are
   two ready blocks.
 
-Both convert back to the exact canonical bytes (padding is dropped).
-``KQUANT_CPU_ISA=scalar`` makes the kernels take their portable scalar path.
+K is zero-padded to a multiple of 64 (Kq = 16 * ceil(Kp / 64)): whole AMX tiles. Both
+convert back to the exact canonical bytes (padding is dropped).
+``KQUANT_CPU_ISA=scalar`` (portable C++) or ``avx2`` (no AMX) caps the kernels' ISA; the
+default is the best the machine has.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ def _cdiv(a: int, b: int) -> int:
 def int8_to_blocked(q: torch.Tensor, bits: int = 8, kp: Optional[int] = None) -> torch.Tensor:
     """Canonical int8 [N, Kp] -> layout 1."""
     n, kp = q.shape[0], q.shape[1] if kp is None else kp
-    nb, kq = _cdiv(n, 8), _cdiv(kp, 4)
+    nb, kq = _cdiv(n, 8), _cdiv(kp, 64) * 16
     p = torch.zeros(nb * 8, kq * 4, dtype=torch.int8, device=q.device)
     p[:n, :kp] = q
     return p.view(nb, 8, kq, 4).permute(0, 2, 1, 3).contiguous()
@@ -52,7 +55,7 @@ def int4_to_blocked(q: torch.Tensor, bits: int = 4, kp: Optional[int] = None) ->
     """Canonical int4 uint8 [N, Kp/2] -> layout 2."""
     n = q.shape[0]
     kp = q.shape[1] * 2 if kp is None else kp
-    nb, ko = _cdiv(n, 8), _cdiv(kp, 8)
+    nb, ko = _cdiv(n, 8), _cdiv(kp, 64) * 8
     u = torch.zeros(nb * 8, ko * 8, dtype=torch.uint8, device=q.device)
     u[:n, :kp] = unpack_int4(q)
     u = u.view(nb, 8, ko, 2, 4)
@@ -77,8 +80,12 @@ def available() -> Tuple[bool, str]:
         return False, f"native extension kquant._C not built ({_native.error('_C') or 'not found'})"
     if not _HAVE:
         return False, "kquant._C was built without the CPU kernels (csrc/cpu)"
-    isa = "AVX2+FMA" if torch.ops.kquant._cpu_isa() == 1 else "scalar (no AVX2/FMA or KQUANT_CPU_ISA=scalar)"
-    return True, f"C++ kernels, {isa}"
+    return True, f"C++ kernels, {_ISA_NAMES[torch.ops.kquant._cpu_isa()]}"
+
+
+_ISA_NAMES = {0: "scalar (no AVX2/FMA, or KQUANT_CPU_ISA=scalar)",
+              1: "AVX2+FMA",
+              2: "AVX2+FMA, AMX-INT8 for int8 GEMMs of >= 4 rows"}
 
 
 _WANT = {"w8a8_linear": LAYOUT_INT8, "w8a16_linear": LAYOUT_INT8,
