@@ -3,7 +3,8 @@
 The reference functions are called directly. Integer results must be identical; float
 results are bit-identical where the kernels mirror the reference's operation order
 (per-channel W8A8/W4A8) and within a dtype-tied tolerance elsewhere. Both the AVX2 and
-the scalar path (KQUANT_CPU_ISA=scalar) run every case.
+the scalar path (KQUANT_CPU_ISA=scalar) run every case, and the AMX-INT8 path (the default
+where the machine has it; KQUANT_CPU_ISA=avx2 turns it off) as well.
 """
 import os
 
@@ -21,7 +22,17 @@ if not cpu.available()[0]:
     pytest.skip(f"cpu backend unavailable: {cpu.available()[1]}", allow_module_level=True)
 
 HAS_AVX2 = "AVX2" in cpu.available()[1]
-ISAS = ["avx2", "scalar"] if HAS_AVX2 else ["scalar"]
+HAS_AMX = "AMX" in cpu.available()[1]
+ISAS = (["amx"] if HAS_AMX else []) + (["avx2"] if HAS_AVX2 else []) + ["scalar"]
+ISA_IDS = {"scalar": 0, "avx2": 1, "amx": 2}
+
+
+def set_isa(monkeypatch, name):
+    if name == "amx":
+        monkeypatch.delenv("KQUANT_CPU_ISA", raising=False)  # the default: the best there is
+    else:
+        monkeypatch.setenv("KQUANT_CPU_ISA", name)
+    assert torch.ops.kquant._cpu_isa() == ISA_IDS[name]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # tolerance of the float epilogue relative to the output's norm, tied to the output dtype
 TOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -30,12 +41,7 @@ HSET = settings(max_examples=20, deadline=None, suppress_health_check=[HealthChe
 
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
-    if request.param == "scalar":
-        monkeypatch.setenv("KQUANT_CPU_ISA", "scalar")
-    else:
-        monkeypatch.delenv("KQUANT_CPU_ISA", raising=False)
-    want = 1 if request.param == "avx2" else 0
-    assert torch.ops.kquant._cpu_isa() == want
+    set_isa(monkeypatch, request.param)
     return request.param
 
 
@@ -82,7 +88,7 @@ def test_layout_round_trip_is_exact(bits, n, k, gs):
     pw = quantize_weight(torch.randn(n, k), bits, gs, symmetric=(bits == 8))
     data, lay = blocked(pw)
     kp = pw.padded_in_features
-    assert data.shape[:2] == (-(-n // 8), -(-kp // (4 if bits == 8 else 8)))
+    assert data.shape[:2] == (-(-n // 8), -(-kp // 64) * (16 if bits == 8 else 8))  # K padded to 64
     back = to_canonical(data, lay, bits, n, kp)
     assert back.dtype == pw.qweight.dtype and torch.equal(back, pw.qweight)
 
@@ -199,6 +205,28 @@ def test_single_row_four_block_path(isa, bits, n):
             torch.testing.assert_close(y, r, rtol=2e-6, atol=2e-6 * r.abs().max().item())
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("gs", [-1, 32, 64, 128])
+def test_tile_tails_and_tasks(isa, bits, gs):
+    # AMX works on 32-row x 16-channel tile blocks and 128-row tasks: rows and channels
+    # that end mid-tile, a lone last 8-channel block, K padded to 64, several tasks
+    for m, k, n in ((16, 64, 8), (17, 200, 13), (31, 128, 24), (33, 320, 40), (129, 96, 17), (200, 256, 72)):
+        xp, pw, b = make(m, k, n, bits, gs, seed=m)
+        y, r = run_act(pw, xp, b)
+        if gs == -1 or pw.scales.shape[1] == 1:
+            assert torch.equal(y, r), (m, k, n)
+        else:
+            torch.testing.assert_close(y, r, rtol=2e-6, atol=2e-6 * r.abs().max().item())
+
+
+@pytest.mark.parametrize("m", [4, 16, 40, 130])
+def test_int8_mm_extremes_on_tiles(isa, m):
+    for v in (127, -128):  # -128 x -128 too: AMX's tdpbssd takes every int8 exactly
+        a = torch.full((m, 333), v, dtype=torch.int8)
+        b = torch.full((21, 333), v, dtype=torch.int8)
+        assert torch.equal(cpu.int8_mm(a, b), ref.int8_mm(a, b))
+
+
 def test_canonical_weight_and_noncontiguous_x(isa):
     xp, pw, b = make(5, 96, 24, 8, 32)
     xt = torch.randn(96 * 2, 5).t()[:, ::2]  # non-contiguous [5, 96]
@@ -241,7 +269,7 @@ def _all_outputs(xp8, pw8, xp4, pw4, b):
     return outs
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 4096, 512), (3, 2048, 1024), (50, 384, 200)])  # each splits across threads
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 512), (3, 2048, 1024), (50, 384, 200), (300, 256, 72)])  # each splits across threads
 def test_threads_and_isa_give_identical_bits(monkeypatch, m, k, n):
     xp8, pw8, b = make(m, k, n, 8, 64, seed=m)
     xp4, pw4, _ = make(m, k, n, 4, 128, seed=m + 1)
@@ -249,10 +277,7 @@ def test_threads_and_isa_give_identical_bits(monkeypatch, m, k, n):
     results = {}
     try:
         for isa_name in ISAS:
-            if isa_name == "scalar":
-                monkeypatch.setenv("KQUANT_CPU_ISA", "scalar")
-            else:
-                monkeypatch.delenv("KQUANT_CPU_ISA", raising=False)
+            set_isa(monkeypatch, isa_name)
             for t in (1, 2):
                 torch.set_num_threads(t)
                 results[(isa_name, t)] = _all_outputs(xp8, pw8, xp4, pw4, b)
@@ -266,12 +291,18 @@ def test_threads_and_isa_give_identical_bits(monkeypatch, m, k, n):
 
 # ----------------------------------------------------------------------------- errors
 def test_bad_layout_is_rejected():
-    xp, pw, b = make(2, 64, 16, 8, -1)
+    xp, pw, b = make(2, 128, 16, 8, -1)
     with pytest.raises(RuntimeError, match="blocked layout"):
         torch.ops.kquant._w8a8_linear_cpu(xp, pw.qweight, pw.scales, b, None, -1)
     data, _ = blocked(pw)
     with pytest.raises(RuntimeError, match="does not match"):
         torch.ops.kquant._w8a8_linear_cpu(xp[:, :32], data, pw.scales, b, None, -1)
+
+
+def test_env_avx2_turns_amx_off(monkeypatch):
+    monkeypatch.setenv("KQUANT_CPU_ISA", "avx2")
+    assert torch.ops.kquant._cpu_isa() == (1 if HAS_AVX2 else 0)
+    assert "AMX" not in cpu.available()[1]
 
 
 def test_env_forced_scalar_reports_in_available(monkeypatch):

@@ -1211,6 +1211,8 @@ at::Tensor act_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tenso
   } else {
     // AMX reads whole 16-row tiles: the rows past M are zeros
     const int64_t rows = amx ? cdiv(p.M, 16) * 16 : p.M;
+    // AMX: a row stride off the 4 KiB multiples, so a tile's 16 rows do not share one L1 set
+    if (amx) qa.lda = p.lda = p.lda + 64;
     abuf = at::empty({rows, p.lda}, x.options().dtype(at::kChar));
     if (rows > p.M) abuf.narrow(0, p.M, rows - p.M).zero_();
     qa.q8 = abuf.data_ptr<int8_t>();
