@@ -46,7 +46,8 @@ enum Kind { kSign = 0, kI16 = 1, kW4 = 2, kAmx8 = 3, kAmx4 = 4 };
 // Rows from which the int8 GEMMs use AMX tiles when the machine has them (below, the
 // AVX2 sign-trick GEMV streams the weights as fast; see bench/RESULTS.md)
 constexpr int64_t kAmxMinM = 4;
-constexpr int64_t kAmxMC = 128;     // rows per AMX task: the B panel is reused 4 times from L2
+constexpr int64_t kAmxMC = 256;     // rows per AMX task
+constexpr int64_t kAmxNB = 32;      // 8-channel blocks per AMX task (see task_amx_pc)
 constexpr int64_t kAmxSpeedup = 8;  // AMX MACs per AVX2 MAC in time, for the threading grain
 constexpr int kMaxMR = 8;  // largest row tile (weight-only fp32 GEMM)
 
@@ -80,7 +81,15 @@ struct QuantArgs {
   bool is_static; float s_inv, s_scale;
   int8_t* q8; uint8_t* qabs; int16_t* q16; int64_t lda;
   float* sx; int32_t* asum; int64_t G, gsz;
+  // AMX: q8 in 16-row x 64-k tiles of 1 KiB, row-block-major ([M/16][lda/64][16][64]), so
+  // each tile load reads 1 KiB of consecutive bytes (only q8 is written then)
+  bool tiled = false;
 };
+
+inline int64_t q8_index(const QuantArgs& a, int64_t m, int64_t k) {
+  if (!a.tiled) return m * a.lda + k;
+  return ((m >> 4) * (a.lda >> 6) + (k >> 6)) * 1024 + (m & 15) * 64 + (k & 63);
+}
 
 void finish_row(const QuantArgs& a, int64_t m) {
   if (a.asum) {
@@ -112,7 +121,7 @@ void quant_rows_scalar(const QuantArgs& a, int64_t m0, int64_t m1) {
     a.sx[m] = scale;
     for (int64_t k = 0; k < a.lda; ++k) {
       const int q = k < a.K ? quant1(to_f(a.x, a.xt, off + k), inv) : 0;
-      if (a.q8) a.q8[m * a.lda + k] = static_cast<int8_t>(q);
+      if (a.q8) a.q8[q8_index(a, m, k)] = static_cast<int8_t>(q);
       if (a.qabs) a.qabs[m * a.lda + k] = static_cast<uint8_t>(q < 0 ? -q : q);
       if (a.q16) a.q16[m * a.lda + k] = static_cast<int16_t>(q);
     }
@@ -179,7 +188,7 @@ KQ_AVX2 void quant_rows_avx2(const QuantArgs& a, int64_t m0, int64_t m1) {
     row_params(amax, a, &inv, &scale);
     a.sx[m] = scale;
     const __m256 vinv = _mm256_set1_ps(inv);
-    int8_t* q8 = a.q8 ? a.q8 + m * a.lda : nullptr;
+    int8_t* q8 = a.q8 && !a.tiled ? a.q8 + m * a.lda : nullptr;
     uint8_t* qa = a.qabs ? a.qabs + m * a.lda : nullptr;
     int16_t* q16 = a.q16 ? a.q16 + m * a.lda : nullptr;
     int64_t k = 0;
@@ -193,15 +202,17 @@ KQ_AVX2 void quant_rows_avx2(const QuantArgs& a, int64_t m0, int64_t m1) {
       __m256i w = _mm256_permute4x64_epi64(
           _mm256_packs_epi32(_mm256_cvtps_epi32(f0), _mm256_cvtps_epi32(f1)), 0xD8);
       if (q16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(q16 + k), w);
-      if (q8 || qa) {
+      if (a.q8 || qa) {
         __m128i b = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packs_epi16(w, w), 0x08));
         if (q8) _mm_storeu_si128(reinterpret_cast<__m128i*>(q8 + k), b);
+        if (a.tiled) _mm_storeu_si128(reinterpret_cast<__m128i*>(a.q8 + q8_index(a, m, k)), b);
         if (qa) _mm_storeu_si128(reinterpret_cast<__m128i*>(qa + k), _mm_abs_epi8(b));
       }
     }
     for (; k < a.lda; ++k) {
       const int q = k < a.K ? quant1(to_f(a.x, a.xt, off + k), inv) : 0;
       if (q8) q8[k] = static_cast<int8_t>(q);
+      if (a.tiled) a.q8[q8_index(a, m, k)] = static_cast<int8_t>(q);
       if (qa) qa[k] = static_cast<uint8_t>(q < 0 ? -q : q);
       if (q16) q16[k] = static_cast<int16_t>(q);
     }
@@ -783,12 +794,13 @@ KQ_AMX inline void amx_config() {
   _tile_loadconfig(&c);
 }
 
+// a: the row block's first tile (tiled activations), ab: bytes from one row block to the next
 template <bool A2, bool B2>
-KQ_AMX inline void amx_steps(const int8_t* a, int64_t lda, const int8_t* b0, const int8_t* b1, int64_t q0,
+KQ_AMX inline void amx_steps(const int8_t* a, int64_t ab, const int8_t* b0, const int8_t* b1, int64_t q0,
                              int64_t q1) {
   for (int64_t q = q0; q < q1; q += 16) {
-    _tile_loadd(4, a + q * 4, lda);
-    if (A2) _tile_loadd(5, a + 16 * lda + q * 4, lda);
+    _tile_loadd(4, a + q * 64, 64);
+    if (A2) _tile_loadd(5, a + ab + q * 64, 64);
     _tile_loadd(6, b0 + q * 32, 32);
     if (B2) _tile_loadd(7, b1 + q * 32, 32);
     _tile_dpbssd(0, 4, 6);
@@ -803,10 +815,33 @@ KQ_AMX inline void amx_store(int32_t (*acc)[16 * 8]) {
   _tile_stored(1, acc[1], 32);
   _tile_stored(2, acc[2], 32);
   _tile_stored(3, acc[3], 32);
+}
+
+KQ_AMX inline void amx_zero() {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
+}
+
+KQ_AMX inline void amx_load(int32_t (*acc)[16 * 8]) {
+  _tile_loadd(0, acc[0], 32);
+  _tile_loadd(1, acc[1], 32);
+  _tile_loadd(2, acc[2], 32);
+  _tile_loadd(3, acc[3], 32);
+}
+
+template <bool A2>
+KQ_AMX inline void amx_steps2(int nbn, const int8_t* a, int64_t ab, const int8_t* b0, const int8_t* b1, int64_t q0,
+                              int64_t q1) {
+  if (nbn == 2) amx_steps<A2, true>(a, ab, b0, b1, q0, q1);
+  else amx_steps<A2, false>(a, ab, b0, b1, q0, q1);
+}
+
+KQ_AMX inline void amx_run(bool a2, int nbn, const int8_t* a, int64_t ab, const int8_t* b0, const int8_t* b1,
+                           int64_t q0, int64_t q1) {
+  if (a2) amx_steps2<true>(nbn, a, ab, b0, b1, q0, q1);
+  else amx_steps2<false>(nbn, a, ab, b0, b1, q0, q1);
 }
 
 // layout-2 block (no octets) -> int8 (u - 8) in layout-1 form (2 * no k-quads)
@@ -820,10 +855,70 @@ KQ_AMX inline void unpack_int4_block(const uint8_t* w, int64_t no, int8_t* dst) 
   }
 }
 
+// Per-channel W8A8 and int8_mm. A task is 256 rows x 256 channels, in K chunks of 512:
+// the chunk's activations and weights (128 KiB each) come once from L3 into L2 (128 MACs
+// per byte, where the 128 x 128 tasks of the first version, at 64, were bound by this
+// Xeon's ~25 GB/s per core from L3), a 32-row slice (16 KiB) stays in L1 while all 16
+// channel pairs use it, and the int32 tiles wait in a buffer between chunks (exact).
+constexpr int64_t kAmxKQ = 128;  // k-quads per chunk (512 k)
+
+KQ_AMX void task_amx_pc(const Problem& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+  const int64_t npair = cdiv(nb1 - nb0, 2), nmb = cdiv(m1 - m0, 32);
+  const int64_t ab = p.lda * 16;  // bytes per 16-row block of tiled activations
+  thread_local std::vector<int32_t> accv;
+  if (static_cast<int64_t>(accv.size()) < nmb * npair * 4 * 128) accv.resize(nmb * npair * 4 * 128);
+  auto acc = [&](int64_t mb, int64_t pi) {
+    return reinterpret_cast<int32_t(*)[16 * 8]>(accv.data() + (mb * npair + pi) * 4 * 128);
+  };
+  for (int64_t q0 = 0; q0 < p.nblk; q0 += kAmxKQ) {
+    const int64_t q1 = std::min(p.nblk, q0 + kAmxKQ);
+    for (int64_t mb = 0; mb < nmb; ++mb) {
+      const int64_t m = m0 + 32 * mb;
+      const int8_t* a = p.a8 + (m / 16) * ab;
+      for (int64_t pi = 0; pi < npair; ++pi) {
+        const int64_t nb = nb0 + 2 * pi;
+        const int nbn = nb + 1 < nb1 ? 2 : 1;
+        const int8_t* b0 = p.w8 + nb * p.nblk * 32;
+        if (q0 == 0) amx_zero();
+        else amx_load(acc(mb, pi));
+        amx_run(m + 16 < m1, nbn, a, ab, b0, nbn == 2 ? b0 + p.nblk * 32 : b0, q0, q1);
+        amx_store(acc(mb, pi));
+      }
+    }
+  }
+  alignas(32) float s1[8], b8[8];
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const int64_t n0 = nb * kNB;
+    const int nv = static_cast<int>(std::min<int64_t>(kNB, p.N - n0));
+    for (int c = 0; c < kNB; ++c) {
+      s1[c] = c < nv && p.sw ? p.sw[n0 + c] : 0.0f;
+      b8[c] = p.bias && c < nv ? p.bias[n0 + c] : 0.0f;
+    }
+    for (int64_t mb = 0; mb < nmb; ++mb)
+      for (int i = 0; i < 2; ++i) {
+        const int64_t row = m0 + 32 * mb + 16 * i;
+        const int mr = static_cast<int>(std::min<int64_t>(16, m1 - row));
+        if (mr <= 0) break;
+        const int32_t* t = acc(mb, (nb - nb0) / 2)[2 * i + (nb - nb0) % 2];
+        if (p.yt == OutT::I32) {  // int8_mm: raw int32
+          int32_t* y = static_cast<int32_t*>(p.y);
+          for (int r = 0; r < mr; ++r) std::memcpy(y + (row + r) * p.N + n0, t + 8 * r, nv * sizeof(int32_t));
+        } else {
+          Avx2K::epi_int(p, mr, row, n0, nv, t, s1, b8);
+        }
+      }
+  }
+}
+
 // Rows [m0, m1) x channel blocks [nb0, nb1): 32 rows x 16 channels per tile block. p.a8
 // holds whole 16-row tiles (rows past M are zeros) and K padded to 64.
 KQ_AMX void task_amx(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
   amx_config();
+  if (!int4 && p.G == 1) {
+    task_amx_pc(p, m0, m1, nb0, nb1);
+    _tile_release();
+    return;
+  }
   const int64_t nq = int4 ? 2 * p.nblk : p.nblk;             // k-quads
   const bool fold = int4 || p.G > 1;                          // per-group float sums
   const int64_t perq = p.G > 1 ? p.gsz / 4 : nq;
@@ -856,20 +951,15 @@ KQ_AMX void task_amx(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_
       const int mr[2] = {static_cast<int>(std::min<int64_t>(16, m1 - m)),
                          static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(16, m1 - m - 16)))};
       const bool a2 = mr[1] > 0;
-      const int8_t* a = p.a8 + m * p.lda;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
+      const int8_t* a = p.a8 + (m / 16) * p.lda * 16;
+      amx_zero();
       if (fold) std::memset(f, 0, sizeof(f));
       for (int64_t g = 0; g < p.G; ++g) {
         const int64_t q0 = g * perq, q1 = p.G > 1 ? q0 + perq : nq;
-        if (a2 && nbn == 2) amx_steps<true, true>(a, p.lda, bw[0], bw[1], q0, q1);
-        else if (a2) amx_steps<true, false>(a, p.lda, bw[0], bw[1], q0, q1);
-        else if (nbn == 2) amx_steps<false, true>(a, p.lda, bw[0], bw[1], q0, q1);
-        else amx_steps<false, false>(a, p.lda, bw[0], bw[1], q0, q1);
+        amx_run(a2, nbn, a, p.lda * 16, bw[0], bw[1], q0, q1);
         if (!fold) continue;
         amx_store(acc);
+        amx_zero();
         for (int j = 0; j < nbn; ++j) {
           for (int c = 0; c < kNB; ++c) s8[c] = c < nv[j] ? p.sw[(n0[j] + c) * p.G + g] : 0.0f;
           for (int i = 0; i < (a2 ? 2 : 1); ++i) Avx2K::fold(mr[i], acc[2 * i + j], s8, f[2 * i + j]);
@@ -1097,7 +1187,7 @@ void run_tasks(const Problem& p, int kind, Isa isa) {
   const bool amx = kind == kAmx8 || kind == kAmx4;
   const int64_t mcap = amx ? kAmxMC : 48;
   const int64_t mc = p.M <= mcap ? p.M : mcap;
-  const int64_t ncb = 8;  // 64 channels per task
+  const int64_t ncb = amx ? kAmxNB : 8;  // channel blocks per task
   const int64_t tm = cdiv(p.M, mc), tn = cdiv(nbt, ncb);
   const int64_t nt = tm * tn;
   // the grain keeps problems under ~2M MACs on the calling thread: waking a second
@@ -1211,10 +1301,9 @@ at::Tensor act_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tenso
   } else {
     // AMX reads whole 16-row tiles: the rows past M are zeros
     const int64_t rows = amx ? cdiv(p.M, 16) * 16 : p.M;
-    // AMX: a row stride off the 4 KiB multiples, so a tile's 16 rows do not share one L1 set
-    if (amx) qa.lda = p.lda = p.lda + 64;
     abuf = at::empty({rows, p.lda}, x.options().dtype(at::kChar));
-    if (rows > p.M) abuf.narrow(0, p.M, rows - p.M).zero_();
+    qa.tiled = amx;
+    if (rows > p.M) abuf.narrow(0, rows - 16, 16).zero_();  // the last 16-row tile block
     qa.q8 = abuf.data_ptr<int8_t>();
   }
   if (kind == kSign) {
@@ -1360,6 +1449,8 @@ at::Tensor int8_mm(const at::Tensor& a_, const at::Tensor& b_) {
   const int8_t* wd = wb.data_ptr<int8_t>();
   at::Tensor ap = at::zeros({amx ? cdiv(M, 16) * 16 : M, p.lda}, a.options().dtype(amx ? at::kChar : at::kShort));
   ap.narrow(0, 0, M).narrow(1, 0, K).copy_(a);
+  if (amx)  // 16 x 64 tiles, as the quantizer writes them for AMX
+    ap = ap.view({ap.size(0) / 16, 16, p.lda / 64, 64}).permute({0, 2, 1, 3}).contiguous();
   p.w8 = wd;
   if (amx) p.a8 = ap.data_ptr<int8_t>();
   else p.a16 = ap.data_ptr<int16_t>();
