@@ -3,8 +3,8 @@
 The reference functions are called directly. Integer results must be identical; float
 results are bit-identical where the kernels mirror the reference's operation order
 (per-channel W8A8/W4A8) and within a dtype-tied tolerance elsewhere. Both the AVX2 and
-the scalar path (KQUANT_CPU_ISA=scalar) run every case, and the AMX-INT8 path (the default
-where the machine has it; KQUANT_CPU_ISA=avx2 turns it off) as well.
+the scalar path (KQUANT_CPU_ISA=scalar) run every case, and so do the AVX-512 and AMX-INT8
+levels where the machine has them (KQUANT_CPU_ISA=avx2|avx512 caps the level).
 """
 import os
 
@@ -22,9 +22,10 @@ if not cpu.available()[0]:
     pytest.skip(f"cpu backend unavailable: {cpu.available()[1]}", allow_module_level=True)
 
 HAS_AVX2 = "AVX2" in cpu.available()[1]
+HAS_AVX512 = "AVX-512" in cpu.available()[1]
 HAS_AMX = "AMX" in cpu.available()[1]
-ISAS = (["amx"] if HAS_AMX else []) + (["avx2"] if HAS_AVX2 else []) + ["scalar"]
-ISA_IDS = {"scalar": 0, "avx2": 1, "amx": 2}
+ISAS = [n for n, ok in (("amx", HAS_AMX), ("avx512", HAS_AVX512), ("avx2", HAS_AVX2), ("scalar", True)) if ok]
+ISA_IDS = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3}
 
 
 def set_isa(monkeypatch, name):

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <strings.h>
 
 #include "cpu_features.h"
 
@@ -34,17 +35,24 @@ constexpr int kLayoutInt8 = 1;
 constexpr int kLayoutInt4 = 2;
 constexpr int kNB = 8;  // output channels per block
 
-// Amx: AVX2 kernels plus AMX-INT8 tiles for the int8 GEMMs of M >= kAmxMinM rows.
-enum class Isa { Scalar = 0, Avx2 = 1, Amx = 2 };
+// Each level includes the ones below: Avx512 adds AVX-512 (VNNI) kernels where they are
+// written, Amx adds AMX-INT8 tiles for the int8 GEMMs of M >= kAmxMinM rows.
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Amx = 3 };
 
-// KQUANT_CPU_ISA=scalar|avx2 caps the ISA (read per call so tests can flip it); the
-// default is the best the machine has.
+// KQUANT_CPU_ISA=scalar|avx2|avx512|amx caps the ISA (read per call so tests can flip
+// it); the default is the best the machine has.
 inline Isa active_isa() {
-  if (!kquant::cpu_has_avx2_fma()) return Isa::Scalar;
+  Isa best = kquant::cpu_has_amx_int8()      ? Isa::Amx
+             : kquant::cpu_has_avx512_vnni() ? Isa::Avx512
+             : kquant::cpu_has_avx2_fma()    ? Isa::Avx2
+                                             : Isa::Scalar;
   const char* e = std::getenv("KQUANT_CPU_ISA");
-  if (e && (std::strcmp(e, "scalar") == 0 || std::strcmp(e, "SCALAR") == 0)) return Isa::Scalar;
-  if (e && (std::strcmp(e, "avx2") == 0 || std::strcmp(e, "AVX2") == 0)) return Isa::Avx2;
-  return kquant::cpu_has_amx_int8() ? Isa::Amx : Isa::Avx2;
+  if (!e || !*e) return best;
+  Isa cap = best;
+  if (strcasecmp(e, "scalar") == 0) cap = Isa::Scalar;
+  else if (strcasecmp(e, "avx2") == 0) cap = Isa::Avx2;
+  else if (strcasecmp(e, "avx512") == 0) cap = Isa::Avx512;
+  return static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
 }
 
 enum class OutT { F32, F16, BF16, I32 };

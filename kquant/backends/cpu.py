@@ -11,8 +11,8 @@ Weights are re-laid out once (:func:`prepare_weight`) into blocks of 8 output ch
 
 K is zero-padded to a multiple of 64 (Kq = 16 * ceil(Kp / 64)): whole AMX tiles. Both
 convert back to the exact canonical bytes (padding is dropped).
-``KQUANT_CPU_ISA=scalar`` (portable C++) or ``avx2`` (no AMX) caps the kernels' ISA; the
-default is the best the machine has.
+``KQUANT_CPU_ISA=scalar`` (portable C++), ``avx2`` or ``avx512`` (no AMX) caps the kernels'
+ISA; the default is the best the machine has.
 """
 from __future__ import annotations
 
@@ -85,7 +85,8 @@ def available() -> Tuple[bool, str]:
 
 _ISA_NAMES = {0: "scalar (no AVX2/FMA, or KQUANT_CPU_ISA=scalar)",
               1: "AVX2+FMA",
-              2: "AVX2+FMA, AMX-INT8 for int8 GEMMs of >= 4 rows"}
+              2: "AVX2+FMA, AVX-512 VNNI",
+              3: "AVX2+FMA, AVX-512 VNNI, AMX-INT8 for int8 GEMMs of >= 4 rows"}
 
 
 _WANT = {"w8a8_linear": LAYOUT_INT8, "w8a16_linear": LAYOUT_INT8,
