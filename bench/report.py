@@ -64,7 +64,15 @@ def machine_line(d, path):
             f"1-min load average {lf(load1)} when the run ended")
 
 
-def targets(lin, mini, ceil, cold):
+def gemm_ceiling(d, ceil):
+    """(name, GMAC/s) of the ceiling of the instruction sequence kquant's W8A8 GEMM ran in this
+    run: AMX's kernel sequence where the kernels used AMX, else the AVX2 int16 sequence."""
+    amx = "AMX" in d.get("machine_info", {}).get("kquant", {}).get("kquant_cpu", "")
+    name = "amx_kernel_seq" if amx and "amx_kernel_seq" in ceil else "int16_vpmaddwd"
+    return name, ceil.get(name)
+
+
+def targets(d, lin, mini, ceil, cold):
     """Issue #3 targets checked on one run: (target, measured, met) rows."""
     rows = []
     t = lambda k, n, m, i: lin.get((k, n, m, i), (None,))[0]  # noqa: E731
@@ -76,12 +84,12 @@ def targets(lin, mini, ceil, cold):
         rows.append(("W8A8 >= 1.1x fbgemm, every shape, M >= 16",
                      f"min {worst[0]:.2f}x ({worst[1]}x{worst[2]}, M={worst[3]}), max {max(big)[0]:.2f}x",
                      worst[0] >= 1.1))
-    int16 = ceil.get("int16_vpmaddwd")
-    if int16:
-        effs = [(k * n * 512 / t(k, n, 512, "kquant_w8a8") / 1e9 / int16, k, n) for (k, n) in shapes
+    cname, cval = gemm_ceiling(d, ceil)
+    if cval:
+        effs = [(k * n * 512 / t(k, n, 512, "kquant_w8a8") / 1e9 / cval, k, n) for (k, n) in shapes
                 if t(k, n, 512, "kquant_w8a8")]
         if effs:
-            rows.append(("W8A8 M=512 >= 70% of the int8 (int16 vpmaddwd) ceiling",
+            rows.append((f"W8A8 M=512 >= 70% of the int8 ceiling ({cname})",
                          ", ".join(f"{k}x{n}: {100 * e:.0f}%" for e, k, n in effs), min(effs)[0] >= 0.7))
     m1 = [(ratio(t(k, n, 1, "fbgemm"), t(k, n, 1, "kquant_w8a8")), k, n) for (k, n) in shapes
           if t(k, n, 1, "kquant_w8a8")]
@@ -114,17 +122,16 @@ def targets(lin, mini, ceil, cold):
 
 def section(path, d, lin, mini, ceil, cold, png_rel):
     out = [f"### Run {machine_line(d, path)}", ""]
-    rows = targets(lin, mini, ceil, cold)
+    rows = targets(d, lin, mini, ceil, cold)
     if rows:
         out += ["Targets of issue 3 in this run:", "", "| target | measured | met |", "|---|---|---|"]
         out += [f"| {a} | {b} | {'yes' if c else '**no**'} |" for a, b, c in rows]
         out.append("")
-    int16 = ceil.get("int16_vpmaddwd")
-    sign = ceil.get("sign_vpmaddubsw")
+    cname, cval = gemm_ceiling(d, ceil)
     dram = ceil.get("read_dram_2GiB")
     if ceil:
-        out += ["Ceilings (all threads; int8 GMAC/s of register-only loops of each instruction sequence, "
-                "GB/s of AVX2 reads):", "",
+        out += ["Ceilings (all threads of the run; int8 GMAC/s of register-only loops of each instruction "
+                "sequence, the AMX kernel's tile sequence from L1, GB/s of AVX2 reads):", "",
                 "| ceiling | value |", "|---|---|"]
         for name, v in ceil.items():
             unit = "GB/s" if name.startswith("read") else "GMAC/s"
@@ -133,8 +140,8 @@ def section(path, d, lin, mini, ceil, cold, png_rel):
     if lin:
         out += ["Linear layers, best-of-rounds (min) ms per call (x: fp32 [M, K]; weights [N, K]); "
                 "ratios > 1 mean kquant is faster.",
-                "`W8A8/fbgemm` = fbgemm time / kquant W8A8 time. `eff` = kquant W8A8 GMAC/s as % of the int16 ceiling "
-                "(M >= 4) or weight GB/s as % of the DRAM read ceiling (M = 1).", "",
+                f"`W8A8/fbgemm` = fbgemm time / kquant W8A8 time. `eff` = kquant W8A8 GMAC/s as % of the {cname} "
+                "ceiling (M >= 4) or weight GB/s as % of the DRAM read ceiling (M = 1).", "",
                 "| K x N | M | " + " | ".join(SHORT[i] for i in IMPLS) +
                 " | W8A8/fbgemm | W8A8/fp32 | W4A8/W8A8 | W4A16/W8A8 | eff |",
                 "|---|---:|" + "---:|" * len(IMPLS) + "---:|---:|---:|---:|---:|"]
@@ -147,8 +154,8 @@ def section(path, d, lin, mini, ceil, cold, png_rel):
                 if w8:
                     if m == 1 and dram:
                         eff = f"{k * n / w8 / 1e9:.1f} GB/s = {100 * k * n / w8 / 1e9 / dram:.0f}%"
-                    elif m >= 4 and int16:
-                        eff = f"{m * k * n / w8 / 1e9:.0f} GMAC/s = {100 * m * k * n / w8 / 1e9 / int16:.0f}%"
+                    elif m >= 4 and cval:
+                        eff = f"{m * k * n / w8 / 1e9:.0f} GMAC/s = {100 * m * k * n / w8 / 1e9 / cval:.0f}%"
                 out.append(f"| {k}x{n} | {m} | " + " | ".join(fmt_ms(t[i]) for i in IMPLS) +
                            f" | {fr(ratio(t['fbgemm'], w8))} | {fr(ratio(t['fp32'], w8))} | "
                            f"{fr(ratio(w8, t['kquant_w4a8']))} | {fr(ratio(w8, t['kquant_w4a16']))} | {eff} |")

@@ -219,11 +219,25 @@ CEILINGS = {
 }
 
 
+AMX_CEILINGS = {
+    "amx_tdpbssd": 5,        # AMX peak: tdpbssd alone on register tiles
+    "amx_kernel_seq": 6,     # the AMX W8A8 kernel's tile sequence (C, A, B tile loads/stores) from L1
+}
+HAVE_AMX = HAVE_CPU and "AMX" in cpu.available()[1]
+
+
 @pytest.mark.skipif(not HAVE_CPU or "AVX2" not in cpu.available()[1], reason="needs the AVX2 kernels")
-@pytest.mark.parametrize("name", list(CEILINGS) + ["read_dram_2GiB", "read_16MiB"])
+@pytest.mark.parametrize("name", list(CEILINGS) + list(AMX_CEILINGS) + ["read_dram_2GiB", "read_16MiB"])
 def test_ceiling(benchmark, name):
     benchmark.group = "ceiling"
-    if name in CEILINGS:
+    if name in AMX_CEILINGS:
+        if not HAVE_AMX:
+            pytest.skip("no AMX-INT8 here")
+        iters = 400_000
+        val = max(torch.ops.kquant._ceiling_cpu(AMX_CEILINGS[name], iters) for _ in range(3))
+        benchmark.extra_info.update(kind="ceiling", name=name, value=val, unit="GMAC/s")
+        benchmark.pedantic(torch.ops.kquant._ceiling_cpu, args=(AMX_CEILINGS[name], iters), rounds=1, iterations=1)
+    elif name in CEILINGS:
         iters = 4_000_000
         val = max(torch.ops.kquant._ceiling_cpu(CEILINGS[name], iters) for _ in range(3))
         benchmark.extra_info.update(kind="ceiling", name=name, value=val, unit="GMAC/s")

@@ -310,3 +310,21 @@ def test_env_forced_scalar_reports_in_available(monkeypatch):
     monkeypatch.setenv("KQUANT_CPU_ISA", "scalar")
     assert "scalar" in cpu.available()[1]
     assert os.environ["KQUANT_CPU_ISA"] == "scalar"
+
+
+# ----------------------------------------------------------------------------- bench ceilings
+@pytest.mark.skipif(not HAS_AVX2, reason="the ceilings need AVX2")
+def test_ceiling_loops_run_and_order():
+    # the AMX peak is far above any AVX2 sequence, and the kernel's tile sequence (with its
+    # loads and stores) cannot beat the bare tdpbssd loop by much
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        avx2 = torch.ops.kquant._ceiling_cpu(0, 200_000)
+        assert 1.0 < avx2 < 1e4
+        if HAS_AMX:
+            peak = max(torch.ops.kquant._ceiling_cpu(5, 100_000) for _ in range(2))
+            seq = torch.ops.kquant._ceiling_cpu(6, 100_000)
+            assert peak > 3 * avx2 and 0 < seq < 1.5 * peak
+    finally:
+        torch.set_num_threads(old)

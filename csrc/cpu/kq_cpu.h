@@ -22,6 +22,10 @@
 #define KQ_NO_CONTRACT(v) (void)0
 #endif
 
+#if KQ_X86
+#include <immintrin.h>
+#endif
+
 namespace kquant::cpu {
 
 // Weight layouts (ids shared with kquant/backends/cpu.py):
@@ -54,6 +58,27 @@ inline Isa active_isa() {
   else if (strcasecmp(e, "avx512") == 0) cap = Isa::Avx512;
   return static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
 }
+
+#if KQ_X86
+#define KQ_AMX __attribute__((target("amx-tile,amx-int8,avx2,fma,f16c")))
+
+struct alignas(64) TileCfg {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The one AMX tile configuration (per thread; _tile_release() when done). Tiles 0-3: int32
+// C, 16 rows x 8 channels; 4-5: int8 A, 16 rows x 64 k; 6-7: B, 16 k-quads x 8 channels x 4 k.
+KQ_AMX inline void amx_config() {
+  TileCfg c;
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = 16;
+    c.colsb[t] = (t == 4 || t == 5) ? 64 : 32;
+  }
+  _tile_loadconfig(&c);
+}
+#endif
 
 enum class OutT { F32, F16, BF16, I32 };
 

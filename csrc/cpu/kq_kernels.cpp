@@ -775,24 +775,6 @@ struct Avx2K {
 // against 0.9 TMAC/s for 16-channel B tiles, whose extra C traffic costs more than they
 // save. W4A8 unpacks each block's nibbles once per task into int8 (u - 8), so the int32
 // sums are the exact W4A8 sums and the epilogue is the AVX2 one.
-#define KQ_AMX __attribute__((target("amx-tile,amx-int8,avx2,fma,f16c")))
-
-struct alignas(64) TileCfg {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// tiles 0-3: int32 C, 16 rows x 8 channels; 4-5: int8 A, 16 rows x 64 k; 6-7: B, 16 k-quads
-// x 8 channels x 4 k
-KQ_AMX inline void amx_config() {
-  TileCfg c;
-  for (int t = 0; t < 8; ++t) {
-    c.rows[t] = 16;
-    c.colsb[t] = (t == 4 || t == 5) ? 64 : 32;
-  }
-  _tile_loadconfig(&c);
-}
 
 // a: the row block's first tile (tiled activations), ab: bytes from one row block to the next
 template <bool A2, bool B2>
