@@ -55,6 +55,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "dirty_tree": git_dirty(),
         "timer": str(getattr(config.option, "benchmark_timer", "")),
         "fbgemm_isa": os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "default (best the CPU has)"),
+        "mkl_isa": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "default"),
+        "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default"),
         "kquant_cpu": kcpu.available()[1],
     }
 

@@ -59,7 +59,8 @@ def machine_line(d, path):
     return (f"`{os.path.basename(path)}`: **{k.get('cpu_model', mi.get('cpu', {}).get('brand_raw', '?'))}**, "
             f"{k.get('logical_cpus', '?')} logical CPUs, torch threads {k.get('torch_threads', '?')}, "
             f"torch {k.get('torch', '?')}, commit `{k.get('commit', '?')}`{dirty}, "
-            f"date {d.get('datetime', '?')[:19]}, fbgemm ISA: {k.get('fbgemm_isa', '?')}, kquant: "
+            f"date {d.get('datetime', '?')[:19]}, fbgemm ISA: {k.get('fbgemm_isa', '?')}, MKL ISA: "
+            f"{k.get('mkl_isa', 'default')}, oneDNN ISA: {k.get('onednn_isa', 'default')}, kquant: "
             f"{k.get('kquant_cpu', '?')}, timer {k.get('timer', '?')}, "
             f"1-min load average {lf(load1)} when the run ended")
 

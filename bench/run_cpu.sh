@@ -3,8 +3,9 @@
 # of bench/RESULTS.md (+ bench/cpu_speedup.png). Usage: bench/run_cpu.sh [python]
 #  1. all threads, wall clock (what a user sees; noisy when the machine is shared)
 #  2. one thread, CPU time (per-core numbers that other processes barely disturb)
-#  3. as 2, with fbgemm restricted to its AVX2 kernels (FBGEMM_ENABLE_INSTRUCTIONS=AVX2):
-#     like for like with kquant, which uses AVX2 only
+#  3. as 2 on an emulated AVX2-only machine: kquant (KQUANT_CPU_ISA=avx2), fbgemm
+#     (FBGEMM_ENABLE_INSTRUCTIONS), MKL (MKL_ENABLE_INSTRUCTIONS) and oneDNN
+#     (ONEDNN_MAX_CPU_ISA) all held to AVX2, like the machines without AVX-512/AMX
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
@@ -15,9 +16,9 @@ uptime | tee "$OUT/uptime_before.txt"
 "$PY" -m pytest bench/ --benchmark-only -q --benchmark-json="$OUT/cpu_all_threads.json"
 KQUANT_BENCH_THREADS=1 "$PY" -m pytest bench/ --benchmark-only -q --benchmark-timer=time.process_time \
   --benchmark-json="$OUT/cpu_1thread_cputime.json"
-FBGEMM_ENABLE_INSTRUCTIONS=AVX2 KQUANT_BENCH_THREADS=1 "$PY" -m pytest bench/ --benchmark-only -q \
-  --benchmark-timer=time.process_time -k "fbgemm or kquant_w8a8 or kquant_w4a8" \
-  --benchmark-json="$OUT/cpu_1thread_cputime_fbgemm_avx2.json"
+KQUANT_CPU_ISA=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
+  KQUANT_BENCH_THREADS=1 "$PY" -m pytest bench/ --benchmark-only -q --benchmark-timer=time.process_time \
+  -k "not int_mm and not cold and not amx" --benchmark-json="$OUT/cpu_1thread_cputime_avx2_only.json"
 uptime | tee "$OUT/uptime_after.txt"
 "$PY" bench/report.py "$OUT/cpu_1thread_cputime.json" "$OUT/cpu_all_threads.json" \
-  "$OUT/cpu_1thread_cputime_fbgemm_avx2.json" --preamble bench/cpu_preamble.md
+  "$OUT/cpu_1thread_cputime_avx2_only.json" --preamble bench/cpu_preamble.md

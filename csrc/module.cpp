@@ -14,6 +14,8 @@ py::dict cpu_features() {
   d["arch"] = "x86_64";
   d["avx512f"] = static_cast<bool>(__builtin_cpu_supports("avx512f"));
   d["avx512vnni"] = static_cast<bool>(__builtin_cpu_supports("avx512vnni"));
+  d["avx512_vnni_level"] = kquant::cpu_has_avx512_vnni();  // F/BW/VL/DQ + VNNI: kquant's AVX-512 level
+  d["amx_int8"] = kquant::cpu_has_amx_int8();              // CPU, OS and process permission
 #else
   d["arch"] = "other";
 #endif
