@@ -284,10 +284,17 @@ def test_threads_and_isa_give_identical_bits(monkeypatch, m, k, n):
                 results[(isa_name, t)] = _all_outputs(xp8, pw8, xp4, pw4, b)
     finally:
         torch.set_num_threads(old)
+    # W8A8/W4A8: the same bits everywhere. Weight-only: the same bits for any thread count
+    # at one ISA level; across levels the fp32 sums run in different orders (the AVX-512
+    # M = 1 kernels sum 16 channels per vector), so they agree to rounding
     base = results[(ISAS[0], 1)]
     for key, outs in results.items():
-        for a, c in zip(outs, base):
-            assert torch.equal(a, c), key
+        for i, (a, c) in enumerate(zip(outs, base)):
+            if i < 2:
+                assert torch.equal(a, c), key
+            else:
+                assert torch.equal(a, results[(key[0], 1)][i]), key
+                assert rel_err(a, c) <= 1e-6, key
 
 
 # ----------------------------------------------------------------------------- errors
