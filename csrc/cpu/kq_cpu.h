@@ -107,4 +107,15 @@ struct Problem {
   bool sign_path = false;  // small-M W8A8 kernel
 };
 
+#if KQ_X86
+// AVX-512 (VNNI) decode kernels, kq_avx512.cpp: one activation row m x 4 channel blocks
+// from nb (32 channels); nv[j] = valid channels of block j. Call only at Isa::Avx512+.
+// exact int32 W8A8 sums, out[8 * j + c]
+void avx512_w8a8_gemv4(const Problem& p, int64_t m, int64_t nb, int32_t* out);
+// W4A8 per-group fold f[8 * j + c] = sum_g fma(float(acc_g - 8 * asum_g), s, .) in group order
+void avx512_w4a8_gemv4(const Problem& p, int64_t m, int64_t nb, const int* nv, float* f);
+// weight-only f[8 * j + c] = sum_g s_g * sum_{k in g} x[k] * (q - z) (fp32, before bias)
+void avx512_wo_gemv4(const Problem& p, bool int4, int64_t m, int64_t nb, const int* nv, float* f);
+#endif
+
 }  // namespace kquant::cpu

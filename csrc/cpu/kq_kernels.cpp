@@ -593,6 +593,7 @@ struct ScalarK {
   }
   static bool gemv4(const Problem&, int64_t, int64_t, int32_t*) { return false; }
   static bool kw4x4(const Problem&, int64_t, int64_t, const int*, float*) { return false; }
+  static bool wo4(const Problem&, bool, int64_t, int64_t, const int*, float*) { return false; }
   static void dq(const Problem& p, bool int4, int64_t nb, int nv, float* dst, int64_t ld) {
     dq_block_scalar(p, int4, nb, nv, dst, ld);
   }
@@ -711,6 +712,7 @@ struct Avx2K {
                   p.sw + nb * kNB * p.G, nv, p.asum + m * p.G, f);
     return true;
   }
+  KQ_AVX2 static inline bool wo4(const Problem&, bool, int64_t, int64_t, const int*, float*) { return false; }
   KQ_AVX2 static inline void kwo(const Problem& p, bool int4, bool hasz, int mr, int64_t m, int64_t nb, int64_t b0,
                                  int64_t b1, const int32_t* z, float* out) {
     const float* x = p.xf + m * p.ldx;
@@ -762,6 +764,22 @@ struct Avx2K {
       if (p.bias) v = _mm256_add_ps(v, bv);
       store8(p.y, p.yt, (m + r) * p.N + n0, v, nv);
     }
+  }
+};
+
+// AVX-512 level: the M = 1 kernels of kq_avx512.cpp over 4 channel blocks, the rest AVX2
+struct Avx512K : Avx2K {
+  KQ_AVX2 static inline bool gemv4(const Problem& p, int64_t m, int64_t nb, int32_t* out) {
+    avx512_w8a8_gemv4(p, m, nb, out);
+    return true;
+  }
+  KQ_AVX2 static inline bool kw4x4(const Problem& p, int64_t m, int64_t nb, const int* nv, float* f) {
+    avx512_w4a8_gemv4(p, m, nb, nv, f);
+    return true;
+  }
+  KQ_AVX2 static inline bool wo4(const Problem& p, bool int4, int64_t m, int64_t nb, const int* nv, float* f) {
+    avx512_wo_gemv4(p, int4, m, nb, nv, f);
+    return true;
   }
 };
 
@@ -1100,7 +1118,21 @@ __attribute__((always_inline)) inline void tile_wo(const Problem& p, bool int4, 
   alignas(32) float s8[8];
   alignas(32) float b8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   alignas(32) int32_t z8[8];
-  for (int64_t nb = nb0; nb < nb1; ++nb) {
+  int64_t nbs = nb0;
+  if (m1 - m0 == 1) {  // one row: 4 channel blocks per pass where the ISA has such a kernel
+    alignas(64) float f4[32];
+    int nv4[4];
+    for (; nbs + 4 <= nb1; nbs += 4) {
+      for (int j = 0; j < 4; ++j) nv4[j] = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kNB, p.N - (nbs + j) * kNB)));
+      if (!KK::wo4(p, int4, m0, nbs, nv4, f4)) break;
+      for (int j = 0; j < 4; ++j) {
+        const int64_t n0 = (nbs + j) * kNB;
+        for (int c = 0; c < kNB; ++c) b8[c] = p.bias && c < nv4[j] ? p.bias[n0 + c] : 0.0f;
+        KK::epi(p, 1, m0, n0, nv4[j], f4 + 8 * j, b8);
+      }
+    }
+  }
+  for (int64_t nb = nbs; nb < nb1; ++nb) {
     const int64_t n0 = nb * kNB;
     const int nv = static_cast<int>(std::min<int64_t>(kNB, p.N - n0));
     if (p.bias)
@@ -1160,6 +1192,12 @@ KQ_AVX2 void task_avx2(const Problem& p, int kind, int64_t m0, int64_t m1, int64
   else if (kind >= 10) tile_wo<Avx2K>(p, kind == 11, m0, m1, nb0, nb1);
   else tile_int<Avx2K>(p, kind, m0, m1, nb0, nb1);
 }
+
+KQ_AVX2 void task_avx512(const Problem& p, int kind, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+  if (kind >= 12) tile_wog<Avx512K>(p, kind == 13, m0, m1, nb0, nb1);
+  else if (kind >= 10) tile_wo<Avx512K>(p, kind == 11, m0, m1, nb0, nb1);
+  else tile_int<Avx512K>(p, kind, m0, m1, nb0, nb1);
+}
 #endif
 
 // Split (M x N) into tasks of MC rows x NC channels; each output element is owned by one
@@ -1183,6 +1221,7 @@ void run_tasks(const Problem& p, int kind, Isa isa) {
       const int64_t b0 = ni * ncb, b1 = std::min(nbt, b0 + ncb);
 #if KQ_X86
       if (amx) { task_amx(p, kind == kAmx4, m0, m1, b0, b1); continue; }
+      if (isa >= Isa::Avx512) { task_avx512(p, kind, m0, m1, b0, b1); continue; }
       if (isa != Isa::Scalar) { task_avx2(p, kind, m0, m1, b0, b1); continue; }
 #endif
       task_scalar(p, kind, m0, m1, b0, b1);

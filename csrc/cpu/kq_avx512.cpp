@@ -1,0 +1,249 @@
+// AVX-512 kernels for decode-style calls (one activation row): W8A8, W4A8, W8A16 and W4A16
+// over 4 output-channel blocks (32 channels) per call. kq_kernels.cpp picks them when the
+// ISA level is Avx512 or above (AVX-512 F/BW/VL/DQ + VNNI); they are compiled per function
+// with target attributes so the library still loads on AVX2-only and older CPUs.
+//
+// One row reads every weight once, so these calls are bound by the weight stream; the
+// kernels aim at as few uops per weight byte as possible:
+//  * W8A8 (layout 1): vpdpbusd is u8 x s8, so the weights go in as the unsigned operand
+//    w ^ 0x80 = w + 128 and the activations (in [-127, 127]) as the signed one; the
+//    offset is removed exactly with 128 * sum(a) at the end (int32 arithmetic is modular
+//    and the true sum fits in int32, so the result is the exact dot product). 2 uops per
+//    64 weight bytes (vpxord + vpdpbusd) instead of 4 per 32 for the AVX2 sign trick.
+//  * W4A8 (layout 2): nibbles u in 0..15 are the unsigned operand as they are (no int16
+//    step, no saturation): vpandd / vpsrlw+vpandd + 2 vpdpbusd per 64 bytes (128 weights).
+//    Groups fold as f = fma(float(acc_g - 8 * sum_g(a)), s, f), the AVX2/scalar order, so
+//    all ISA levels give the same bits.
+//  * W4A16: lanes = 16 channels (two 8-channel blocks side by side, same octet), so every
+//    FMA takes one broadcast activation. A nibble becomes the float (u - 8) through vpermps
+//    with a 16-entry table (it reads only bits 0-3 of each dword): per 16 weights one shift,
+//    one vpermps and one FMA, exact fp32 products as before (no bf16 rounding of x).
+//    Asymmetric zeros add (8 - z) * sum_g(x) per group.
+//  * W8A16: vpmovsxbd (16 bytes = 4 channels x 4 k) + vcvtdq2ps + FMA against the 4
+//    activations broadcast to each 128-bit lane; lanes (channel, k mod 4) are reduced once
+//    per group.
+// The weight-only kernels sum in a different order than the AVX2 ones (fp32 results agree
+// to rounding, not to the bit); the int8-activation ones give the same bits.
+#include "kq_cpu.h"
+
+// GCC 12 warns that its own 256->512-bit cast intrinsics read an uninitialized upper half
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#if KQ_X86
+#include <immintrin.h>
+
+#define KQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+
+namespace kquant::cpu {
+namespace {
+
+// lanes 0-7: block 2P, lanes 8-15: block 2P + 1; a lane is valid if its channel exists
+KQ_AVX512 inline __mmask16 pair_mask(const int* nv, int pr) {
+  const unsigned lo = (1u << nv[2 * pr]) - 1, hi = (1u << nv[2 * pr + 1]) - 1;
+  return static_cast<__mmask16>(lo | (hi << 8));
+}
+
+// per-lane [N, G] value (scale or zero) of group g for the 16 channels from n0
+KQ_AVX512 inline __m512 gather16(const float* v, int64_t n0, int64_t G, int64_t g, __mmask16 k) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int>(G)));
+  return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, v + n0 * G + g, 4);
+}
+
+// two blocks' accumulators with lanes (channel, octet/quad parity) -> 16 channel sums
+KQ_AVX512 inline __m512i pair_sum(__m512i a, __m512i b) {
+  return _mm512_add_epi32(_mm512_shuffle_i64x2(a, b, 0x44), _mm512_shuffle_i64x2(a, b, 0xEE));
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------- W8A8
+KQ_AVX512 void avx512_w8a8_gemv4(const Problem& p, int64_t m, int64_t nb, int32_t* out) {
+  const int8_t* a = p.a8 + m * p.lda;
+  const int64_t nq = p.nblk, ws = p.nblk * 32;
+  const int8_t* w = p.w8 + nb * ws;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  // a 64-byte load holds quads q (lanes 0-7) and q + 1 (lanes 8-15) of one block
+  const __m512i sel = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  __m512i c0[4], c1[4];  // two sets over alternate quad pairs: shorter dependency chains
+  for (int j = 0; j < 4; ++j) c0[j] = c1[j] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < nq; q += 4) {  // nq is a multiple of 16
+    int64_t a0, a1;
+    std::memcpy(&a0, a + 4 * q, 8);
+    std::memcpy(&a1, a + 4 * q + 8, 8);
+    const __m512i av0 = _mm512_permutexvar_epi32(sel, _mm512_set1_epi64(a0));
+    const __m512i av1 = _mm512_permutexvar_epi32(sel, _mm512_set1_epi64(a1));
+    for (int j = 0; j < 4; ++j) {
+      const int8_t* wj = w + j * ws + 32 * q;
+      c0[j] = _mm512_dpbusd_epi32(c0[j], _mm512_xor_si512(_mm512_loadu_si512(wj), flip), av0);
+      c1[j] = _mm512_dpbusd_epi32(c1[j], _mm512_xor_si512(_mm512_loadu_si512(wj + 64), flip), av1);
+    }
+  }
+  // remove the +128 weight offset: 128 * sum(a) (K is padded to 64 with zeros)
+  __m512i s = _mm512_setzero_si512();
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t k = 0; k < 4 * nq; k += 64) s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512(a + k));
+  const __m256i corr = _mm256_set1_epi32(128 * _mm512_reduce_add_epi32(s));
+  for (int j = 0; j < 4; ++j) {
+    const __m512i t = _mm512_add_epi32(c0[j], c1[j]);
+    const __m256i r = _mm256_add_epi32(_mm512_castsi512_si256(t), _mm512_extracti64x4_epi64(t, 1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * j), _mm256_sub_epi32(r, corr));
+  }
+}
+
+// ----------------------------------------------------------------------------- W4A8
+KQ_AVX512 void avx512_w4a8_gemv4(const Problem& p, int64_t m, int64_t nb, const int* nv, float* f) {
+  const int8_t* a = p.a8 + m * p.lda;
+  const int64_t ws = p.nblk * 32, per = p.G > 1 ? p.gsz / 8 : p.nblk;
+  const uint8_t* w = p.w4 + nb * ws;
+  const int32_t* asum = p.asum + m * p.G;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  // a[8o .. 8o + 15] = dwords d0..d3: low nibbles of octet o take d0, high ones d1; octet
+  // o + 1 (lanes 8-15) d2 and d3
+  const __m512i sel_lo = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+  const __m512i sel_hi = _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __mmask16 km[2] = {pair_mask(nv, 0), pair_mask(nv, 1)};
+  __m512 fo[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t o0 = g * per, o1 = p.G > 1 ? o0 + per : p.nblk;  // even octet counts
+    __m512i lo[4], hi[4];
+    for (int j = 0; j < 4; ++j) lo[j] = hi[j] = _mm512_setzero_si512();
+    for (int64_t o = o0; o < o1; o += 2) {
+      const __m512i a16 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 8 * o)));
+      const __m512i alo = _mm512_permutexvar_epi32(sel_lo, a16), ahi = _mm512_permutexvar_epi32(sel_hi, a16);
+      for (int j = 0; j < 4; ++j) {
+        const __m512i v = _mm512_loadu_si512(w + j * ws + 32 * o);
+        lo[j] = _mm512_dpbusd_epi32(lo[j], _mm512_and_si512(v, m4), alo);
+        hi[j] = _mm512_dpbusd_epi32(hi[j], _mm512_and_si512(_mm512_srli_epi16(v, 4), m4), ahi);
+      }
+    }
+    const __m512i corr = _mm512_set1_epi32(8 * asum[g]);
+    for (int pr = 0; pr < 2; ++pr) {
+      const __m512i t = pair_sum(_mm512_add_epi32(lo[2 * pr], hi[2 * pr]),
+                                 _mm512_add_epi32(lo[2 * pr + 1], hi[2 * pr + 1]));
+      const __m512 sv = gather16(p.sw, (nb + 2 * pr) * kNB, p.G, g, km[pr]);
+      fo[pr] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(t, corr)), sv, fo[pr]);
+    }
+  }
+  _mm512_storeu_ps(f, fo[0]);
+  _mm512_storeu_ps(f + 16, fo[1]);
+}
+
+// ----------------------------------------------------------------------------- weight-only
+namespace {
+
+KQ_AVX512 inline float sum_range(const float* x, int64_t k0, int64_t k1) {  // k0, k1 multiples of 16
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t k = k0; k < k1; k += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(x + k));
+  return _mm512_reduce_add_ps(s);
+}
+
+// f[32] = sum_g s_g * sum_{k in g} x[k] * (u - z) for 4 int4 blocks
+KQ_AVX512 void wo4(const Problem& p, const float* x, int64_t nb, const int* nv, float* f) {
+  const int64_t ws = p.nblk * 32, per = p.G > 1 ? p.gsz / 8 : p.nblk;
+  const uint8_t* w = p.w4 + nb * ws;
+  const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);  // u - 8
+  const __mmask16 km[2] = {pair_mask(nv, 0), pair_mask(nv, 1)};
+  __m512 fo[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t o0 = g * per, o1 = p.G > 1 ? o0 + per : p.nblk;
+    __m512 acc[2][4];
+    for (int pr = 0; pr < 2; ++pr)
+      for (int i = 0; i < 4; ++i) acc[pr][i] = _mm512_setzero_ps();
+    for (int64_t o = o0; o < o1; ++o) {
+      const float* xo = x + 8 * o;
+      for (int pr = 0; pr < 2; ++pr) {
+        const uint8_t* b = w + 2 * pr * ws + 32 * o;
+        const __m512i v = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b))),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + ws)), 1);
+        // nibble t of a dword (bits 4t..4t+3) is k = t / 2 + 4 * (t & 1) of the octet
+        acc[pr][0] = _mm512_fmadd_ps(_mm512_set1_ps(xo[0]), _mm512_permutexvar_ps(v, table), acc[pr][0]);
+        acc[pr][1] = _mm512_fmadd_ps(_mm512_set1_ps(xo[4]), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), acc[pr][1]);
+        acc[pr][2] = _mm512_fmadd_ps(_mm512_set1_ps(xo[1]), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), table), acc[pr][2]);
+        acc[pr][3] = _mm512_fmadd_ps(_mm512_set1_ps(xo[5]), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), table), acc[pr][3]);
+        acc[pr][0] = _mm512_fmadd_ps(_mm512_set1_ps(xo[2]), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 16), table), acc[pr][0]);
+        acc[pr][1] = _mm512_fmadd_ps(_mm512_set1_ps(xo[6]), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 20), table), acc[pr][1]);
+        acc[pr][2] = _mm512_fmadd_ps(_mm512_set1_ps(xo[3]), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 24), table), acc[pr][2]);
+        acc[pr][3] = _mm512_fmadd_ps(_mm512_set1_ps(xo[7]), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 28), table), acc[pr][3]);
+      }
+    }
+    const float xs = p.zeros ? sum_range(x, 8 * o0, 8 * o1) : 0.0f;
+    for (int pr = 0; pr < 2; ++pr) {
+      const int64_t n0 = (nb + 2 * pr) * kNB;
+      __m512 s = _mm512_add_ps(_mm512_add_ps(acc[pr][0], acc[pr][1]), _mm512_add_ps(acc[pr][2], acc[pr][3]));
+      if (p.zeros)  // the table assumed z = 8
+        s = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_set1_ps(8.0f), gather16(p.zeros, n0, p.G, g, km[pr])),
+                            _mm512_set1_ps(xs), s);
+      fo[pr] = _mm512_fmadd_ps(s, gather16(p.sw, n0, p.G, g, km[pr]), fo[pr]);
+    }
+  }
+  _mm512_storeu_ps(f, fo[0]);
+  _mm512_storeu_ps(f + 16, fo[1]);
+}
+
+// 4 accumulators of one block pair, lanes (channel, k mod 4) per 128-bit lane
+// (a: block 2P channels 0-3, b: 4-7, c, d: block 2P + 1) -> 16 channel sums in order
+KQ_AVX512 inline __m512 reduce_quads(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 s1 = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // [a02 b02 a13 b13]
+  const __m512 s2 = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(s1, s2, 0x44), _mm512_shuffle_ps(s1, s2, 0xEE));
+  // r's 128-bit lane l holds channels (l, 4 + l) of block 2P, then of block 2P + 1
+  const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(idx, r);
+}
+
+template <bool Z>
+KQ_AVX512 void wo8(const Problem& p, const float* x, int64_t nb, const int* nv, float* f) {
+  const int64_t ws = p.nblk * 32, per = p.G > 1 ? p.gsz / 4 : p.nblk;
+  const int8_t* w = p.w8 + nb * ws;
+  const __mmask16 km[2] = {pair_mask(nv, 0), pair_mask(nv, 1)};
+  __m512 fo[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  // zero of channel 4h + (lane / 4) of block j, from the 16-lane pair vector
+  __m512i zsel[2];
+  for (int h = 0; h < 2; ++h)
+    zsel[h] = _mm512_add_epi32(_mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2),
+                               _mm512_set1_epi32(4 * h));
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t q0 = g * per, q1 = p.G > 1 ? q0 + per : p.nblk;
+    __m512 zq[8];
+    if (Z)
+      for (int pr = 0; pr < 2; ++pr) {
+        const __m512 zp = gather16(p.zeros, (nb + 2 * pr) * kNB, p.G, g, km[pr]);
+        for (int jj = 0; jj < 2; ++jj)
+          for (int h = 0; h < 2; ++h)
+            zq[4 * pr + 2 * jj + h] =
+                _mm512_permutexvar_ps(_mm512_add_epi32(zsel[h], _mm512_set1_epi32(8 * jj)), zp);
+      }
+    __m512 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t q = q0; q < q1; ++q) {
+      const __m512 xv = _mm512_broadcast_f32x4(_mm_loadu_ps(x + 4 * q));
+      for (int j = 0; j < 4; ++j)
+        for (int h = 0; h < 2; ++h) {
+          __m512 wf = _mm512_cvtepi32_ps(
+              _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * ws + 32 * q + 16 * h))));
+          if (Z) wf = _mm512_sub_ps(wf, zq[2 * j + h]);
+          acc[2 * j + h] = _mm512_fmadd_ps(xv, wf, acc[2 * j + h]);
+        }
+    }
+    for (int pr = 0; pr < 2; ++pr) {
+      const __m512 s = reduce_quads(acc[4 * pr], acc[4 * pr + 1], acc[4 * pr + 2], acc[4 * pr + 3]);
+      fo[pr] = _mm512_fmadd_ps(s, gather16(p.sw, (nb + 2 * pr) * kNB, p.G, g, km[pr]), fo[pr]);
+    }
+  }
+  _mm512_storeu_ps(f, fo[0]);
+  _mm512_storeu_ps(f + 16, fo[1]);
+}
+
+}  // namespace
+
+KQ_AVX512 void avx512_wo_gemv4(const Problem& p, bool int4, int64_t m, int64_t nb, const int* nv, float* f) {
+  const float* x = p.xf + m * p.ldx;
+  if (int4) wo4(p, x, nb, nv, f);
+  else if (p.zeros) wo8<true>(p, x, nb, nv, f);
+  else wo8<false>(p, x, nb, nv, f);
+}
+
+}  // namespace kquant::cpu
+#endif  // KQ_X86
