@@ -28,6 +28,7 @@
 
 // GCC 12 warns that its own 256->512-bit cast intrinsics read an uninitialized upper half
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #if KQ_X86
 #include <immintrin.h>
