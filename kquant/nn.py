@@ -196,11 +196,22 @@ class QuantLinear(nn.Module):
         if reusable:
             self.__dict__["_route"] = (x.device, env, (fn, args, k, kp, self.out_features))
 
+    # whatever replaces a tensor or setting drops the route: the op body checks the next call
     def __setattr__(self, name, value):
-        # any reassigned buffer, parameter or setting must be validated again by the op body
         super().__setattr__(name, value)
-        if name != "_route":
-            self.__dict__["_route"] = None
+        self.__dict__["_route"] = None
+
+    def __delattr__(self, name):
+        super().__delattr__(name)
+        self.__dict__["_route"] = None
+
+    def register_buffer(self, name, tensor, persistent=True):
+        super().register_buffer(name, tensor, persistent)
+        self.__dict__["_route"] = None
+
+    def register_parameter(self, name, param):
+        super().register_parameter(name, param)
+        self.__dict__["_route"] = None
 
     def __getstate__(self):
         state = super().__getstate__()

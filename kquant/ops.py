@@ -76,7 +76,7 @@ def _check_linear_args(x, qweight, scales, bias, extra, group_size, layout, bits
 
 
 def _flatten(x: Tensor, k: int, kp: int) -> Tensor:
-    x2 = x.reshape(-1, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)  # a 2-D x needs no view (a microsecond at M=1)
     if kp != k:
         x2 = torch.nn.functional.pad(x2, (0, kp - k))
     return x2.contiguous()
@@ -128,7 +128,7 @@ def _act_linear(op: str, bits: int, x, qweight, scales, bias, act_scale, group_s
         raise ValueError(f"act_scale must be a float32 tensor with one element, got "
                          f"{act_scale.dtype} {list(act_scale.shape)}")
     y = backends.dispatch(op, _flatten(x, k, kp), qweight, scales, bias, act_scale, group_size, layout)
-    return y.reshape(*x.shape[:-1], n)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 def _weight_only_linear(op, bits, x, qweight, scales, zeros, bias, group_size, layout):
@@ -137,7 +137,7 @@ def _weight_only_linear(op, bits, x, qweight, scales, zeros, bias, group_size, l
         raise ValueError(f"zeros must be float32 {list(scales.shape)} like scales, got "
                          f"{zeros.dtype} {list(zeros.shape)}")
     y = backends.dispatch(op, _flatten(x, k, kp), qweight, scales, zeros, bias, group_size, layout)
-    return y.reshape(*x.shape[:-1], n)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 # torch drops arguments equal to the schema default before calling a fake, so each fake's

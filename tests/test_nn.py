@@ -246,7 +246,16 @@ def test_fast_path_reset_by_reassignment_state_dict_and_moves():
     q.scales = scales.half()
     with pytest.raises(TypeError, match="scales must be float32"):
         q(x)
-    q.scales = scales
+    q.register_buffer("scales", scales)
+    assert torch.equal(q(x), y)
+    q.register_buffer("scales", scales * 3)
+    assert torch.allclose(q(x), 3 * y)
+    q.register_buffer("scales", scales)
+    q(x)
+    del q.scales
+    with pytest.raises(AttributeError, match="scales"):
+        q(x)
+    q.register_buffer("scales", scales)
     assert torch.equal(q(x), y)
 
     fresh = QuantLinear(64, 8, False, "w8a8", name="fc")
