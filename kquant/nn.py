@@ -161,10 +161,7 @@ class QuantLinear(nn.Module):
         route = self._route
         if route is not None and route[0] == x.device and route[1] == os.environ.get(backends.ENV):
             fn, args, k, kp, n = route[2]
-            x2 = x if len(shape) == 2 else x.reshape(-1, k)
-            if kp != k:
-                x2 = torch.nn.functional.pad(x2, (0, kp - k))
-            y = fn(x2.contiguous(), *args)
+            y = fn(ops._flatten(x, k, kp), *args)
             return y if len(shape) == 2 else y.reshape(*shape[:-1], n)
         self._check_device(x)
         env = os.environ.get(backends.ENV)
@@ -189,10 +186,7 @@ class QuantLinear(nn.Module):
         """After a call that passed every check: keep the router's choice if it may be reused."""
         k, kp = self.in_features, self.padded_in_features
         args = self._tensor_args()
-        x2 = x.reshape(-1, k)
-        if kp != k:
-            x2 = torch.nn.functional.pad(x2, (0, kp - k))
-        fn, reusable = backends.route(self.op_name, x.device.type, x2.contiguous(), *args)
+        fn, reusable = backends.route(self.op_name, x.device.type, ops._flatten(x, k, kp), *args)
         if reusable:
             self.__dict__["_route"] = (x.device, env, (fn, args, k, kp, self.out_features))
 

@@ -195,7 +195,8 @@ LINEAR_OPS = {
 
 
 # The same computation without the dispatcher round trip (about 20 us a call on CPU):
-# QuantLinear calls these in eager mode and the registered ops when compiling.
+# QuantLinear calls these in eager mode (then, where backends.route says the choice is
+# reusable, the chosen backend function directly) and the registered ops when compiling.
 EAGER_LINEAR = {
     "w8a8_linear": functools.partial(_act_linear, "w8a8_linear", 8),
     "w4a8_linear": functools.partial(_act_linear, "w4a8_linear", 4),
