@@ -76,7 +76,7 @@ def _check_linear_args(x, qweight, scales, bias, extra, group_size, layout, bits
 
 
 def _flatten(x: Tensor, k: int, kp: int) -> Tensor:
-    x2 = x.reshape(-1, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)  # a 2-D x needs no view (a microsecond at M=1)
     if kp != k:
         x2 = torch.nn.functional.pad(x2, (0, kp - k))
     return x2.contiguous()
@@ -128,7 +128,7 @@ def _act_linear(op: str, bits: int, x, qweight, scales, bias, act_scale, group_s
         raise ValueError(f"act_scale must be a float32 tensor with one element, got "
                          f"{act_scale.dtype} {list(act_scale.shape)}")
     y = backends.dispatch(op, _flatten(x, k, kp), qweight, scales, bias, act_scale, group_size, layout)
-    return y.reshape(*x.shape[:-1], n)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 def _weight_only_linear(op, bits, x, qweight, scales, zeros, bias, group_size, layout):
@@ -137,7 +137,7 @@ def _weight_only_linear(op, bits, x, qweight, scales, zeros, bias, group_size, l
         raise ValueError(f"zeros must be float32 {list(scales.shape)} like scales, got "
                          f"{zeros.dtype} {list(zeros.shape)}")
     y = backends.dispatch(op, _flatten(x, k, kp), qweight, scales, zeros, bias, group_size, layout)
-    return y.reshape(*x.shape[:-1], n)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 # torch drops arguments equal to the schema default before calling a fake, so each fake's
@@ -195,7 +195,8 @@ LINEAR_OPS = {
 
 
 # The same computation without the dispatcher round trip (about 20 us a call on CPU):
-# QuantLinear calls these in eager mode and the registered ops when compiling.
+# QuantLinear calls these in eager mode (then, where backends.route says the choice is
+# reusable, the chosen backend function directly) and the registered ops when compiling.
 EAGER_LINEAR = {
     "w8a8_linear": functools.partial(_act_linear, "w8a8_linear", 8),
     "w4a8_linear": functools.partial(_act_linear, "w4a8_linear", 4),

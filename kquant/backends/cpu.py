@@ -25,6 +25,8 @@ from .. import _native
 from ..format import CANONICAL, Layout, pack_int4, register_layout, unpack_int4
 
 NAME = "cpu"
+# available()/can_run() depend only on op, device type and layout: a layer may reuse the choice
+ROUTE_STABLE = True
 LAYOUT_INT8 = 1
 LAYOUT_INT4 = 2
 

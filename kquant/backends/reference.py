@@ -16,6 +16,8 @@ from . import backend_ops
 from ..format import CANONICAL, PER_CHANNEL, to_canonical, unpack_int4
 
 NAME = "reference"
+# available()/can_run() depend only on op, device type and layout: a layer may reuse the choice
+ROUTE_STABLE = True
 
 
 def available() -> Tuple[bool, str]:
