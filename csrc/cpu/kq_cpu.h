@@ -60,7 +60,9 @@ inline Isa active_isa() {
 }
 
 #if KQ_X86
-#define KQ_AMX __attribute__((target("amx-tile,amx-int8,avx2,fma,f16c")))
+// AMX code may use AVX-512 too: every AMX CPU has it (cpu_has_amx_int8 checks)
+#define KQ_AVX512F __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define KQ_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 
 struct alignas(64) TileCfg {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};

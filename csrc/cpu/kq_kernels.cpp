@@ -855,6 +855,47 @@ KQ_AMX inline void unpack_int4_block(const uint8_t* w, int64_t no, int8_t* dst) 
   }
 }
 
+// store8's conversions, 16 lanes wide (same rounding: nearest even; bf16 NaN -> 0x7FC0)
+KQ_AVX512F inline void store16(void* y, OutT t, int64_t i, __m512 v) {
+  switch (t) {
+    case OutT::F16:
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(y) + i),
+                          _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      return;
+    case OutT::BF16: {
+      const __m512i u = _mm512_castps_si512(v);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+      r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(y) + i), _mm512_cvtepi32_epi16(r));
+      return;
+    }
+    default: _mm512_storeu_ps(static_cast<float*>(y) + i, v); return;
+  }
+}
+
+// Per-channel epilogue of one whole channel pair (two 8-channel C tiles side by side, 16
+// lanes) for the rows [m, min(m + 32, m1)) of one tile block: the AVX2 epilogue's
+// operations 16 lanes wide. It runs right after the block's last tiles are stored, so the
+// vector units convert one block while the AMX unit works on the next.
+KQ_AMX inline void epi_pair(const Problem& p, int64_t m, int64_t m1, int64_t n0, int32_t (*t)[16 * 8]) {
+  const __m512 s = _mm512_loadu_ps(p.sw + n0);
+  const __m512 b = p.bias ? _mm512_loadu_ps(p.bias + n0) : _mm512_setzero_ps();
+  for (int i = 0; i < 2; ++i) {
+    const int64_t row = m + 16 * i;
+    const int mr = static_cast<int>(std::min<int64_t>(16, m1 - row));
+    for (int r = 0; r < mr; ++r) {
+      const __m512i v = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t[2 * i] + 8 * r))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t[2 * i + 1] + 8 * r)), 1);
+      __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), s), _mm512_set1_ps(p.sx[row + r]));
+      KQ_NO_CONTRACT(f);  // the reference rounds the product before adding the bias
+      if (p.bias) f = _mm512_add_ps(f, b);
+      store16(p.y, p.yt, (row + r) * p.N + n0, f);
+    }
+  }
+}
+
 // Per-channel W8A8 and int8_mm. A task is 256 rows x 256 channels, in K chunks of 512:
 // the chunk's activations and weights (128 KiB each) come once from L3 into L2 (128 MACs
 // per byte, where the 128 x 128 tasks of the first version, at 64, were bound by this
@@ -870,8 +911,12 @@ KQ_AMX void task_amx_pc(const Problem& p, int64_t m0, int64_t m1, int64_t nb0, i
   auto acc = [&](int64_t mb, int64_t pi) {
     return reinterpret_cast<int32_t(*)[16 * 8]>(accv.data() + (mb * npair + pi) * 4 * 128);
   };
+  // pairs of whole 8-channel blocks take epi_pair inside the loop; the rest (and int32
+  // output) the general epilogue below
+  const int64_t full = p.yt == OutT::I32 ? 0 : std::max<int64_t>(0, std::min(nb1, p.N / kNB) - nb0) / 2;
   for (int64_t q0 = 0; q0 < p.nblk; q0 += kAmxKQ) {
     const int64_t q1 = std::min(p.nblk, q0 + kAmxKQ);
+    const bool last = q1 == p.nblk;
     for (int64_t mb = 0; mb < nmb; ++mb) {
       const int64_t m = m0 + 32 * mb;
       const int8_t* a = p.a8 + (m / 16) * ab;
@@ -883,13 +928,16 @@ KQ_AMX void task_amx_pc(const Problem& p, int64_t m0, int64_t m1, int64_t nb0, i
         else amx_load(acc(mb, pi));
         amx_run(m + 16 < m1, nbn, a, ab, b0, nbn == 2 ? b0 + p.nblk * 32 : b0, q0, q1);
         amx_store(acc(mb, pi));
+        if (last && pi >= 1 && pi - 1 < full) epi_pair(p, m, m1, (nb - 2) * kNB, acc(mb, pi - 1));
       }
+      if (last && npair - 1 < full) epi_pair(p, m, m1, (nb0 + 2 * (npair - 1)) * kNB, acc(mb, npair - 1));
     }
   }
   alignas(32) float s1[8], b8[8];
-  for (int64_t nb = nb0; nb < nb1; ++nb) {
+  for (int64_t nb = nb0 + 2 * full; nb < nb1; ++nb) {
     const int64_t n0 = nb * kNB;
     const int nv = static_cast<int>(std::min<int64_t>(kNB, p.N - n0));
+
     for (int c = 0; c < kNB; ++c) {
       s1[c] = c < nv && p.sw ? p.sw[n0 + c] : 0.0f;
       b8[c] = p.bias && c < nv ? p.bias[n0 + c] : 0.0f;
@@ -1229,10 +1277,52 @@ void run_tasks(const Problem& p, int kind, Isa isa) {
   });
 }
 
+#if KQ_X86
+// AVX-512 rows for the int8-only outputs (q8, linear or tiled; no |a| or int16 copies):
+// the AVX2 operations 16 lanes wide in the same order (multiply, clamp to +-127 in float,
+// round half to even), then one saturating narrow; same bits as quant_rows_avx2.
+KQ_AVX512F void quant_rows_avx512(const QuantArgs& a, int64_t m0, int64_t m1) {
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  const int64_t K16 = a.K & ~int64_t(15);
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t off = m * a.K;
+    float amax = 0.0f;
+    if (!a.is_static) {
+      __m512 vm = _mm512_setzero_ps();
+      int64_t k = 0;
+      for (; k < K16; k += 16) {
+        const __m512 v = a.xt == OutT::F32 ? _mm512_loadu_ps(static_cast<const float*>(a.x) + off + k)
+                                            : _mm512_insertf32x8(_mm512_castps256_ps512(load8(a.x, a.xt, off + k)),
+                                                                 load8(a.x, a.xt, off + k + 8), 1);
+        vm = _mm512_max_ps(vm, _mm512_abs_ps(v));
+      }
+      amax = _mm512_reduce_max_ps(vm);
+      for (; k < a.K; ++k) amax = std::max(amax, std::fabs(to_f(a.x, a.xt, off + k)));
+    }
+    float inv, scale;
+    row_params(amax, a, &inv, &scale);
+    a.sx[m] = scale;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    int64_t k = 0;
+    for (; k < K16; k += 16) {
+      __m512 v = a.xt == OutT::F32 ? _mm512_loadu_ps(static_cast<const float*>(a.x) + off + k)
+                                   : _mm512_insertf32x8(_mm512_castps256_ps512(load8(a.x, a.xt, off + k)),
+                                                        load8(a.x, a.xt, off + k + 8), 1);
+      v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, vinv), lo), hi);
+      const __m128i q = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v));  // MXCSR: nearest even
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(a.q8 + q8_index(a, m, k)), q);
+    }
+    for (; k < a.lda; ++k) a.q8[q8_index(a, m, k)] = static_cast<int8_t>(k < a.K ? quant1(to_f(a.x, a.xt, off + k), inv) : 0);
+    finish_row(a, m);
+  }
+}
+#endif
+
 void quantize(const QuantArgs& qa, int64_t M, Isa isa) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, qa.K));
   at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
 #if KQ_X86
+    if (isa >= Isa::Avx512 && !qa.qabs && !qa.q16) { quant_rows_avx512(qa, m0, m1); return; }
     if (isa != Isa::Scalar) { quant_rows_avx2(qa, m0, m1); return; }
 #endif
     quant_rows_scalar(qa, m0, m1);
