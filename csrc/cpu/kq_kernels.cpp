@@ -43,9 +43,13 @@ namespace kquant::cpu {
 namespace {
 
 enum Kind { kSign = 0, kI16 = 1, kW4 = 2, kAmx8 = 3, kAmx4 = 4 };
-// Rows from which the int8 GEMMs use AMX tiles when the machine has them (below, the
-// AVX2 sign-trick GEMV streams the weights as fast; see bench/RESULTS.md)
-constexpr int64_t kAmxMinM = 4;
+// Rows from which the int8 GEMMs use AMX tiles when the machine has them. Measured on one
+// core (4096x4096): W8A8 streams the weights at the same speed from M = 2 to 16 on AMX
+// (0.70-0.82 ms) while the vector kernels grow with M (M = 2: 0.83, 4: 1.16 ms); M = 1
+// stays on the VNNI GEMV (0.64 ms). W4A8 folds every 128-k group out of the tiles, which
+// costs more than the AVX2 kernel below 8 rows (M = 4: 1.15 vs 1.00 ms; M = 8: 1.19 vs 1.72).
+constexpr int64_t kAmxMinM = 2;
+constexpr int64_t kAmxMinM4 = 8;
 constexpr int64_t kAmxMC = 256;     // rows per AMX task
 constexpr int64_t kAmxNB = 32;      // 8-channel blocks per AMX task (see task_amx_pc)
 constexpr int64_t kAmxSpeedup = 8;  // AMX MACs per AVX2 MAC in time, for the threading grain
@@ -1392,7 +1396,8 @@ at::Tensor act_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tenso
   p.yt = out_type(x.scalar_type());
   const Isa isa = active_isa();
   p.lda = p.nblk * (int4 ? 8 : 4);
-  const bool amx = isa == Isa::Amx && p.M >= kAmxMinM && p.lda % 64 == 0 && (p.G == 1 || p.gsz % 64 == 0);
+  const bool amx = isa == Isa::Amx && p.M >= (int4 ? kAmxMinM4 : kAmxMinM) && p.lda % 64 == 0 &&
+                   (p.G == 1 || p.gsz % 64 == 0);
   const int kind = amx ? (int4 ? kAmx4 : kAmx8) : int4 ? kW4 : (p.M <= 3 ? kSign : kI16);
   QuantArgs qa{x.data_ptr(), p.yt, p.Kp, false, 1.f, 1.f, nullptr, nullptr, nullptr, p.lda, nullptr, nullptr,
                p.G, p.gsz};
