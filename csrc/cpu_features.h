@@ -55,4 +55,17 @@ inline bool cpu_has_amx_int8() {
 #endif
 }
 
+// AMX-BF16 too (tdpbf16ps), for the weight-only GEMMs
+inline bool cpu_has_amx_bf16() {
+#if defined(__x86_64__) && defined(__linux__)
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    return cpu_has_amx_int8() && __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 22) & 1);
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 }  // namespace kquant

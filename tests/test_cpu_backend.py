@@ -275,6 +275,18 @@ def test_weight_only_matches_reference(isa, m, n, k, gs, bits, sym):
         assert rel_err(y, r) <= 1e-5
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("gs", [-1, 32, 128])
+@pytest.mark.parametrize("sym", [True, False])
+def test_weight_only_tiles_and_chunks(isa, bits, gs, sym):
+    # the AMX-BF16 path (M >= 16): K chunks of 64..256 that must end at the padded K, row
+    # and channel tails, several tasks, zero points applied per group
+    for m, k, n in ((16, 260, 9), (33, 700, 40), (300, 384, 264), (17, 1000, 17)):
+        xp, pw, b = make(m, k, n, bits, gs, symmetric=sym, seed=k)
+        y, r = run_wo(pw, xp, b)
+        assert rel_err(y, r) <= 1e-6, (m, k, n)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [8, 4])
 def test_weight_only_dtypes_small_and_large_m(isa, dtype, bits):

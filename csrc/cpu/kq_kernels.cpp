@@ -1036,6 +1036,225 @@ KQ_AMX void task_amx(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_
   }
   _tile_release();
 }
+
+// ----------------------------------------------------------------------------- AMX-BF16
+// Weight-only GEMMs (W8A16, W4A16) of M >= kAmxWoMinM rows with tdpbf16ps (bf16 x bf16
+// products, exact in fp32, fp32 accumulation). The weights enter as their integer codes,
+// exact in bf16; x is split exactly into three bf16 parts, x = hi + mid + lo (8 + 8 + 8
+// significant bits), so every product x_k * q_k is the exact fp32 one and only the order
+// of the fp32 sums differs from the reference. Per group the zero point and the scale are
+// applied in fp32: f += s[n, g] * (sum_k x_k q_k - z[n, g] * sum_k x_k).
+#define KQ_AMXBF __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+constexpr int64_t kAmxWoMinM = 16;
+
+// bf16 bits of v rounded to nearest even (in the low half of each 32-bit lane)
+KQ_AMXBF inline __m512i bf16_rne(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+}
+
+KQ_AMXBF inline __m512 bf16_f32(__m512i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)); }
+
+// rows [m0, m1) of x -> a3: three bf16 parts, each tiled [Mp/16][lda/32][16][32] (1 KiB
+// tiles); xs[m][g] = sum of the group's x (fp32)
+KQ_AMXBF void split_rows(const Problem& p, const void* x, OutT xt, uint16_t* a3, int64_t part, float* xs, int64_t m0,
+                         int64_t m1) {
+  const int64_t K = p.Kp, kt = p.ldx / 32;
+  for (int64_t m = m0; m < m1; ++m) {
+    uint16_t* row = a3 + ((m >> 4) * kt) * 512 + (m & 15) * 32;
+    __m512 gs = _mm512_setzero_ps();
+    for (int64_t k = 0; k < p.ldx; k += 16) {
+      __m512 f;
+      if (k + 16 <= K) {
+        f = xt == OutT::F32 ? _mm512_loadu_ps(static_cast<const float*>(x) + m * K + k)
+                            : _mm512_insertf32x8(_mm512_castps256_ps512(load8(x, xt, m * K + k)),
+                                                 load8(x, xt, m * K + k + 8), 1);
+      } else {
+        alignas(64) float t[16] = {};
+        for (int64_t j = k; j < K; ++j) t[j - k] = to_f(x, xt, m * K + j);
+        f = _mm512_load_ps(t);
+      }
+      gs = _mm512_add_ps(gs, f);
+      // groups of G > 1 are multiples of 32 k; one group (G = 1) ends with the row
+      if (p.G > 1 ? (k + 16) % p.gsz == 0 && k < K : k + 16 >= p.ldx) {
+        xs[m * p.G + (p.G > 1 ? k / p.gsz : 0)] = _mm512_reduce_add_ps(gs);
+        gs = _mm512_setzero_ps();
+      }
+      const __m512i h = bf16_rne(f);
+      const __m512 r1 = _mm512_sub_ps(f, bf16_f32(h));
+      const __m512i md = bf16_rne(r1);
+      const __m512i lo = bf16_rne(_mm512_sub_ps(r1, bf16_f32(md)));
+      uint16_t* d = row + (k >> 5) * 512 + (k & 31);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), _mm512_cvtepi32_epi16(h));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + part), _mm512_cvtepi32_epi16(md));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 2 * part), _mm512_cvtepi32_epi16(lo));
+    }
+  }
+}
+
+// one quad row of int8 codes (8 channels x 4 k) -> two bf16 pair rows (8 channels x 2 k each)
+KQ_AMXBF inline void quad_to_pairs(__m256i v, uint16_t* dst) {
+  const __m256i sel = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                       0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, sel), 0xD8);  // [k0k1 c0-7 | k2k3 c0-7]
+  const __m512i w = _mm512_cvtepi8_epi16(v);
+  const __m512i a = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(w));
+  const __m512i b = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(w, 1));
+  // integer codes are exact in bf16: the top half of their fp32 bits
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(a)), 16)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(b)), 16)));
+}
+
+// k in [k0, k0 + kc) of a channel block's codes -> bf16 B tiles: [kc / 2 pair rows][8][2]
+KQ_AMXBF void block_to_bf16(const Problem& p, bool int4, int64_t nb, int64_t k0, int64_t kc, uint16_t* dst) {
+  if (int4) {
+    const uint8_t* w = p.w4 + nb * p.nblk * 32;
+    const __m256i lo = _mm256_set1_epi8(0x0F);
+    for (int64_t o = k0 / 8; o < (k0 + kc) / 8; ++o, dst += 64) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + o * 32));
+      quad_to_pairs(_mm256_and_si256(v, lo), dst);
+      quad_to_pairs(_mm256_and_si256(_mm256_srli_epi16(v, 4), lo), dst + 32);
+    }
+  } else {
+    const int8_t* w = p.w8 + nb * p.nblk * 32;
+    for (int64_t q = k0 / 4; q < (k0 + kc) / 4; ++q, dst += 32)
+      quad_to_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 32)), dst);
+  }
+}
+
+template <bool A2, bool B2>
+KQ_AMXBF inline void amxbf_steps(const uint16_t* a, int64_t ab, int64_t part, const uint16_t* b0, const uint16_t* b1,
+                                 int64_t s0, int64_t s1) {
+  for (int64_t s = s0; s < s1; ++s) {  // 32 k per step
+    _tile_loadd(6, b0 + s * 256, 32);
+    if (B2) _tile_loadd(7, b1 + s * 256, 32);
+    for (int sp = 0; sp < 3; ++sp) {
+      const uint16_t* as = a + sp * part + s * 512;
+      _tile_loadd(4, as, 64);
+      if (A2) _tile_loadd(5, as + ab, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if (B2) _tile_dpbf16ps(1, 4, 7);
+      if (A2) _tile_dpbf16ps(2, 5, 6);
+      if (A2 && B2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+}
+
+// A task is 256 rows x 256 channels, in K chunks (a weight group, or 128 k per channel):
+// per chunk the task's weights are converted once (64 KiB at 128 k), a 32-row slice of the
+// three activation parts stays in L1 while every channel pair uses it, and the fp32 sums
+// wait in f (per group already scaled).
+KQ_AMXBF void task_amx_wo(const Problem& p, bool int4, const uint16_t* a3, int64_t part, const float* xs, int64_t m0,
+                          int64_t m1, int64_t nb0, int64_t nb1) {
+  amx_config();
+  // k per chunk: the group, or 128 (64 when that does not divide the padded K): the 32-row
+  // slice of the three parts is then 24 KiB, half of L1
+  const int64_t kc = p.G > 1 ? p.gsz : p.ldx % 128 == 0 ? 128 : 64;
+  const int64_t ab = (p.ldx / 32) * 512;                                 // elements per 16-row block
+  const int64_t nbk = nb1 - nb0, npair = cdiv(nbk, 2), nmb = cdiv(m1 - m0, 32);
+  thread_local std::vector<uint16_t> wb;  // [nbk][kc / 2][8][2] bf16 codes of the chunk
+  thread_local std::vector<float> fv;     // [nmb][npair][4][16 * 8]
+  if (static_cast<int64_t>(wb.size()) < nbk * kc * 8) wb.resize(nbk * kc * 8);
+  if (static_cast<int64_t>(fv.size()) < nmb * npair * 4 * 128) fv.resize(nmb * npair * 4 * 128);
+  std::fill(fv.begin(), fv.begin() + nmb * npair * 4 * 128, 0.0f);
+  auto fb = [&](int64_t mb, int64_t pi) { return fv.data() + (mb * npair + pi) * 4 * 128; };
+  alignas(64) float c[4][16 * 8];
+  alignas(32) float s8[8], z8[8];
+  const int64_t nchunk = cdiv(p.Kp, kc);  // chunks past Kp hold only zero padding
+  for (int64_t ch = 0; ch < nchunk; ++ch) {
+    const int64_t g = p.G > 1 ? ch : 0;
+    for (int64_t b = 0; b < nbk; ++b) block_to_bf16(p, int4, nb0 + b, ch * kc, kc, wb.data() + b * kc * 8);
+    for (int64_t mb = 0; mb < nmb; ++mb) {
+      const int64_t m = m0 + 32 * mb;
+      const bool a2 = m + 16 < m1;
+      const uint16_t* a = a3 + (m / 16) * ab + (ch * kc / 32) * 512;
+      for (int64_t pi = 0; pi < npair; ++pi) {
+        const int nbn = nb0 + 2 * pi + 1 < nb1 ? 2 : 1;
+        const uint16_t* b0 = wb.data() + 2 * pi * kc * 8;
+        const uint16_t* b1 = nbn == 2 ? b0 + kc * 8 : b0;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        if (a2 && nbn == 2) amxbf_steps<true, true>(a, ab, part, b0, b1, 0, kc / 32);
+        else if (a2) amxbf_steps<true, false>(a, ab, part, b0, b1, 0, kc / 32);
+        else if (nbn == 2) amxbf_steps<false, true>(a, ab, part, b0, b1, 0, kc / 32);
+        else amxbf_steps<false, false>(a, ab, part, b0, b1, 0, kc / 32);
+        _tile_stored(0, c[0], 32);
+        _tile_stored(1, c[1], 32);
+        _tile_stored(2, c[2], 32);
+        _tile_stored(3, c[3], 32);
+        float* f = fb(mb, pi);
+        for (int j = 0; j < nbn; ++j) {
+          const int64_t n0 = (nb0 + 2 * pi + j) * kNB;
+          for (int cc = 0; cc < kNB; ++cc) {
+            const bool ok = n0 + cc < p.N;
+            s8[cc] = ok ? p.sw[(n0 + cc) * p.G + g] : 0.0f;
+            z8[cc] = p.zeros ? (ok ? p.zeros[(n0 + cc) * p.G + g] : 0.0f) : static_cast<float>(p.wo_zero);
+          }
+          const __m256 sv = _mm256_loadu_ps(s8), zv = _mm256_loadu_ps(z8);
+          for (int i = 0; i < (a2 ? 2 : 1); ++i) {
+            const int mr = static_cast<int>(std::min<int64_t>(16, m1 - m - 16 * i));
+            for (int r = 0; r < mr; ++r) {
+              float* fr = f + (2 * i + j) * 128 + 8 * r;
+              const __m256 cv = _mm256_loadu_ps(c[2 * i + j] + 8 * r);
+              if (p.G == 1) {  // one group: sum the chunks; zero point and scale at the end
+                _mm256_storeu_ps(fr, _mm256_add_ps(cv, _mm256_loadu_ps(fr)));
+                if (ch + 1 < nchunk) continue;
+              }
+              const __m256 xsv = _mm256_set1_ps(xs[(m + 16 * i + r) * p.G + g]);
+              const __m256 t = _mm256_fnmadd_ps(zv, xsv, p.G == 1 ? _mm256_loadu_ps(fr) : cv);
+              _mm256_storeu_ps(fr, _mm256_fmadd_ps(t, sv, p.G == 1 ? _mm256_setzero_ps() : _mm256_loadu_ps(fr)));
+            }
+          }
+        }
+      }
+    }
+  }
+  alignas(32) float b8[8];
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const int64_t n0 = nb * kNB;
+    const int nv = static_cast<int>(std::min<int64_t>(kNB, p.N - n0));
+    for (int cc = 0; cc < kNB; ++cc) b8[cc] = p.bias && cc < nv ? p.bias[n0 + cc] : 0.0f;
+    for (int64_t mb = 0; mb < nmb; ++mb)
+      for (int i = 0; i < 2; ++i) {
+        const int64_t row = m0 + 32 * mb + 16 * i;
+        const int mr = static_cast<int>(std::min<int64_t>(16, m1 - row));
+        if (mr <= 0) break;
+        Avx2K::epi(p, mr, row, n0, nv, fb(mb, (nb - nb0) / 2) + (2 * i + (nb - nb0) % 2) * 128, b8);
+      }
+  }
+  _tile_release();
+}
+
+// x split once for all rows, then tasks of 256 rows x 256 channels
+KQ_AMXBF void run_amx_wo(Problem& p, bool int4, const void* x, OutT xt) {
+  const int64_t mp = cdiv(p.M, 16) * 16, part = mp * p.ldx;
+  // not zero-filled: split_rows writes every element of the rows it owns (K padding too)
+  at::Tensor a3t = at::empty({3 * part}, at::TensorOptions().dtype(at::kShort));
+  at::Tensor xst = at::empty({p.M * p.G}, at::TensorOptions().dtype(at::kFloat));
+  uint16_t* a3 = reinterpret_cast<uint16_t*>(a3t.data_ptr<int16_t>());
+  float* xs = xst.data_ptr<float>();
+  for (int64_t m = p.M; m < mp; ++m)  // rows past M: zeros in every part
+    for (int sp = 0; sp < 3; ++sp)
+      for (int64_t k = 0; k < p.ldx; k += 32)
+        std::memset(a3 + sp * part + ((m >> 4) * (p.ldx / 32) + k / 32) * 512 + (m & 15) * 32, 0, 64);
+  at::parallel_for(0, p.M, std::max<int64_t>(1, 16384 / p.ldx), [&](int64_t m0, int64_t m1) {
+    split_rows(p, x, xt, a3, part, xs, m0, m1);
+  });
+  const int64_t nbt = cdiv(p.N, kNB), mc = std::min<int64_t>(p.M, 256), ncb = 32;
+  const int64_t tm = cdiv(p.M, mc), tn = cdiv(nbt, ncb);
+  at::parallel_for(0, tm * tn, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t mi = t / tn, ni = t % tn;
+      task_amx_wo(p, int4, a3, part, xs, mi * mc, std::min(p.M, (mi + 1) * mc), ni * ncb,
+                  std::min(nbt, (ni + 1) * ncb));
+    }
+  });
+}
 #endif
 
 template <class KK>
@@ -1474,6 +1693,17 @@ at::Tensor wo_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
   }
   p.wo_zero = int4 ? 8 : 0;
   const Isa isa = active_isa();
+#if KQ_X86
+  if (isa == Isa::Amx && kquant::cpu_has_amx_bf16() && p.M >= kAmxWoMinM) {
+    at::Tensor y = at::empty({p.M, p.N}, x.options());
+    if (p.N == 0) return y;
+    p.y = y.data_ptr();
+    p.yt = out_type(x.scalar_type());
+    p.ldx = p.nblk * (int4 ? 8 : 4);  // K padded to 64
+    run_amx_wo(p, int4, x.data_ptr(), p.yt);
+    return y;
+  }
+#endif
   if (p.M > kWeightOnlyMidM) {
     // large M: dequantize ~8 MiB of channels at a time into W^T and let at::mm
     // (multi-threaded, the best fp32 GEMM on the machine) do the work
