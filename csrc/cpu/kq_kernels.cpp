@@ -172,6 +172,12 @@ KQ_AVX2 inline void store8(void* y, OutT t, int64_t i, __m256 v, int n) {
   for (int c = 0; c < n; ++c) store_f(y, t, i + c, tmp[c]);
 }
 
+// 16 values of x as fp32
+KQ_AVX512F inline __m512 load16(const void* x, OutT t, int64_t i) {
+  if (t == OutT::F32) return _mm512_loadu_ps(static_cast<const float*>(x) + i);
+  return _mm512_insertf32x8(_mm512_castps256_ps512(load8(x, t, i)), load8(x, t, i + 8), 1);
+}
+
 KQ_AVX2 void quant_rows_avx2(const QuantArgs& a, int64_t m0, int64_t m1) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
@@ -1067,9 +1073,7 @@ KQ_AMXBF void split_rows(const Problem& p, const void* x, OutT xt, uint16_t* a3,
     for (int64_t k = 0; k < p.ldx; k += 16) {
       __m512 f;
       if (k + 16 <= K) {
-        f = xt == OutT::F32 ? _mm512_loadu_ps(static_cast<const float*>(x) + m * K + k)
-                            : _mm512_insertf32x8(_mm512_castps256_ps512(load8(x, xt, m * K + k)),
-                                                 load8(x, xt, m * K + k + 8), 1);
+        f = load16(x, xt, m * K + k);
       } else {
         alignas(64) float t[16] = {};
         for (int64_t j = k; j < K; ++j) t[j - k] = to_f(x, xt, m * K + j);
@@ -1514,9 +1518,7 @@ KQ_AVX512F void quant_rows_avx512(const QuantArgs& a, int64_t m0, int64_t m1) {
       __m512 vm = _mm512_setzero_ps();
       int64_t k = 0;
       for (; k < K16; k += 16) {
-        const __m512 v = a.xt == OutT::F32 ? _mm512_loadu_ps(static_cast<const float*>(a.x) + off + k)
-                                            : _mm512_insertf32x8(_mm512_castps256_ps512(load8(a.x, a.xt, off + k)),
-                                                                 load8(a.x, a.xt, off + k + 8), 1);
+        const __m512 v = load16(a.x, a.xt, off + k);
         vm = _mm512_max_ps(vm, _mm512_abs_ps(v));
       }
       amax = _mm512_reduce_max_ps(vm);
@@ -1528,9 +1530,7 @@ KQ_AVX512F void quant_rows_avx512(const QuantArgs& a, int64_t m0, int64_t m1) {
     const __m512 vinv = _mm512_set1_ps(inv);
     int64_t k = 0;
     for (; k < K16; k += 16) {
-      __m512 v = a.xt == OutT::F32 ? _mm512_loadu_ps(static_cast<const float*>(a.x) + off + k)
-                                   : _mm512_insertf32x8(_mm512_castps256_ps512(load8(a.x, a.xt, off + k)),
-                                                        load8(a.x, a.xt, off + k + 8), 1);
+      __m512 v = load16(a.x, a.xt, off + k);
       v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, vinv), lo), hi);
       const __m128i q = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v));  // MXCSR: nearest even
       _mm_storeu_si128(reinterpret_cast<__m128i*>(a.q8 + q8_index(a, m, k)), q);
