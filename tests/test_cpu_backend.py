@@ -281,7 +281,7 @@ def test_weight_only_matches_reference(isa, m, n, k, gs, bits, sym):
 def test_weight_only_tiles_and_chunks(isa, bits, gs, sym):
     # the AMX-BF16 path (M >= 16): K chunks of 64..256 that must end at the padded K, row
     # and channel tails, several tasks, zero points applied per group
-    for m, k, n in ((16, 260, 9), (33, 700, 40), (300, 384, 264), (17, 1000, 17)):
+    for m, k, n in ((16, 260, 9), (33, 700, 40), (300, 384, 264), (17, 1000, 17), (1100, 64, 24)):
         xp, pw, b = make(m, k, n, bits, gs, symmetric=sym, seed=k)
         y, r = run_wo(pw, xp, b)
         assert rel_err(y, r) <= 1e-6, (m, k, n)

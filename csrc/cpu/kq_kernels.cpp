@@ -1700,7 +1700,14 @@ at::Tensor wo_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
     p.y = y.data_ptr();
     p.yt = out_type(x.scalar_type());
     p.ldx = p.nblk * (int4 ? 8 : 4);  // K padded to 64
-    run_amx_wo(p, int4, x.data_ptr(), p.yt);
+    // 1024 rows at a time: the three bf16 parts of x (6 bytes per element) stay bounded
+    constexpr int64_t kRows = 1024;
+    for (int64_t r0 = 0; r0 < p.M; r0 += kRows) {
+      Problem q = p;
+      q.M = std::min(kRows, p.M - r0);
+      q.y = static_cast<char*>(y.data_ptr()) + r0 * p.N * y.element_size();
+      run_amx_wo(q, int4, static_cast<const char*>(x.data_ptr()) + r0 * p.Kp * x.element_size(), p.yt);
+    }
     return y;
   }
 #endif
