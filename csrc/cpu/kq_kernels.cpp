@@ -1504,48 +1504,10 @@ void run_tasks(const Problem& p, int kind, Isa isa) {
   });
 }
 
-#if KQ_X86
-// AVX-512 rows for the int8-only outputs (q8, linear or tiled; no |a| or int16 copies):
-// the AVX2 operations 16 lanes wide in the same order (multiply, clamp to +-127 in float,
-// round half to even), then one saturating narrow; same bits as quant_rows_avx2.
-KQ_AVX512F void quant_rows_avx512(const QuantArgs& a, int64_t m0, int64_t m1) {
-  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-  const int64_t K16 = a.K & ~int64_t(15);
-  for (int64_t m = m0; m < m1; ++m) {
-    const int64_t off = m * a.K;
-    float amax = 0.0f;
-    if (!a.is_static) {
-      __m512 vm = _mm512_setzero_ps();
-      int64_t k = 0;
-      for (; k < K16; k += 16) {
-        const __m512 v = load16(a.x, a.xt, off + k);
-        vm = _mm512_max_ps(vm, _mm512_abs_ps(v));
-      }
-      amax = _mm512_reduce_max_ps(vm);
-      for (; k < a.K; ++k) amax = std::max(amax, std::fabs(to_f(a.x, a.xt, off + k)));
-    }
-    float inv, scale;
-    row_params(amax, a, &inv, &scale);
-    a.sx[m] = scale;
-    const __m512 vinv = _mm512_set1_ps(inv);
-    int64_t k = 0;
-    for (; k < K16; k += 16) {
-      __m512 v = load16(a.x, a.xt, off + k);
-      v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, vinv), lo), hi);
-      const __m128i q = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v));  // MXCSR: nearest even
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(a.q8 + q8_index(a, m, k)), q);
-    }
-    for (; k < a.lda; ++k) a.q8[q8_index(a, m, k)] = static_cast<int8_t>(k < a.K ? quant1(to_f(a.x, a.xt, off + k), inv) : 0);
-    finish_row(a, m);
-  }
-}
-#endif
-
 void quantize(const QuantArgs& qa, int64_t M, Isa isa) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, qa.K));
   at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
 #if KQ_X86
-    if (isa >= Isa::Avx512 && !qa.qabs && !qa.q16) { quant_rows_avx512(qa, m0, m1); return; }
     if (isa != Isa::Scalar) { quant_rows_avx2(qa, m0, m1); return; }
 #endif
     quant_rows_scalar(qa, m0, m1);
