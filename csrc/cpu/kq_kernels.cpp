@@ -797,12 +797,13 @@ struct Avx512K : Avx2K {
 // W8A8 / W4A8 / int8_mm with AMX-INT8 (tdpbssd: signed x signed int8, int32 accumulation,
 // no saturation: exact for every int8 operand, -128 included). The weight tiles come
 // straight from layout 1: one 8-channel block's 16 consecutive k-quads are a 16 x 32-byte
-// tile, exactly tdpbssd's B operand for 8 output channels. Register-only loops on one core
-// of this Xeon (bench/test_cpu_linear.py::test_ceiling): 1.7 TMAC/s with 8-channel B tiles;
-// 1.2 TMAC/s with all four tiles reloaded from L1 every step (the 2 x 2 tile block below),
-// against 0.9 TMAC/s for 16-channel B tiles, whose extra C traffic costs more than they
-// save. W4A8 unpacks each block's nibbles once per task into int8 (u - 8), so the int32
-// sums are the exact W4A8 sums and the epilogue is the AVX2 one.
+// tile, exactly tdpbssd's B operand for 8 output channels. One core of this Xeon
+// (bench/test_cpu_linear.py::test_ceiling): tdpbssd alone ~1.8 TMAC/s (amx_tdpbssd), the
+// kernel's own tile sequence from L1 ~1.4-1.5 (amx_kernel_seq). In a stand-alone loop
+// with every tile reloaded from L1 each step, 8-channel B tiles ran at 1.2 TMAC/s and
+// 16-channel ones (another layout) at 0.9, so layout 1 stays. W4A8 unpacks each block's
+// nibbles once per task into int8 (u - 8), so the int32 sums are the exact W4A8 sums and
+// the epilogue is the AVX2 one.
 
 // a: the row block's first tile (tiled activations), ab: bytes from one row block to the next
 template <bool A2, bool B2>
