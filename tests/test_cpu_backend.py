@@ -287,6 +287,20 @@ def test_weight_only_tiles_and_chunks(isa, bits, gs, sym):
         assert rel_err(y, r) <= 1e-6, (m, k, n)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_only_zero_points_whole_and_fractional(isa, bits):
+    # x all of one sign makes sum(x q) and z sum(x) large and close: whole zero points go
+    # into the codes exactly (no cancellation); fractional ones take the x-sum correction
+    xp, pw, b = make(40, 512, 24, bits, 128, symmetric=False, seed=3)
+    xp = xp.abs() + 1.0
+    y, r = run_wo(pw, xp, b)
+    assert rel_err(y, r) <= 1e-6
+    frac = pw.zeros + 0.25
+    y = cpu.OPS[f"w{bits}a16_linear"](xp, blocked(pw)[0], pw.scales, frac, b, pw.group_size, blocked(pw)[1])
+    r = getattr(ref, f"w{bits}a16_linear")(xp, pw.qweight, pw.scales, frac, b, pw.group_size)
+    assert rel_err(y, r) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [8, 4])
 def test_weight_only_dtypes_small_and_large_m(isa, dtype, bits):

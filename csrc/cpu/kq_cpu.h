@@ -103,6 +103,12 @@ struct Problem {
   // float activations (weight-only)
   const float* xf = nullptr;
   int64_t ldx = 0;
+  // AMX-BF16 weight-only: x as three bf16 parts (hi, mid, lo), each tiled [Mp/16][ldx/32][16][32]
+  // and xb_part elements apart, and the sum of x per row and weight group [M][G]
+  const uint16_t* xb = nullptr;
+  int64_t xb_part = 0;
+  const float* xsum = nullptr;
+  bool zfold = false;  // zero points are whole numbers: q - z goes into the bf16 codes exactly
   int wo_zero = 0;  // implicit symmetric zero point for weight-only (8 for int4)
   void* y = nullptr;
   OutT yt = OutT::F32;

@@ -42,7 +42,8 @@
 namespace kquant::cpu {
 namespace {
 
-enum Kind { kSign = 0, kI16 = 1, kW4 = 2, kAmx8 = 3, kAmx4 = 4 };
+// (weight-only kinds 10-13 are the AVX2/scalar paths by M, see wo_linear)
+enum Kind { kSign = 0, kI16 = 1, kW4 = 2, kAmx8 = 3, kAmx4 = 4, kAmxWo8 = 14, kAmxWo4 = 15 };
 // Rows from which the int8 GEMMs use AMX tiles when the machine has them. Measured on one
 // core (4096x4096): W8A8 streams the weights at the same speed from M = 2 to 16 on AMX
 // (0.70-0.82 ms) while the vector kernels grow with M (M = 2: 0.83, 4: 1.16 ms); M = 1
@@ -973,19 +974,19 @@ KQ_AMX void task_amx_pc(const Problem& p, int64_t m0, int64_t m1, int64_t nb0, i
 // holds whole 16-row tiles (rows past M are zeros) and K padded to 64.
 KQ_AMX void task_amx(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
   amx_config();
-  if (!int4 && p.G == 1) {
+  if (!int4 && p.G == 1) {  // per-channel W8A8 and int8_mm
     task_amx_pc(p, m0, m1, nb0, nb1);
     _tile_release();
     return;
   }
-  const int64_t nq = int4 ? 2 * p.nblk : p.nblk;             // k-quads
-  const bool fold = int4 || p.G > 1;                          // per-group float sums
+  // grouped W8A8 and W4A8 (any G): every group's int32 tiles are folded into fp32 sums
+  const int64_t nq = int4 ? 2 * p.nblk : p.nblk;  // k-quads
   const int64_t perq = p.G > 1 ? p.gsz / 4 : nq;
   thread_local std::vector<int8_t> wq;
   if (int4 && static_cast<int64_t>(wq.size()) < 2 * nq * 32) wq.resize(2 * nq * 32);
   alignas(64) int32_t acc[4][16 * 8];
   alignas(64) float f[4][16 * 8];
-  alignas(32) float s1[2][8], b8[2][8], s8[8];
+  alignas(32) float b8[2][8], s8[8];
   for (int64_t nb = nb0; nb < nb1; nb += 2) {
     const int nbn = nb + 1 < nb1 ? 2 : 1;
     const int8_t* bw[2];
@@ -1000,10 +1001,7 @@ KQ_AMX void task_amx(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_
       }
       n0[j] = (nb + j) * kNB;
       nv[j] = static_cast<int>(std::min<int64_t>(kNB, p.N - n0[j]));
-      for (int c = 0; c < kNB; ++c) {
-        s1[j][c] = c < nv[j] && p.sw ? p.sw[(n0[j] + c) * p.G] : 0.0f;
-        b8[j][c] = p.bias && c < nv[j] ? p.bias[n0[j] + c] : 0.0f;
-      }
+      for (int c = 0; c < kNB; ++c) b8[j][c] = p.bias && c < nv[j] ? p.bias[n0[j] + c] : 0.0f;
     }
     if (nbn == 1) bw[1] = bw[0];
     for (int64_t m = m0; m < m1; m += 32) {
@@ -1012,11 +1010,10 @@ KQ_AMX void task_amx(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_
       const bool a2 = mr[1] > 0;
       const int8_t* a = p.a8 + (m / 16) * p.lda * 16;
       amx_zero();
-      if (fold) std::memset(f, 0, sizeof(f));
+      std::memset(f, 0, sizeof(f));
       for (int64_t g = 0; g < p.G; ++g) {
         const int64_t q0 = g * perq, q1 = p.G > 1 ? q0 + perq : nq;
         amx_run(a2, nbn, a, p.lda * 16, bw[0], bw[1], q0, q1);
-        if (!fold) continue;
         amx_store(acc);
         amx_zero();
         for (int j = 0; j < nbn; ++j) {
@@ -1024,21 +1021,8 @@ KQ_AMX void task_amx(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_
           for (int i = 0; i < (a2 ? 2 : 1); ++i) Avx2K::fold(mr[i], acc[2 * i + j], s8, f[2 * i + j]);
         }
       }
-      if (!fold) amx_store(acc);
       for (int i = 0; i < (a2 ? 2 : 1); ++i)
-        for (int j = 0; j < nbn; ++j) {
-          const int t = 2 * i + j;
-          const int64_t row = m + 16 * i;
-          if (p.yt == OutT::I32) {  // int8_mm: raw int32
-            int32_t* y = static_cast<int32_t*>(p.y);
-            for (int r = 0; r < mr[i]; ++r)
-              std::memcpy(y + (row + r) * p.N + n0[j], acc[t] + 8 * r, nv[j] * sizeof(int32_t));
-          } else if (fold) {
-            Avx2K::epi(p, mr[i], row, n0[j], nv[j], f[t], b8[j]);
-          } else {
-            Avx2K::epi_int(p, mr[i], row, n0[j], nv[j], acc[t], s1[j], b8[j]);
-          }
-        }
+        for (int j = 0; j < nbn; ++j) Avx2K::epi(p, mr[i], m + 16 * i, n0[j], nv[j], f[2 * i + j], b8[j]);
     }
   }
   _tile_release();
@@ -1099,7 +1083,9 @@ KQ_AMXBF void split_rows(const Problem& p, const void* x, OutT xt, uint16_t* a3,
 }
 
 // one quad row of int8 codes (8 channels x 4 k) -> two bf16 pair rows (8 channels x 2 k each)
-KQ_AMXBF inline void quad_to_pairs(__m256i v, uint16_t* dst) {
+// of q - z (z: the zero point of each lane's channel, a whole number, so q - z in [-255, 255]
+// is exact in bf16)
+KQ_AMXBF inline void quad_to_pairs(__m256i v, __m512 z, uint16_t* dst) {
   const __m256i sel = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
                                        0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
   v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, sel), 0xD8);  // [k0k1 c0-7 | k2k3 c0-7]
@@ -1107,26 +1093,30 @@ KQ_AMXBF inline void quad_to_pairs(__m256i v, uint16_t* dst) {
   const __m512i a = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(w));
   const __m512i b = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(w, 1));
   // integer codes are exact in bf16: the top half of their fp32 bits
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
-                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(a)), 16)));
+  const __m512 fa = _mm512_sub_ps(_mm512_cvtepi32_ps(a), z), fb = _mm512_sub_ps(_mm512_cvtepi32_ps(b), z);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(fa), 16)));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16),
-                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(b)), 16)));
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(fb), 16)));
 }
 
 // k in [k0, k0 + kc) of a channel block's codes -> bf16 B tiles: [kc / 2 pair rows][8][2]
-KQ_AMXBF void block_to_bf16(const Problem& p, bool int4, int64_t nb, int64_t k0, int64_t kc, uint16_t* dst) {
+KQ_AMXBF void block_to_bf16(const Problem& p, bool int4, int64_t nb, int64_t k0, int64_t kc, const float* z8,
+                            uint16_t* dst) {
+  // lane 2c and 2c + 1 of a pair row belong to channel c
+  const __m512 z = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+                                         _mm512_castps256_ps512(_mm256_loadu_ps(z8)));
   if (int4) {
     const uint8_t* w = p.w4 + nb * p.nblk * 32;
     const __m256i lo = _mm256_set1_epi8(0x0F);
     for (int64_t o = k0 / 8; o < (k0 + kc) / 8; ++o, dst += 64) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + o * 32));
-      quad_to_pairs(_mm256_and_si256(v, lo), dst);
-      quad_to_pairs(_mm256_and_si256(_mm256_srli_epi16(v, 4), lo), dst + 32);
+      quad_to_pairs(_mm256_and_si256(v, lo), z, dst);
+      quad_to_pairs(_mm256_and_si256(_mm256_srli_epi16(v, 4), lo), z, dst + 32);
     }
   } else {
     const int8_t* w = p.w8 + nb * p.nblk * 32;
     for (int64_t q = k0 / 4; q < (k0 + kc) / 4; ++q, dst += 32)
-      quad_to_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 32)), dst);
+      quad_to_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 32)), z, dst);
   }
 }
 
@@ -1152,9 +1142,23 @@ KQ_AMXBF inline void amxbf_steps(const uint16_t* a, int64_t ab, int64_t part, co
 // per chunk the task's weights are converted once (64 KiB at 128 k), a 32-row slice of the
 // three activation parts stays in L1 while every channel pair uses it, and the fp32 sums
 // wait in f (per group already scaled).
-KQ_AMXBF void task_amx_wo(const Problem& p, bool int4, const uint16_t* a3, int64_t part, const float* xs, int64_t m0,
-                          int64_t m1, int64_t nb0, int64_t nb1) {
+KQ_AMXBF inline void amxbf_run(bool a2, int nbn, const uint16_t* a, int64_t ab, int64_t part, const uint16_t* b0,
+                               const uint16_t* b1, int64_t s0, int64_t s1) {
+  if (a2 && nbn == 2) amxbf_steps<true, true>(a, ab, part, b0, b1, s0, s1);
+  else if (a2) amxbf_steps<true, false>(a, ab, part, b0, b1, s0, s1);
+  else if (nbn == 2) amxbf_steps<false, true>(a, ab, part, b0, b1, s0, s1);
+  else amxbf_steps<false, false>(a, ab, part, b0, b1, s0, s1);
+}
+
+inline float zero_of(const Problem& p, int64_t n, int64_t g) {
+  return p.zeros ? p.zeros[n * p.G + g] : static_cast<float>(p.wo_zero);
+}
+
+KQ_AMXBF void task_amx_wo(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
   amx_config();
+  const uint16_t* a3 = p.xb;
+  const int64_t part = p.xb_part;
+  const float* xs = p.xsum;
   // k per chunk: the group, or 128 (64 when that does not divide the padded K): the 32-row
   // slice of the three parts is then 24 KiB, half of L1
   const int64_t kc = p.G > 1 ? p.gsz : p.ldx % 128 == 0 ? 128 : 64;
@@ -1171,7 +1175,11 @@ KQ_AMXBF void task_amx_wo(const Problem& p, bool int4, const uint16_t* a3, int64
   const int64_t nchunk = cdiv(p.Kp, kc);  // chunks past Kp hold only zero padding
   for (int64_t ch = 0; ch < nchunk; ++ch) {
     const int64_t g = p.G > 1 ? ch : 0;
-    for (int64_t b = 0; b < nbk; ++b) block_to_bf16(p, int4, nb0 + b, ch * kc, kc, wb.data() + b * kc * 8);
+    for (int64_t b = 0; b < nbk; ++b) {  // whole zero points go into the codes (no x-sum term)
+      const int64_t n0 = (nb0 + b) * kNB;
+      for (int cc = 0; cc < kNB; ++cc) z8[cc] = p.zfold && n0 + cc < p.N ? zero_of(p, n0 + cc, g) : 0.0f;
+      block_to_bf16(p, int4, nb0 + b, ch * kc, kc, z8, wb.data() + b * kc * 8);
+    }
     for (int64_t mb = 0; mb < nmb; ++mb) {
       const int64_t m = m0 + 32 * mb;
       const bool a2 = m + 16 < m1;
@@ -1184,10 +1192,7 @@ KQ_AMXBF void task_amx_wo(const Problem& p, bool int4, const uint16_t* a3, int64
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
-        if (a2 && nbn == 2) amxbf_steps<true, true>(a, ab, part, b0, b1, 0, kc / 32);
-        else if (a2) amxbf_steps<true, false>(a, ab, part, b0, b1, 0, kc / 32);
-        else if (nbn == 2) amxbf_steps<false, true>(a, ab, part, b0, b1, 0, kc / 32);
-        else amxbf_steps<false, false>(a, ab, part, b0, b1, 0, kc / 32);
+        amxbf_run(a2, nbn, a, ab, part, b0, b1, 0, kc / 32);
         _tile_stored(0, c[0], 32);
         _tile_stored(1, c[1], 32);
         _tile_stored(2, c[2], 32);
@@ -1198,7 +1203,7 @@ KQ_AMXBF void task_amx_wo(const Problem& p, bool int4, const uint16_t* a3, int64
           for (int cc = 0; cc < kNB; ++cc) {
             const bool ok = n0 + cc < p.N;
             s8[cc] = ok ? p.sw[(n0 + cc) * p.G + g] : 0.0f;
-            z8[cc] = p.zeros ? (ok ? p.zeros[(n0 + cc) * p.G + g] : 0.0f) : static_cast<float>(p.wo_zero);
+            z8[cc] = ok && !p.zfold ? zero_of(p, n0 + cc, g) : 0.0f;
           }
           const __m256 sv = _mm256_loadu_ps(s8), zv = _mm256_loadu_ps(z8);
           for (int i = 0; i < (a2 ? 2 : 1); ++i) {
@@ -1235,8 +1240,8 @@ KQ_AMXBF void task_amx_wo(const Problem& p, bool int4, const uint16_t* a3, int64
   _tile_release();
 }
 
-// x split once for all rows, then tasks of 256 rows x 256 channels
-KQ_AMXBF void run_amx_wo(Problem& p, bool int4, const void* x, OutT xt) {
+// x split into p.xb / p.xsum for task_amx_wo; returns the buffers that hold them
+KQ_AMXBF std::pair<at::Tensor, at::Tensor> split_x_bf16(Problem& p, const void* x, OutT xt) {
   const int64_t mp = cdiv(p.M, 16) * 16, part = mp * p.ldx;
   // not zero-filled: split_rows writes every element of the rows it owns (K padding too)
   at::Tensor a3t = at::empty({3 * part}, at::TensorOptions().dtype(at::kShort));
@@ -1250,15 +1255,10 @@ KQ_AMXBF void run_amx_wo(Problem& p, bool int4, const void* x, OutT xt) {
   at::parallel_for(0, p.M, std::max<int64_t>(1, 16384 / p.ldx), [&](int64_t m0, int64_t m1) {
     split_rows(p, x, xt, a3, part, xs, m0, m1);
   });
-  const int64_t nbt = cdiv(p.N, kNB), mc = std::min<int64_t>(p.M, 256), ncb = 32;
-  const int64_t tm = cdiv(p.M, mc), tn = cdiv(nbt, ncb);
-  at::parallel_for(0, tm * tn, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t mi = t / tn, ni = t % tn;
-      task_amx_wo(p, int4, a3, part, xs, mi * mc, std::min(p.M, (mi + 1) * mc), ni * ncb,
-                  std::min(nbt, (ni + 1) * ncb));
-    }
-  });
+  p.xb = a3;
+  p.xb_part = part;
+  p.xsum = xs;
+  return {a3t, xst};
 }
 #endif
 
@@ -1480,7 +1480,7 @@ KQ_AVX2 void task_avx512(const Problem& p, int kind, int64_t m0, int64_t m1, int
 // task and computed in a fixed order, so any thread count gives the same bits.
 void run_tasks(const Problem& p, int kind, Isa isa) {
   const int64_t nbt = cdiv(p.N, kNB);
-  const bool amx = kind == kAmx8 || kind == kAmx4;
+  const bool amx = kind == kAmx8 || kind == kAmx4 || kind == kAmxWo8 || kind == kAmxWo4;
   const int64_t mcap = amx ? kAmxMC : 48;
   const int64_t mc = p.M <= mcap ? p.M : mcap;
   const int64_t ncb = amx ? kAmxNB : 8;  // channel blocks per task
@@ -1496,6 +1496,7 @@ void run_tasks(const Problem& p, int kind, Isa isa) {
       const int64_t m0 = mi * mc, m1 = std::min(p.M, m0 + mc);
       const int64_t b0 = ni * ncb, b1 = std::min(nbt, b0 + ncb);
 #if KQ_X86
+      if (kind >= kAmxWo8) { task_amx_wo(p, kind == kAmxWo4, m0, m1, b0, b1); continue; }
       if (amx) { task_amx(p, kind == kAmx4, m0, m1, b0, b1); continue; }
       if (isa >= Isa::Avx512) { task_avx512(p, kind, m0, m1, b0, b1); continue; }
       if (isa != Isa::Scalar) { task_avx2(p, kind, m0, m1, b0, b1); continue; }
@@ -1663,13 +1664,15 @@ at::Tensor wo_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
     p.y = y.data_ptr();
     p.yt = out_type(x.scalar_type());
     p.ldx = p.nblk * (int4 ? 8 : 4);  // K padded to 64
+    p.zfold = !zeros.defined() || at::equal(zeros, zeros.round());
     // 1024 rows at a time: the three bf16 parts of x (6 bytes per element) stay bounded
     constexpr int64_t kRows = 1024;
     for (int64_t r0 = 0; r0 < p.M; r0 += kRows) {
       Problem q = p;
       q.M = std::min(kRows, p.M - r0);
       q.y = static_cast<char*>(y.data_ptr()) + r0 * p.N * y.element_size();
-      run_amx_wo(q, int4, static_cast<const char*>(x.data_ptr()) + r0 * p.Kp * x.element_size(), p.yt);
+      const auto hold = split_x_bf16(q, static_cast<const char*>(x.data_ptr()) + r0 * p.Kp * x.element_size(), p.yt);
+      run_tasks(q, int4 ? kAmxWo4 : kAmxWo8, isa);
     }
     return y;
   }
