@@ -66,10 +66,10 @@ def machine_line(d, path):
 
 
 def gemm_ceiling(d, ceil):
-    """(name, GMAC/s) of the ceiling of the instruction sequence kquant's W8A8 GEMM ran in this
-    run: AMX's kernel sequence where the kernels used AMX, else the AVX2 int16 sequence."""
+    """(name, GMAC/s) of the int8 multiply-add peak of the instruction kquant's W8A8 GEMM ran in
+    this run: full-width tdpbssd where the kernels used AMX, else the AVX2 int16 sequence."""
     amx = "AMX" in d.get("machine_info", {}).get("kquant", {}).get("kquant_cpu", "")
-    name = "amx_kernel_seq" if amx and "amx_kernel_seq" in ceil else "int16_vpmaddwd"
+    name = "amx_tdpbssd" if amx and "amx_tdpbssd" in ceil else "int16_vpmaddwd"
     return name, ceil.get(name)
 
 

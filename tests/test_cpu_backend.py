@@ -89,7 +89,8 @@ def test_layout_round_trip_is_exact(bits, n, k, gs):
     pw = quantize_weight(torch.randn(n, k), bits, gs, symmetric=(bits == 8))
     data, lay = blocked(pw)
     kp = pw.padded_in_features
-    assert data.shape[:2] == (-(-n // 8), -(-kp // 64) * (16 if bits == 8 else 8))  # K padded to 64
+    width = 16 if bits == 8 else 8  # output channels per block
+    assert data.shape[:3] == (-(-n // width), -(-kp // 64) * (16 if bits == 8 else 8), width)  # K padded to 64
     back = to_canonical(data, lay, bits, n, kp)
     assert back.dtype == pw.qweight.dtype and torch.equal(back, pw.qweight)
 
@@ -229,9 +230,11 @@ def test_single_row_every_op(isa, bits, gs):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("gs", [-1, 32, 64, 128])
 def test_tile_tails_and_tasks(isa, bits, gs):
-    # AMX works on 32-row x 16-channel tile blocks and 128-row tasks: rows and channels
-    # that end mid-tile, a lone last 8-channel block, K padded to 64, several tasks
-    for m, k, n in ((16, 64, 8), (17, 200, 13), (31, 128, 24), (33, 320, 40), (129, 96, 17), (200, 256, 72)):
+    # AMX works on 32-row x 16- or 32-channel tile blocks, 256 x 256 tasks and 512-k
+    # chunks: rows and channels that end mid-tile, a lone last 8-channel block, K padded to
+    # 64, several tasks and chunks, a task whose last 32-channel block is half empty
+    for m, k, n in ((16, 64, 8), (17, 200, 13), (31, 128, 24), (33, 320, 40), (129, 96, 17), (200, 256, 72),
+                    (70, 1100, 300), (257, 576, 520)):
         xp, pw, b = make(m, k, n, bits, gs, seed=m)
         y, r = run_act(pw, xp, b)
         if gs == -1 or pw.scales.shape[1] == 1:
@@ -368,8 +371,9 @@ def test_env_forced_scalar_reports_in_available(monkeypatch):
 # ----------------------------------------------------------------------------- bench ceilings
 @pytest.mark.skipif(not HAS_AVX2, reason="the ceilings need AVX2")
 def test_ceiling_loops_run_and_order():
-    # the AMX peak is far above any AVX2 sequence, and the kernel's tile sequence (with its
-    # loads and stores) cannot beat the bare tdpbssd loop by much
+    # the AMX peak is far above any AVX2 sequence, the kernel's tile sequence (with its
+    # loads and stores) cannot beat the bare tdpbssd loop by much, and full-width tiles
+    # outrun 8-channel ones
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -378,6 +382,10 @@ def test_ceiling_loops_run_and_order():
         if HAS_AMX:
             peak = max(torch.ops.kquant._ceiling_cpu(5, 100_000) for _ in range(2))
             seq = torch.ops.kquant._ceiling_cpu(6, 100_000)
+            n8 = min(torch.ops.kquant._ceiling_cpu(7, 100_000) for _ in range(2))
             assert peak > 3 * avx2 and 0 < seq < 1.5 * peak
+            assert peak > 1.3 * n8  # 8-channel tiles do half the MACs in the same time (~2x measured)
+        with pytest.raises(RuntimeError, match="unknown kind 9"):
+            torch.ops.kquant._ceiling_cpu(9, 10)
     finally:
         torch.set_num_threads(old)

@@ -5,9 +5,9 @@
 //
 // One row reads every weight once, so these calls are bound by the weight stream; the
 // kernels aim at as few uops per weight byte as possible:
-//  * W8A8 (layout 1): vpdpbusd is u8 x s8, so the weights go in as the unsigned operand
-//    w ^ 0x80 = w + 128 and the activations (in [-127, 127]) as the signed one; the
-//    offset is removed exactly with 128 * sum(a) at the end (int32 arithmetic is modular
+//  * W8A8 (layout 1: a 64-byte row is one k-quad of 16 channels, one zmm): vpdpbusd is
+//    u8 x s8, so the weights go in as the unsigned operand w ^ 0x80 = w + 128 and the
+//    activations (in [-127, 127]) as the signed one; the offset is removed exactly with 128 * sum(a) at the end (int32 arithmetic is modular
 //    and the true sum fits in int32, so the result is the exact dot product). 2 uops per
 //    64 weight bytes (vpxord + vpdpbusd) instead of 4 per 32 for the AVX2 sign trick.
 //  * W4A8 (layout 2): nibbles u in 0..15 are the unsigned operand as they are (no int16
@@ -61,35 +61,29 @@ KQ_AVX512 inline __m512i pair_sum(__m512i a, __m512i b) {
 // ----------------------------------------------------------------------------- W8A8
 KQ_AVX512 void avx512_w8a8_gemv4(const Problem& p, int64_t m, int64_t nb, int32_t* out) {
   const int8_t* a = p.a8 + m * p.lda;
-  const int64_t nq = p.nblk, ws = p.nblk * 32;
-  const int8_t* w = p.w8 + nb * ws;
+  const int64_t nq = p.nblk;
+  const int8_t* w[2] = {w8_block(p, nb), w8_block(p, nb + 2)};  // two 16-channel blocks (nb is even)
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  // a 64-byte load holds quads q (lanes 0-7) and q + 1 (lanes 8-15) of one block
-  const __m512i sel = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  __m512i c0[4], c1[4];  // two sets over alternate quad pairs: shorter dependency chains
-  for (int j = 0; j < 4; ++j) c0[j] = c1[j] = _mm512_setzero_si512();
-  for (int64_t q = 0; q < nq; q += 4) {  // nq is a multiple of 16
-    int64_t a0, a1;
-    std::memcpy(&a0, a + 4 * q, 8);
-    std::memcpy(&a1, a + 4 * q + 8, 8);
-    const __m512i av0 = _mm512_permutexvar_epi32(sel, _mm512_set1_epi64(a0));
-    const __m512i av1 = _mm512_permutexvar_epi32(sel, _mm512_set1_epi64(a1));
-    for (int j = 0; j < 4; ++j) {
-      const int8_t* wj = w + j * ws + 32 * q;
+  __m512i c0[2], c1[2];  // two sets over alternate quads: shorter dependency chains
+  for (int j = 0; j < 2; ++j) c0[j] = c1[j] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < nq; q += 2) {  // nq is a multiple of 16
+    int32_t a0, a1;
+    std::memcpy(&a0, a + 4 * q, 4);
+    std::memcpy(&a1, a + 4 * q + 4, 4);
+    const __m512i av0 = _mm512_set1_epi32(a0), av1 = _mm512_set1_epi32(a1);
+    for (int j = 0; j < 2; ++j) {  // a 64-byte row: one k-quad of 16 channels
+      const int8_t* wj = w[j] + kW8Row * q;
       c0[j] = _mm512_dpbusd_epi32(c0[j], _mm512_xor_si512(_mm512_loadu_si512(wj), flip), av0);
-      c1[j] = _mm512_dpbusd_epi32(c1[j], _mm512_xor_si512(_mm512_loadu_si512(wj + 64), flip), av1);
+      c1[j] = _mm512_dpbusd_epi32(c1[j], _mm512_xor_si512(_mm512_loadu_si512(wj + kW8Row), flip), av1);
     }
   }
   // remove the +128 weight offset: 128 * sum(a) (K is padded to 64 with zeros)
   __m512i s = _mm512_setzero_si512();
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t k = 0; k < 4 * nq; k += 64) s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512(a + k));
-  const __m256i corr = _mm256_set1_epi32(128 * _mm512_reduce_add_epi32(s));
-  for (int j = 0; j < 4; ++j) {
-    const __m512i t = _mm512_add_epi32(c0[j], c1[j]);
-    const __m256i r = _mm256_add_epi32(_mm512_castsi512_si256(t), _mm512_extracti64x4_epi64(t, 1));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * j), _mm256_sub_epi32(r, corr));
-  }
+  const __m512i corr = _mm512_set1_epi32(128 * _mm512_reduce_add_epi32(s));
+  for (int j = 0; j < 2; ++j)
+    _mm512_storeu_si512(out + 16 * j, _mm512_sub_epi32(_mm512_add_epi32(c0[j], c1[j]), corr));
 }
 
 // ----------------------------------------------------------------------------- W4A8
@@ -196,8 +190,7 @@ KQ_AVX512 inline __m512 reduce_quads(__m512 a, __m512 b, __m512 c, __m512 d) {
 
 template <bool Z>
 KQ_AVX512 void wo8(const Problem& p, const float* x, int64_t nb, const int* nv, float* f) {
-  const int64_t ws = p.nblk * 32, per = p.G > 1 ? p.gsz / 4 : p.nblk;
-  const int8_t* w = p.w8 + nb * ws;
+  const int64_t per = p.G > 1 ? p.gsz / 4 : p.nblk;
   const __mmask16 km[2] = {pair_mask(nv, 0), pair_mask(nv, 1)};
   __m512 fo[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
   // zero of channel 4h + (lane / 4) of block j, from the 16-lane pair vector
@@ -223,7 +216,7 @@ KQ_AVX512 void wo8(const Problem& p, const float* x, int64_t nb, const int* nv, 
       for (int j = 0; j < 4; ++j)
         for (int h = 0; h < 2; ++h) {
           __m512 wf = _mm512_cvtepi32_ps(
-              _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * ws + 32 * q + 16 * h))));
+              _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w8_block(p, nb + j) + kW8Row * q + 16 * h))));
           if (Z) wf = _mm512_sub_ps(wf, zq[2 * j + h]);
           acc[2 * j + h] = _mm512_fmadd_ps(xv, wf, acc[2 * j + h]);
         }

@@ -66,21 +66,24 @@ double peak_loop(int kind, int64_t iters) {
   }
 }
 
-// AMX. kind 5: tdpbssd alone, four independent C chains on register tiles (the peak).
-// kind 6: what the W8A8 kernel issues per 512-k chunk of a 32-row x 16-channel block
-// (task_amx_pc): load the 4 C tiles, 8 steps of {2 A + 2 B tile loads, 4 tdpbssd}, store
-// the 4 C tiles, every operand in L1.
+// AMX. kind 5: tdpbssd alone at full width (C tiles of 16 rows x 16 channels), four
+// independent C chains on register tiles: the machine's int8 peak. kind 7: the same with
+// 8-channel tiles (what the grouped W8A8 / W4A8 path issues; half the MACs per
+// instruction). kind 6: what the per-channel W8A8 kernel issues per 512-k chunk of a
+// 32-row x 32-channel block (task_amx_pc): load the 4 C tiles, 8 steps of {2 A + 2 B
+// tile loads, 4 tdpbssd}, store the 4 C tiles, every operand in L1.
 KQ_AMX double amx_loop(int kind, int64_t iters) {
-  alignas(64) static thread_local int8_t a[2][1024], b[2][512];
-  alignas(64) static thread_local int32_t c[4][128];
+  const int bw = kind == 7 ? 32 : 64;  // B and C bytes per row
+  alignas(64) static thread_local int8_t a[2][1024], b[2][1024];
+  alignas(64) static thread_local int32_t c[4][256];
   std::memset(a, 1, sizeof(a));
   std::memset(b, 1, sizeof(b));
   std::memset(c, 0, sizeof(c));
-  amx_config();
+  amx_config(bw);
   _tile_loadd(4, a[0], 64);
   _tile_loadd(5, a[1], 64);
-  _tile_loadd(6, b[0], 32);
-  _tile_loadd(7, b[1], 32);
+  _tile_loadd(6, b[0], bw);
+  _tile_loadd(7, b[1], bw);
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -88,17 +91,17 @@ KQ_AMX double amx_loop(int kind, int64_t iters) {
   int64_t steps = 0;
   for (int64_t it = 0; it < iters; it += 8) {
     if (kind == 6) {
-      _tile_loadd(0, c[0], 32);
-      _tile_loadd(1, c[1], 32);
-      _tile_loadd(2, c[2], 32);
-      _tile_loadd(3, c[3], 32);
+      _tile_loadd(0, c[0], bw);
+      _tile_loadd(1, c[1], bw);
+      _tile_loadd(2, c[2], bw);
+      _tile_loadd(3, c[3], bw);
     }
     for (int s = 0; s < 8; ++s) {
       if (kind == 6) {
         _tile_loadd(4, a[0], 64);
         _tile_loadd(5, a[1], 64);
-        _tile_loadd(6, b[0], 32);
-        _tile_loadd(7, b[1], 32);
+        _tile_loadd(6, b[0], bw);
+        _tile_loadd(7, b[1], bw);
       }
       _tile_dpbssd(0, 4, 6);
       _tile_dpbssd(1, 4, 7);
@@ -106,16 +109,16 @@ KQ_AMX double amx_loop(int kind, int64_t iters) {
       _tile_dpbssd(3, 5, 7);
     }
     if (kind == 6) {
-      _tile_stored(0, c[0], 32);
-      _tile_stored(1, c[1], 32);
-      _tile_stored(2, c[2], 32);
-      _tile_stored(3, c[3], 32);
+      _tile_stored(0, c[0], bw);
+      _tile_stored(1, c[1], bw);
+      _tile_stored(2, c[2], bw);
+      _tile_stored(3, c[3], bw);
     }
     steps += 8;
   }
-  _tile_stored(0, c[0], 32);
+  _tile_stored(0, c[0], bw);
   _tile_release();
-  return double(steps) * 4 * 16 * 8 * 64;
+  return double(steps) * 4 * 16 * (bw / 4) * 64;
 }
 
 KQ_AVX2 int64_t read_loop(const uint8_t* p, int64_t n) {
@@ -134,7 +137,7 @@ KQ_AVX2 int64_t read_loop(const uint8_t* p, int64_t n) {
 }
 #endif
 
-// kind 0..3, 5, 6: int8 GMAC/s of the instruction sequence on all threads;
+// kind 0..3, 5-7: int8 GMAC/s of the instruction sequence on all threads;
 // kind 4: GB/s reading `buf` (one slice per thread), repeated `iters` times.
 double ceiling(int64_t kind, int64_t iters, const std::optional<at::Tensor>& buf) {
 #if KQ_X86
@@ -143,7 +146,7 @@ double ceiling(int64_t kind, int64_t iters, const std::optional<at::Tensor>& buf
   std::vector<double> work(nt, 0.0);
   int64_t sink = 0;
   const auto t0 = std::chrono::steady_clock::now();
-  if (kind == 5 || kind == 6) {
+  if (kind >= 5 && kind <= 7) {
     TORCH_CHECK(kquant::cpu_has_amx_int8(), "the AMX ceilings need AMX-INT8");
     at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) work[i] = amx_loop(static_cast<int>(kind), iters);
@@ -153,6 +156,7 @@ double ceiling(int64_t kind, int64_t iters, const std::optional<at::Tensor>& buf
       for (int64_t i = b; i < e; ++i) work[i] = peak_loop(static_cast<int>(kind), iters);
     });
   } else {
+    TORCH_CHECK(kind == 4, "kquant ceilings: unknown kind ", kind, " (0-7)");
     TORCH_CHECK(buf.has_value() && buf->is_contiguous(), "kind 4 needs a contiguous buffer");
     const uint8_t* p = static_cast<const uint8_t*>(buf->data_ptr());
     const int64_t n = buf->nbytes(), per = (n / nt) & ~int64_t(127);

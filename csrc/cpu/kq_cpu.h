@@ -29,15 +29,16 @@
 namespace kquant::cpu {
 
 // Weight layouts (ids shared with kquant/backends/cpu.py):
-//  1  int8  [Nb][Kq][8][4]: 8 output channels x 4 consecutive k per 32-byte block, so one
-//     256-bit load feeds vpmaddubsw (4 k per 32-bit lane) or two vpmovsxbw (int16 pairs).
-//     Kq is a multiple of 16 (K padded to 64 with zeros): whole AMX tiles of 16 k-quads.
+//  1  int8  [N/16][Kq][16][4]: 16 output channels x 4 consecutive k per 64-byte row, a
+//     full-width AMX B row and one zmm; an 8-channel half (32 bytes, w8_block below) feeds
+//     vpmaddubsw (4 k per 32-bit lane) or two vpmovsxbw (int16 pairs). Kq is a multiple
+//     of 16 (K padded to 64 with zeros): whole AMX tiles of 16 k-quads.
 //  2  int4  [Nb][Ko][8][4] bytes: byte (c, j) of octet o = nib(k=8o+j) | nib(k=8o+4+j) << 4,
 //     so `v & 0xF` and `(v >> 4) & 0xF` give two vpmaddubsw-ready 8x4 blocks
 //     (Ko a multiple of 8, K padded to 64 like layout 1).
 constexpr int kLayoutInt8 = 1;
 constexpr int kLayoutInt4 = 2;
-constexpr int kNB = 8;  // output channels per block
+constexpr int kNB = 8;  // output channels per block (layout 2; a half block of layout 1)
 
 // Each level includes the ones below: Avx512 adds AVX-512 (VNNI) kernels where they are
 // written, Amx adds AMX-INT8 tiles for the int8 GEMMs of M >= kAmxMinM rows.
@@ -70,13 +71,15 @@ struct alignas(64) TileCfg {
   uint8_t rows[16] = {};
 };
 
-// The one AMX tile configuration (per thread; _tile_release() when done). Tiles 0-3: int32
-// C, 16 rows x 8 channels; 4-5: int8 A, 16 rows x 64 k; 6-7: B, 16 k-quads x 8 channels x 4 k.
-KQ_AMX inline void amx_config() {
+// The AMX tile configuration (per thread; _tile_release() when done). Tiles 0-3: int32 C,
+// 16 rows x bw / 4 channels; 4-5: int8 A, 16 rows x 64 k; 6-7: B, 16 k-quads x bw / 4
+// channels x 4 k. bw = 64 (16 channels) is tdpbssd's full width; 32 (8 channels, one
+// layout-1 block) runs at half the MACs per instruction.
+KQ_AMX inline void amx_config(int bw = 32) {
   TileCfg c;
   for (int t = 0; t < 8; ++t) {
     c.rows[t] = 16;
-    c.colsb[t] = (t == 4 || t == 5) ? 64 : 32;
+    c.colsb[t] = static_cast<uint16_t>((t == 4 || t == 5) ? 64 : bw);
   }
   _tile_loadconfig(&c);
 }
@@ -114,6 +117,15 @@ struct Problem {
   OutT yt = OutT::F32;
   bool sign_path = false;  // small-M W8A8 kernel
 };
+
+// Layout 1 (int8 weights) holds 16-channel blocks [ceil(N/16)][Kq][16][4]: a k-quad row of
+// 16 channels is 64 bytes, the full-width B row of AMX tdpbssd and one zmm for vpdpbusd.
+// The other kernels work on its 8-channel halves, numbered nb like layout 2's blocks: half
+// nb starts at w8_block(p, nb) and its k-quad rows are kW8Row bytes apart.
+constexpr int64_t kW8Row = 64;
+inline const int8_t* w8_block(const Problem& p, int64_t nb) {
+  return p.w8 + (nb >> 1) * p.nblk * kW8Row + (nb & 1) * 32;
+}
 
 #if KQ_X86
 // AVX-512 (VNNI) decode kernels, kq_avx512.cpp: one activation row m x 4 channel blocks

@@ -51,12 +51,18 @@ enum Kind { kSign = 0, kI16 = 1, kW4 = 2, kAmx8 = 3, kAmx4 = 4, kAmxWo8 = 14, kA
 // costs more than the AVX2 kernel below 8 rows (M = 4: 1.15 vs 1.00 ms; M = 8: 1.19 vs 1.72).
 constexpr int64_t kAmxMinM = 2;
 constexpr int64_t kAmxMinM4 = 8;
-constexpr int64_t kAmxMC = 256;     // rows per AMX task
-constexpr int64_t kAmxNB = 32;      // 8-channel blocks per AMX task (see task_amx_pc)
 constexpr int64_t kAmxSpeedup = 8;  // AMX MACs per AVX2 MAC in time, for the threading grain
 constexpr int kMaxMR = 8;  // largest row tile (weight-only fp32 GEMM)
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// n elements of a thread's scratch vector v, 64-byte aligned (whole cache lines per tile row)
+template <class T>
+T* scratch(std::vector<T>& v, int64_t n) {
+  const int64_t pad = 64 / sizeof(T);
+  if (static_cast<int64_t>(v.size()) < n + pad) v.resize(n + pad);
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
+}
 
 // ----------------------------------------------------------------------------- scalar
 inline float to_f(const void* x, OutT t, int64_t i) {
@@ -242,8 +248,8 @@ KQ_AVX2 inline void k_sign(const int8_t* a, const uint8_t* aa, int64_t lda, cons
   const __m256i ones = _mm256_set1_epi16(1);
   int64_t q = q0;
   for (; q + 2 <= q1; q += 2) {
-    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * q));
-    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * q + 32));
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kW8Row * q));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kW8Row * (q + 1)));
     for (int r = 0; r < MR; ++r) {
       int64_t av, aav;
       std::memcpy(&av, a + r * lda + 4 * q, 8);
@@ -257,7 +263,7 @@ KQ_AVX2 inline void k_sign(const int8_t* a, const uint8_t* aa, int64_t lda, cons
     }
   }
   for (; q < q1; ++q) {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * q));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kW8Row * q));
     for (int r = 0; r < MR; ++r) {
       int32_t av, aav;
       std::memcpy(&av, a + r * lda + 4 * q, 4);
@@ -270,30 +276,25 @@ KQ_AVX2 inline void k_sign(const int8_t* a, const uint8_t* aa, int64_t lda, cons
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * r), _mm256_add_epi32(acc[r], acc2[r]));
 }
 
-// M = 1 GEMV over 4 channel blocks at once: the activation broadcasts are shared by 4
-// weight streams (1.5 loads per 32 MACs instead of 3)
-KQ_AVX2 inline void k_sign4(const int8_t* a, const uint8_t* aa, const int8_t* w, int64_t wstride, int64_t nq,
+// M = 1 GEMV over 4 channel blocks at once (w0, w2: two 16-channel blocks of layout 1):
+// the activation broadcasts are shared by 4 weight streams (1.5 loads per 32 MACs, not 3)
+KQ_AVX2 inline void k_sign4(const int8_t* a, const uint8_t* aa, const int8_t* w0, const int8_t* w2, int64_t nq,
                             int32_t* out) {
   __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0;
   const __m256i ones = _mm256_set1_epi16(1);
-  const int8_t* w1 = w + wstride;
-  const int8_t* w2 = w + 2 * wstride;
-  const int8_t* w3 = w + 3 * wstride;
   for (int64_t q = 0; q < nq; ++q) {
-    if ((q & 1) == 0 && q + 32 < nq) {  // 1 KiB ahead in each of the 4 streams (DRAM-bound decode)
-      _mm_prefetch(reinterpret_cast<const char*>(w + 32 * q + 1024), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w1 + 32 * q + 1024), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w2 + 32 * q + 1024), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w3 + 32 * q + 1024), _MM_HINT_T0);
+    if (q + 16 < nq) {  // 1 KiB ahead in both streams (DRAM-bound decode)
+      _mm_prefetch(reinterpret_cast<const char*>(w0 + kW8Row * q + 1024), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w2 + kW8Row * q + 1024), _MM_HINT_T0);
     }
     int32_t av, aav;
     std::memcpy(&av, a + 4 * q, 4);
     std::memcpy(&aav, aa + 4 * q, 4);
     const __m256i va = _mm256_set1_epi32(av), vaa = _mm256_set1_epi32(aav);
-    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * q));
-    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + 32 * q));
-    const __m256i b2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w2 + 32 * q));
-    const __m256i b3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w3 + 32 * q));
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + kW8Row * q));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + kW8Row * q + 32));
+    const __m256i b2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w2 + kW8Row * q));
+    const __m256i b3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w2 + kW8Row * q + 32));
     c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(_mm256_maddubs_epi16(vaa, _mm256_sign_epi8(b0, va)), ones));
     c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(_mm256_maddubs_epi16(vaa, _mm256_sign_epi8(b1, va)), ones));
     c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(_mm256_maddubs_epi16(vaa, _mm256_sign_epi8(b2, va)), ones));
@@ -310,8 +311,8 @@ KQ_AVX2 inline void k_i16(const int16_t* a, int64_t lda, const int8_t* w, int64_
   __m256i lo[MR], hi[MR];
   for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
   for (int64_t q = q0; q < q1; ++q) {
-    const __m256i blo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 32 * q)));
-    const __m256i bhi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 32 * q + 16)));
+    const __m256i blo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kW8Row * q)));
+    const __m256i bhi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kW8Row * q + 16)));
     for (int r = 0; r < MR; ++r) {
       int64_t av;
       std::memcpy(&av, a + r * lda + 4 * q, 8);
@@ -407,8 +408,8 @@ KQ_AVX2 inline void k_wo8(const float* x, int64_t ldx, const int8_t* w, int64_t 
                                   z[2 * j + 1])
               : _mm256_setzero_si256();
   for (int64_t q = q0; q < q1; ++q) {
-    const __m128i wl = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 32 * q));
-    const __m128i wh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 32 * q + 16));
+    const __m128i wl = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kW8Row * q));
+    const __m128i wh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kW8Row * q + 16));
     __m256i i[4] = {_mm256_cvtepi8_epi32(wl), _mm256_cvtepi8_epi32(_mm_srli_si128(wl, 8)), _mm256_cvtepi8_epi32(wh),
                     _mm256_cvtepi8_epi32(_mm_srli_si128(wh, 8))};
     __m256 f[4];
@@ -493,7 +494,7 @@ KQ_AVX2 void dq_block_avx2(const Problem& p, bool int4, int64_t nb, int nv, floa
         dq_quad(_mm256_and_si256(v, m4), z, sc, dst + 8 * b * ld, ld);
         dq_quad(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), z, sc, dst + (8 * b + 4) * ld, ld);
       } else {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.w8 + (nb * p.nblk + b) * 32));
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w8_block(p, nb) + b * kW8Row));
         dq_quad(v, z, sc, dst + 4 * b * ld, ld);
       }
     }
@@ -528,7 +529,7 @@ void dq_block_scalar(const Problem& p, bool int4, int64_t nb, int nv, float* dst
         const uint8_t v = p.w4[(nb * p.nblk + k / 8) * 32 + 4 * c + (k & 3)];
         q = (k & 4) ? (v >> 4) : (v & 15);
       } else {
-        q = p.w8[(nb * p.nblk + k / 4) * 32 + 4 * c + (k & 3)];
+        q = w8_block(p, nb)[(k / 4) * kW8Row + 4 * c + (k & 3)];
       }
       dst[k * ld + c] = (float(q) - z) * s;
     }
@@ -556,11 +557,11 @@ void s_int(const Problem& p, int kind, int mr, int64_t m, int64_t nb, int64_t b0
             s += int32_t(v & 15) * a[8 * o + j] + int32_t(v >> 4) * a[8 * o + 4 + j];
           }
       } else {
-        const int8_t* w = p.w8 + (nb * p.nblk) * 32;
+        const int8_t* w = w8_block(p, nb);
         for (int64_t q = b0; q < b1; ++q)
           for (int j = 0; j < 4; ++j) {
             const int32_t av = kind == kSign ? p.a8[(m + r) * p.lda + 4 * q + j] : p.a16[(m + r) * p.lda + 4 * q + j];
-            s += av * w[32 * q + 4 * c + j];
+            s += av * w[kW8Row * q + 4 * c + j];
           }
       }
       out[8 * r + c] = s;
@@ -581,7 +582,7 @@ void s_wo(const Problem& p, bool int4, int mr, int64_t m, int64_t nb, int64_t b0
             part[l] = std::fma(x[8 * b + l], float(int32_t(v & 15) - z[c]), part[l]);
             part[l] = std::fma(x[8 * b + 4 + l], float(int32_t(v >> 4) - z[c]), part[l]);
           } else {
-            const int8_t v = p.w8[(nb * p.nblk + b) * 32 + 4 * c + l];
+            const int8_t v = w8_block(p, nb)[b * kW8Row + 4 * c + l];
             part[l] = std::fma(x[4 * b + l], float(int32_t(v) - z[c]), part[l]);
           }
         }
@@ -666,7 +667,7 @@ struct Avx2K {
     if (kind == kSign) {
       const int8_t* a = p.a8 + m * p.lda;
       const uint8_t* aa = p.aabs + m * p.lda;
-      const int8_t* w = p.w8 + nb * p.nblk * 32;
+      const int8_t* w = w8_block(p, nb);
       switch (mr) {
         case 1: k_sign<1>(a, aa, p.lda, w, b0, b1, out); break;
         case 2: k_sign<2>(a, aa, p.lda, w, b0, b1, out); break;
@@ -674,7 +675,7 @@ struct Avx2K {
       }
     } else {
       const int16_t* a = p.a16 + m * p.lda;
-      const int8_t* w = p.w8 + nb * p.nblk * 32;
+      const int8_t* w = w8_block(p, nb);
       switch (mr) {
         case 1: k_i16<1>(a, p.lda, w, b0, b1, out); break;
         case 2: k_i16<2>(a, p.lda, w, b0, b1, out); break;
@@ -684,7 +685,7 @@ struct Avx2K {
     }
   }
   KQ_AVX2 static inline bool gemv4(const Problem& p, int64_t m, int64_t nb, int32_t* out) {
-    k_sign4(p.a8 + m * p.lda, p.aabs + m * p.lda, p.w8 + nb * p.nblk * 32, p.nblk * 32, p.nblk, out);
+    k_sign4(p.a8 + m * p.lda, p.aabs + m * p.lda, w8_block(p, nb), w8_block(p, nb + 2), p.nblk, out);
     return true;
   }
   KQ_AVX2 static inline void dq(const Problem& p, bool int4, int64_t nb, int nv, float* dst, int64_t ld) {
@@ -732,7 +733,7 @@ struct Avx2K {
       if (mr == 1) k_wo4<1>(x, p.ldx, w, b0, b1, z, out);
       else k_wo4<2>(x, p.ldx, w, b0, b1, z, out);
     } else {
-      const int8_t* w = p.w8 + nb * p.nblk * 32;
+      const int8_t* w = w8_block(p, nb);
       if (hasz) {
         if (mr == 1) k_wo8<1, true>(x, p.ldx, w, b0, b1, z, out);
         else k_wo8<2, true>(x, p.ldx, w, b0, b1, z, out);
@@ -796,25 +797,26 @@ struct Avx512K : Avx2K {
 
 // ----------------------------------------------------------------------------- AMX
 // W8A8 / W4A8 / int8_mm with AMX-INT8 (tdpbssd: signed x signed int8, int32 accumulation,
-// no saturation: exact for every int8 operand, -128 included). The weight tiles come
-// straight from layout 1: one 8-channel block's 16 consecutive k-quads are a 16 x 32-byte
-// tile, exactly tdpbssd's B operand for 8 output channels. One core of this Xeon
-// (bench/test_cpu_linear.py::test_ceiling): tdpbssd alone ~1.8 TMAC/s (amx_tdpbssd), the
-// kernel's own tile sequence from L1 ~1.4-1.5 (amx_kernel_seq). In a stand-alone loop
-// with every tile reloaded from L1 each step, 8-channel B tiles ran at 1.2 TMAC/s and
-// 16-channel ones (another layout) at 0.9, so layout 1 stays. W4A8 unpacks each block's
-// nibbles once per task into int8 (u - 8), so the int32 sums are the exact W4A8 sums and
-// the epilogue is the AVX2 one.
+// no saturation: exact for every int8 operand, -128 included). One core of this Xeon
+// (bench/test_cpu_linear.py::test_ceiling): tdpbssd at full width (C tiles of 16 rows x 16
+// channels) ~3.4 TMAC/s (amx_tdpbssd), at 8 channels ~1.7 (the same time per instruction
+// for half the MACs), and the per-channel kernel's own tile sequence from L1 ~2.8
+// (amx_kernel_seq). Per-channel W8A8 reads its B tiles straight from layout 1, whose
+// 16-channel k-quad rows are full-width B rows. The grouped path folds 8-channel tiles
+// per group (an 8-channel half of layout 1, rows 64 bytes apart); W4A8 unpacks each
+// block's nibbles once per task into int8 (u - 8), so its int32 sums are exact too.
 
-// a: the row block's first tile (tiled activations), ab: bytes from one row block to the next
+// a: the row block's first tile (tiled activations), ab: bytes from one row block to the
+// next; b0, b1: B operands whose k-quad rows are bs bytes apart (the tile width, 16 or 8
+// channels, is the configured one)
 template <bool A2, bool B2>
-KQ_AMX inline void amx_steps(const int8_t* a, int64_t ab, const int8_t* b0, const int8_t* b1, int64_t q0,
-                             int64_t q1) {
+KQ_AMX inline void amx_steps(const int8_t* a, int64_t ab, const int8_t* b0, const int8_t* b1, int64_t bs,
+                             int64_t q0, int64_t q1) {
   for (int64_t q = q0; q < q1; q += 16) {
     _tile_loadd(4, a + q * 64, 64);
     if (A2) _tile_loadd(5, a + ab + q * 64, 64);
-    _tile_loadd(6, b0 + q * 32, 32);
-    if (B2) _tile_loadd(7, b1 + q * 32, 32);
+    _tile_loadd(6, b0 + q * bs, bs);
+    if (B2) _tile_loadd(7, b1 + q * bs, bs);
     _tile_dpbssd(0, 4, 6);
     if (B2) _tile_dpbssd(1, 4, 7);
     if (A2) _tile_dpbssd(2, 5, 6);
@@ -822,11 +824,19 @@ KQ_AMX inline void amx_steps(const int8_t* a, int64_t ab, const int8_t* b0, cons
   }
 }
 
-KQ_AMX inline void amx_store(int32_t (*acc)[16 * 8]) {
-  _tile_stored(0, acc[0], 32);
-  _tile_stored(1, acc[1], 32);
-  _tile_stored(2, acc[2], 32);
-  _tile_stored(3, acc[3], 32);
+// the 4 C tiles <-> acc (4 tiles of 16 rows x bw bytes, back to back)
+KQ_AMX inline void amx_store(int32_t* acc, int bw) {
+  _tile_stored(0, acc, bw);
+  _tile_stored(1, acc + 4 * bw, bw);
+  _tile_stored(2, acc + 8 * bw, bw);
+  _tile_stored(3, acc + 12 * bw, bw);
+}
+
+KQ_AMX inline void amx_load(const int32_t* acc, int bw) {
+  _tile_loadd(0, acc, bw);
+  _tile_loadd(1, acc + 4 * bw, bw);
+  _tile_loadd(2, acc + 8 * bw, bw);
+  _tile_loadd(3, acc + 12 * bw, bw);
 }
 
 KQ_AMX inline void amx_zero() {
@@ -836,24 +846,12 @@ KQ_AMX inline void amx_zero() {
   _tile_zero(3);
 }
 
-KQ_AMX inline void amx_load(int32_t (*acc)[16 * 8]) {
-  _tile_loadd(0, acc[0], 32);
-  _tile_loadd(1, acc[1], 32);
-  _tile_loadd(2, acc[2], 32);
-  _tile_loadd(3, acc[3], 32);
-}
-
-template <bool A2>
-KQ_AMX inline void amx_steps2(int nbn, const int8_t* a, int64_t ab, const int8_t* b0, const int8_t* b1, int64_t q0,
-                              int64_t q1) {
-  if (nbn == 2) amx_steps<A2, true>(a, ab, b0, b1, q0, q1);
-  else amx_steps<A2, false>(a, ab, b0, b1, q0, q1);
-}
-
-KQ_AMX inline void amx_run(bool a2, int nbn, const int8_t* a, int64_t ab, const int8_t* b0, const int8_t* b1,
-                           int64_t q0, int64_t q1) {
-  if (a2) amx_steps2<true>(nbn, a, ab, b0, b1, q0, q1);
-  else amx_steps2<false>(nbn, a, ab, b0, b1, q0, q1);
+KQ_AMX inline void amx_run(bool a2, bool b2, const int8_t* a, int64_t ab, const int8_t* b0, const int8_t* b1,
+                           int64_t bs, int64_t q0, int64_t q1) {
+  if (a2 && b2) amx_steps<true, true>(a, ab, b0, b1, bs, q0, q1);
+  else if (a2) amx_steps<true, false>(a, ab, b0, b1, bs, q0, q1);
+  else if (b2) amx_steps<false, true>(a, ab, b0, b1, bs, q0, q1);
+  else amx_steps<false, false>(a, ab, b0, b1, bs, q0, q1);
 }
 
 // layout-2 block (no octets) -> int8 (u - 8) in layout-1 form (2 * no k-quads)
@@ -867,119 +865,106 @@ KQ_AMX inline void unpack_int4_block(const uint8_t* w, int64_t no, int8_t* dst) 
   }
 }
 
-// store8's conversions, 16 lanes wide (same rounding: nearest even; bf16 NaN -> 0x7FC0)
-KQ_AVX512F inline void store16(void* y, OutT t, int64_t i, __m512 v) {
+// store8's conversions, 16 lanes wide (same rounding: nearest even; bf16 NaN -> 0x7FC0);
+// only the lanes in k are written
+KQ_AVX512F inline void store16(void* y, OutT t, int64_t i, __m512 v, __mmask16 k = 0xFFFF) {
   switch (t) {
     case OutT::F16:
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(y) + i),
-                          _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + i, k,
+                               _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
       return;
     case OutT::BF16: {
       const __m512i u = _mm512_castps_si512(v);
       const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
       __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
       r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(y) + i), _mm512_cvtepi32_epi16(r));
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + i, k, _mm512_cvtepi32_epi16(r));
       return;
     }
-    default: _mm512_storeu_ps(static_cast<float*>(y) + i, v); return;
+    default: _mm512_mask_storeu_ps(static_cast<float*>(y) + i, k, v); return;
   }
 }
 
-// Per-channel epilogue of one whole channel pair (two 8-channel C tiles side by side, 16
-// lanes) for the rows [m, min(m + 32, m1)) of one tile block: the AVX2 epilogue's
-// operations 16 lanes wide. It runs right after the block's last tiles are stored, so the
-// vector units convert one block while the AMX unit works on the next.
-KQ_AMX inline void epi_pair(const Problem& p, int64_t m, int64_t m1, int64_t n0, int32_t (*t)[16 * 8]) {
-  const __m512 s = _mm512_loadu_ps(p.sw + n0);
-  const __m512 b = p.bias ? _mm512_loadu_ps(p.bias + n0) : _mm512_setzero_ps();
-  for (int i = 0; i < 2; ++i) {
-    const int64_t row = m + 16 * i;
-    const int mr = static_cast<int>(std::min<int64_t>(16, m1 - row));
-    for (int r = 0; r < mr; ++r) {
-      const __m512i v = _mm512_inserti64x4(
-          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t[2 * i] + 8 * r))),
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t[2 * i + 1] + 8 * r)), 1);
-      __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), s), _mm512_set1_ps(p.sx[row + r]));
-      KQ_NO_CONTRACT(f);  // the reference rounds the product before adding the bias
-      if (p.bias) f = _mm512_add_ps(f, b);
-      store16(p.y, p.yt, (row + r) * p.N + n0, f);
+// Per-channel epilogue of one 32-row x 32-channel tile block (four 16 x 16 int32 C tiles:
+// t + 256 * (2 * row half + channel half)) for rows [m, min(m + 32, m1)) and channels
+// [n0, n1): the AVX2 epilogue's operations 16 lanes wide, masked at the channel tail. It
+// runs right after the next block's tiles are issued, so the vector units convert one
+// block while the AMX unit works on the next.
+KQ_AMX inline void epi_block(const Problem& p, int64_t m, int64_t m1, int64_t n0, int64_t n1, const int32_t* t) {
+  for (int j = 0; j < 2; ++j) {
+    const int64_t c0 = n0 + 16 * j, nv = std::min<int64_t>(16, n1 - c0);
+    if (nv <= 0) break;
+    const __mmask16 k = static_cast<__mmask16>((1u << nv) - 1);
+    const bool i32 = p.yt == OutT::I32;  // int8_mm: the raw int32 sums
+    const __m512 s = i32 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(k, p.sw + c0);
+    const __m512 b = p.bias ? _mm512_maskz_loadu_ps(k, p.bias + c0) : _mm512_setzero_ps();
+    for (int i = 0; i < 2; ++i) {
+      const int64_t row = m + 16 * i;
+      const int mr = static_cast<int>(std::min<int64_t>(16, m1 - row));
+      const int32_t* ti = t + 256 * (2 * i + j);
+      for (int r = 0; r < mr; ++r) {
+        const __m512i v = _mm512_load_si512(ti + 16 * r);
+        if (i32) {
+          _mm512_mask_storeu_epi32(static_cast<int32_t*>(p.y) + (row + r) * p.N + c0, k, v);
+          continue;
+        }
+        __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), s), _mm512_set1_ps(p.sx[row + r]));
+        KQ_NO_CONTRACT(f);  // the reference rounds the product before adding the bias
+        if (p.bias) f = _mm512_add_ps(f, b);
+        store16(p.y, p.yt, (row + r) * p.N + c0, f, k);
+      }
     }
   }
 }
 
-// Per-channel W8A8 and int8_mm. A task is 256 rows x 256 channels, in K chunks of 512:
-// the chunk's activations and weights (128 KiB each) come once from L3 into L2 (128 MACs
-// per byte, where the 128 x 128 tasks of the first version, at 64, were bound by this
-// Xeon's ~25 GB/s per core from L3), a 32-row slice (16 KiB) stays in L1 while all 16
-// channel pairs use it, and the int32 tiles wait in a buffer between chunks (exact).
+// Per-channel W8A8 and int8_mm on full-width tiles: a 32-row x 32-channel block is 2 x 2 C
+// tiles. A task is 256 rows x 256 channels, in K chunks of 512: the chunk's activations and
+// weights (128 KiB each) come once from L3 into L2 (128 MACs per byte; this Xeon gives one
+// core ~25 GB/s from L3), a 32-row slice (16 KiB) stays in L1 while all 8 channel blocks use
+// it, and the int32 tiles wait in a buffer between chunks (exact). Against 8-channel tiles
+// (one layout-1 half each) this runs 1.2-1.4x faster from M = 64 (bench/RESULTS.md).
+constexpr int64_t kAmxMC = 256;  // rows per AMX task
+constexpr int64_t kAmxNB = 32;   // 8-channel blocks per AMX task
 constexpr int64_t kAmxKQ = 128;  // k-quads per chunk (512 k)
 
 KQ_AMX void task_amx_pc(const Problem& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
-  const int64_t npair = cdiv(nb1 - nb0, 2), nmb = cdiv(m1 - m0, 32);
+  const int64_t n16 = cdiv(nb1 - nb0, 2), n32 = cdiv(n16, 2), nmb = cdiv(m1 - m0, 32);
   const int64_t ab = p.lda * 16;  // bytes per 16-row block of tiled activations
+  const int64_t n1 = std::min(p.N, nb1 * kNB);
   thread_local std::vector<int32_t> accv;
-  if (static_cast<int64_t>(accv.size()) < nmb * npair * 4 * 128) accv.resize(nmb * npair * 4 * 128);
-  auto acc = [&](int64_t mb, int64_t pi) {
-    return reinterpret_cast<int32_t(*)[16 * 8]>(accv.data() + (mb * npair + pi) * 4 * 128);
-  };
-  // pairs of whole 8-channel blocks take epi_pair inside the loop; the rest (and int32
-  // output) the general epilogue below
-  const int64_t full = p.yt == OutT::I32 ? 0 : std::max<int64_t>(0, std::min(nb1, p.N / kNB) - nb0) / 2;
+  int32_t* accb = scratch(accv, nmb * n32 * 1024);
+  auto acc = [&](int64_t mb, int64_t j) { return accb + (mb * n32 + j) * 1024; };
   for (int64_t q0 = 0; q0 < p.nblk; q0 += kAmxKQ) {
     const int64_t q1 = std::min(p.nblk, q0 + kAmxKQ);
     const bool last = q1 == p.nblk;
     for (int64_t mb = 0; mb < nmb; ++mb) {
       const int64_t m = m0 + 32 * mb;
       const int8_t* a = p.a8 + (m / 16) * ab;
-      for (int64_t pi = 0; pi < npair; ++pi) {
-        const int64_t nb = nb0 + 2 * pi;
-        const int nbn = nb + 1 < nb1 ? 2 : 1;
-        const int8_t* b0 = p.w8 + nb * p.nblk * 32;
+      for (int64_t j = 0; j < n32; ++j) {
+        const int8_t* b0 = w8_block(p, nb0 + 4 * j);
         if (q0 == 0) amx_zero();
-        else amx_load(acc(mb, pi));
-        amx_run(m + 16 < m1, nbn, a, ab, b0, nbn == 2 ? b0 + p.nblk * 32 : b0, q0, q1);
-        amx_store(acc(mb, pi));
-        if (last && pi >= 1 && pi - 1 < full) epi_pair(p, m, m1, (nb - 2) * kNB, acc(mb, pi - 1));
+        else amx_load(acc(mb, j), 64);
+        amx_run(m + 16 < m1, 2 * j + 1 < n16, a, ab, b0, b0 + p.nblk * kW8Row, kW8Row, q0, q1);
+        amx_store(acc(mb, j), 64);
+        if (last && j >= 1) epi_block(p, m, m1, (nb0 + 4 * (j - 1)) * kNB, n1, acc(mb, j - 1));
       }
-      if (last && npair - 1 < full) epi_pair(p, m, m1, (nb0 + 2 * (npair - 1)) * kNB, acc(mb, npair - 1));
+      if (last) epi_block(p, m, m1, (nb0 + 4 * (n32 - 1)) * kNB, n1, acc(mb, n32 - 1));
     }
-  }
-  alignas(32) float s1[8], b8[8];
-  for (int64_t nb = nb0 + 2 * full; nb < nb1; ++nb) {
-    const int64_t n0 = nb * kNB;
-    const int nv = static_cast<int>(std::min<int64_t>(kNB, p.N - n0));
-
-    for (int c = 0; c < kNB; ++c) {
-      s1[c] = c < nv && p.sw ? p.sw[n0 + c] : 0.0f;
-      b8[c] = p.bias && c < nv ? p.bias[n0 + c] : 0.0f;
-    }
-    for (int64_t mb = 0; mb < nmb; ++mb)
-      for (int i = 0; i < 2; ++i) {
-        const int64_t row = m0 + 32 * mb + 16 * i;
-        const int mr = static_cast<int>(std::min<int64_t>(16, m1 - row));
-        if (mr <= 0) break;
-        const int32_t* t = acc(mb, (nb - nb0) / 2)[2 * i + (nb - nb0) % 2];
-        if (p.yt == OutT::I32) {  // int8_mm: raw int32
-          int32_t* y = static_cast<int32_t*>(p.y);
-          for (int r = 0; r < mr; ++r) std::memcpy(y + (row + r) * p.N + n0, t + 8 * r, nv * sizeof(int32_t));
-        } else {
-          Avx2K::epi_int(p, mr, row, n0, nv, t, s1, b8);
-        }
-      }
   }
 }
 
-// Rows [m0, m1) x channel blocks [nb0, nb1): 32 rows x 16 channels per tile block. p.a8
-// holds whole 16-row tiles (rows past M are zeros) and K padded to 64.
+// Rows [m0, m1) x channel blocks [nb0, nb1). p.a8 holds whole 16-row tiles (rows past M are
+// zeros) and K padded to 64. The grouped path works on 32 rows x 16 channels (two 8-channel
+// C tiles side by side) per tile block.
 KQ_AMX void task_amx(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
-  amx_config();
   if (!int4 && p.G == 1) {  // per-channel W8A8 and int8_mm
+    amx_config(64);
     task_amx_pc(p, m0, m1, nb0, nb1);
     _tile_release();
     return;
   }
   // grouped W8A8 and W4A8 (any G): every group's int32 tiles are folded into fp32 sums
+  amx_config();
   const int64_t nq = int4 ? 2 * p.nblk : p.nblk;  // k-quads
   const int64_t perq = p.G > 1 ? p.gsz / 4 : nq;
   thread_local std::vector<int8_t> wq;
@@ -990,6 +975,7 @@ KQ_AMX void task_amx(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_
   for (int64_t nb = nb0; nb < nb1; nb += 2) {
     const int nbn = nb + 1 < nb1 ? 2 : 1;
     const int8_t* bw[2];
+    const int64_t bs = int4 ? 32 : kW8Row;  // unpacked int4 blocks are 8 channels wide
     int64_t n0[2];
     int nv[2] = {0, 0};
     for (int j = 0; j < nbn; ++j) {
@@ -997,7 +983,7 @@ KQ_AMX void task_amx(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_
         unpack_int4_block(p.w4 + (nb + j) * p.nblk * 32, p.nblk, wq.data() + j * nq * 32);
         bw[j] = wq.data() + j * nq * 32;
       } else {
-        bw[j] = p.w8 + (nb + j) * p.nblk * 32;
+        bw[j] = w8_block(p, nb + j);
       }
       n0[j] = (nb + j) * kNB;
       nv[j] = static_cast<int>(std::min<int64_t>(kNB, p.N - n0[j]));
@@ -1013,8 +999,8 @@ KQ_AMX void task_amx(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_
       std::memset(f, 0, sizeof(f));
       for (int64_t g = 0; g < p.G; ++g) {
         const int64_t q0 = g * perq, q1 = p.G > 1 ? q0 + perq : nq;
-        amx_run(a2, nbn, a, p.lda * 16, bw[0], bw[1], q0, q1);
-        amx_store(acc);
+        amx_run(a2, nbn == 2, a, p.lda * 16, bw[0], bw[1], bs, q0, q1);
+        amx_store(acc[0], 32);
         amx_zero();
         for (int j = 0; j < nbn; ++j) {
           for (int c = 0; c < kNB; ++c) s8[c] = c < nv[j] ? p.sw[(n0[j] + c) * p.G + g] : 0.0f;
@@ -1114,9 +1100,9 @@ KQ_AMXBF void block_to_bf16(const Problem& p, bool int4, int64_t nb, int64_t k0,
       quad_to_pairs(_mm256_and_si256(_mm256_srli_epi16(v, 4), lo), z, dst + 32);
     }
   } else {
-    const int8_t* w = p.w8 + nb * p.nblk * 32;
+    const int8_t* w = w8_block(p, nb);
     for (int64_t q = k0 / 4; q < (k0 + kc) / 4; ++q, dst += 32)
-      quad_to_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 32)), z, dst);
+      quad_to_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * kW8Row)), z, dst);
   }
 }
 
@@ -1545,13 +1531,13 @@ at::Tensor setup_weight(Problem& p, const at::Tensor& x, const at::Tensor& w, co
   if (p.G > 1)
     TORCH_CHECK(p.gsz == group_size && p.gsz % 32 == 0, "kquant cpu: group size ", group_size,
                 " does not match scales ", scales.sizes(), " for K=", p.Kp);
-  const int64_t per = int4 ? 8 : 4;
-  TORCH_CHECK(w.dim() == 4 && w.size(2) == 8 && w.size(3) == 4 && w.is_contiguous() &&
+  const int64_t per = int4 ? 8 : 4, width = int4 ? 8 : 16;  // k per row; channels per block
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == width && w.size(3) == 4 && w.is_contiguous() &&
                   w.scalar_type() == (int4 ? at::kByte : at::kChar),
-              "kquant cpu: weight must be in the blocked layout ", int4 ? "uint8" : "int8", " [Nb, K/", per,
-              ", 8, 4], got ", w.scalar_type(), " ", w.sizes());
-  TORCH_CHECK(w.size(0) == cdiv(p.N, kNB) && w.size(1) == cdiv(p.Kp, 64) * (64 / per), "kquant cpu: blocked weight ", w.sizes(),
-              " does not match N=", p.N, " K=", p.Kp);
+              "kquant cpu: weight must be in the blocked layout ", int4 ? "uint8" : "int8", " [N/", width, ", K/",
+              per, ", ", width, ", 4], got ", w.scalar_type(), " ", w.sizes());
+  TORCH_CHECK(w.size(0) == cdiv(p.N, width) && w.size(1) == cdiv(p.Kp, 64) * (64 / per), "kquant cpu: blocked weight ",
+              w.sizes(), " does not match N=", p.N, " K=", p.Kp);
   p.nblk = w.size(1);
   if (int4) p.w4 = w.data_ptr<uint8_t>();
   else p.w8 = w.data_ptr<int8_t>();
@@ -1759,10 +1745,10 @@ at::Tensor int8_mm(const at::Tensor& a_, const at::Tensor& b_) {
   p.lda = p.nblk * 4;
   const Isa isa = active_isa();
   const bool amx = isa == Isa::Amx && M >= kAmxMinM;
-  const int64_t nbt = cdiv(N, kNB);
-  // block b as layout 1 with vectorized ATen copies: [N, K] -> [Nb, 8, Kq, 4] -> [Nb, Kq, 8, 4]
-  at::Tensor wb = at::constant_pad_nd(b, {0, p.nblk * 4 - K, 0, nbt * 8 - N}, 0)
-                      .view({nbt, 8, p.nblk, 4})
+  const int64_t nbt = cdiv(N, 16);
+  // block b as layout 1 with vectorized ATen copies: [N, K] -> [N/16, 16, Kq, 4] -> [N/16, Kq, 16, 4]
+  at::Tensor wb = at::constant_pad_nd(b, {0, p.nblk * 4 - K, 0, nbt * 16 - N}, 0)
+                      .view({nbt, 16, p.nblk, 4})
                       .permute({0, 2, 1, 3})
                       .contiguous();
   const int8_t* wd = wb.data_ptr<int8_t>();

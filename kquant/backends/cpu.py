@@ -1,10 +1,11 @@
 """CPU backend: AVX2 integer kernels from ``kquant._C`` (csrc/cpu), scalar fallback inside.
 
-Weights are re-laid out once (:func:`prepare_weight`) into blocks of 8 output channels:
+Weights are re-laid out once (:func:`prepare_weight`) into blocks of output channels:
 
-* layout 1 ``cpu_int8_n8k4``: int8 ``[ceil(N/8), Kq, 8, 4]``, 4 consecutive k of one
-  channel per 32-bit lane (one load feeds vpmaddubsw or two vpmovsxbw; 16 k-quads of a
-  block are one AMX tile).
+* layout 1 ``cpu_int8_n16k4``: int8 ``[ceil(N/16), Kq, 16, 4]``, 4 consecutive k of one
+  channel per 32-bit lane. A 64-byte k-quad row of 16 channels is one full-width AMX B
+  row and one AVX-512 register; the AVX2 kernels read its 8-channel halves (one load feeds
+  vpmaddubsw or two vpmovsxbw).
 * layout 2 ``cpu_int4_n8k8``: uint8 ``[ceil(N/8), Kq/2, 8, 4]``; byte (c, j) of k-octet
   o holds nibble k = 8o + j (low) and k = 8o + 4 + j (high), so ``v & 15`` and ``v >> 4`` are
   two ready blocks.
@@ -42,15 +43,15 @@ def _cdiv(a: int, b: int) -> int:
 def int8_to_blocked(q: torch.Tensor, bits: int = 8, kp: Optional[int] = None) -> torch.Tensor:
     """Canonical int8 [N, Kp] -> layout 1."""
     n, kp = q.shape[0], q.shape[1] if kp is None else kp
-    nb, kq = _cdiv(n, 8), _cdiv(kp, 64) * 16
-    p = torch.zeros(nb * 8, kq * 4, dtype=torch.int8, device=q.device)
+    nb, kq = _cdiv(n, 16), _cdiv(kp, 64) * 16
+    p = torch.zeros(nb * 16, kq * 4, dtype=torch.int8, device=q.device)
     p[:n, :kp] = q
-    return p.view(nb, 8, kq, 4).permute(0, 2, 1, 3).contiguous()
+    return p.view(nb, 16, kq, 4).permute(0, 2, 1, 3).contiguous()
 
 
 def int8_from_blocked(d: torch.Tensor, bits: int, n: int, kp: int) -> torch.Tensor:
     nb, kq = d.shape[0], d.shape[1]
-    return d.permute(0, 2, 1, 3).reshape(nb * 8, kq * 4)[:n, :kp].contiguous()
+    return d.permute(0, 2, 1, 3).reshape(nb * 16, kq * 4)[:n, :kp].contiguous()
 
 
 def int4_to_blocked(q: torch.Tensor, bits: int = 4, kp: Optional[int] = None) -> torch.Tensor:
@@ -72,7 +73,7 @@ def int4_from_blocked(d: torch.Tensor, bits: int, n: int, kp: int) -> torch.Tens
     return pack_int4(u.reshape(nb * 8, ko * 8)[:n, :kp])
 
 
-register_layout(Layout(LAYOUT_INT8, "cpu_int8_n8k4", int8_to_blocked, int8_from_blocked))
+register_layout(Layout(LAYOUT_INT8, "cpu_int8_n16k4", int8_to_blocked, int8_from_blocked))
 register_layout(Layout(LAYOUT_INT4, "cpu_int4_n8k8", int4_to_blocked, int4_from_blocked))
 
 
