@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from kquant import backends as router
 from kquant.backends import reference as ref
-from kquant.format import padded_k, quantize_weight, to_canonical
+from kquant.format import pack_int4, padded_k, quantize_weight, to_canonical
 
 cpu = pytest.importorskip("kquant.backends.cpu")
 if not cpu.available()[0]:
@@ -293,15 +293,37 @@ def test_weight_only_tiles_and_chunks(isa, bits, gs, sym):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_weight_only_zero_points_whole_and_fractional(isa, bits):
     # x all of one sign makes sum(x q) and z sum(x) large and close: whole zero points go
-    # into the codes exactly (no cancellation); fractional ones take the x-sum correction
-    xp, pw, b = make(40, 512, 24, bits, 128, symmetric=False, seed=3)
-    xp = xp.abs() + 1.0
-    y, r = run_wo(pw, xp, b)
-    assert rel_err(y, r) <= 1e-6
-    frac = pw.zeros + 0.25
-    y = cpu.OPS[f"w{bits}a16_linear"](xp, blocked(pw)[0], pw.scales, frac, b, pw.group_size, blocked(pw)[1])
-    r = getattr(ref, f"w{bits}a16_linear")(xp, pw.qweight, pw.scales, frac, b, pw.group_size)
-    assert rel_err(y, r) <= 1e-5
+    # into the codes exactly (no cancellation); fractional ones take the x-sum correction.
+    # M = 1 is the decode GEMV (AVX-512: per-lane z subtracted before the FMA), M = 40 the
+    # AMX-BF16 / AVX2 GEMMs.
+    for m in (1, 40):
+        xp, pw, b = make(m, 512, 24, bits, 128, symmetric=False, seed=3)
+        xp = xp.abs() + 1.0
+        y, r = run_wo(pw, xp, b)
+        assert rel_err(y, r) <= 1e-6, m
+        frac = pw.zeros + 0.25
+        y = cpu.OPS[f"w{bits}a16_linear"](xp, blocked(pw)[0], pw.scales, frac, b, pw.group_size, blocked(pw)[1])
+        r = getattr(ref, f"w{bits}a16_linear")(xp, pw.qweight, pw.scales, frac, b, pw.group_size)
+        assert rel_err(y, r) <= 1e-5, m
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_only_decode_cancellation(isa, bits):
+    # one row (the decode GEMVs; 32 channels = one 4-block pass) whose true outputs (~0.2
+    # before scaling) are tiny next to sum(x) * (8 - z) (~1e5): x near 100, codes
+    # alternating z + 1, z - 1 around zero points far from 8. fp32 sums of +-100 terms lose
+    # ~1e-3 of such a result in any order (the reference: 1.7e-3); applying the int4 zero
+    # point as (8 - z) * sum(x) after the fact lost 5e-2.
+    k, n = 256, 32
+    x = 100.0 + 0.01 * torch.randn(1, k, generator=torch.Generator().manual_seed(5))
+    z = torch.tensor([1.0, 2.0, 3.0, 13.0] * (n // 4)).view(n, 1) if bits == 4 else torch.full((n, 1), -90.0)
+    q = (z + torch.tensor([1, -1] * (k // 2))).to(torch.int32)
+    qweight = pack_int4(q.to(torch.uint8)) if bits == 4 else q.to(torch.int8)
+    scales = torch.full((n, 1), 0.01)
+    data = (cpu.int4_to_blocked if bits == 4 else cpu.int8_to_blocked)(qweight)
+    y = cpu.OPS[f"w{bits}a16_linear"](x, data, scales, z, None, -1, cpu.LAYOUT_INT4 if bits == 4 else cpu.LAYOUT_INT8)
+    exact = (x.double() @ (q - z).double().T) * scales.double().T
+    assert rel_err(y, exact) <= 0.02
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -18,7 +18,7 @@
 //    FMA takes one broadcast activation. A nibble becomes the float (u - 8) through vpermps
 //    with a 16-entry table (it reads only bits 0-3 of each dword): per 16 weights one shift,
 //    one vpermps and one FMA, exact fp32 products as before (no bf16 rounding of x).
-//    Asymmetric zeros add (8 - z) * sum_g(x) per group.
+//    Asymmetric zeros: one more subtraction per 16 weights, (u - 8) - (z - 8).
 //  * W8A16: vpmovsxbd (16 bytes = 4 channels x 4 k) + vcvtdq2ps + FMA against the 4
 //    activations broadcast to each 128-bit lane; lanes (channel, k mod 4) are reduced once
 //    per group.
@@ -127,13 +127,12 @@ KQ_AVX512 void avx512_w4a8_gemv4(const Problem& p, int64_t m, int64_t nb, const 
 // ----------------------------------------------------------------------------- weight-only
 namespace {
 
-KQ_AVX512 inline float sum_range(const float* x, int64_t k0, int64_t k1) {  // k0, k1 multiples of 16
-  __m512 s = _mm512_setzero_ps();
-  for (int64_t k = k0; k < k1; k += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(x + k));
-  return _mm512_reduce_add_ps(s);
-}
 
-// f[32] = sum_g s_g * sum_{k in g} x[k] * (u - z) for 4 int4 blocks
+// f[32] = sum_g s_g * sum_{k in g} x[k] * (u - z) for 4 int4 blocks. The table gives u - 8;
+// asymmetric weights (Z) subtract each lane's z - 8 before the FMA, so the products are
+// x * (u - z) as in the reference (adding (8 - z) * sum(x) afterwards cancelled: the
+// result can be far smaller than either term).
+template <bool Z>
 KQ_AVX512 void wo4(const Problem& p, const float* x, int64_t nb, const int* nv, float* f) {
   const int64_t ws = p.nblk * 32, per = p.G > 1 ? p.gsz / 8 : p.nblk;
   const uint8_t* w = p.w4 + nb * ws;
@@ -142,9 +141,12 @@ KQ_AVX512 void wo4(const Problem& p, const float* x, int64_t nb, const int* nv, 
   __m512 fo[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t o0 = g * per, o1 = p.G > 1 ? o0 + per : p.nblk;
-    __m512 acc[2][4];
-    for (int pr = 0; pr < 2; ++pr)
+    __m512 acc[2][4], zc[2];
+    for (int pr = 0; pr < 2; ++pr) {
       for (int i = 0; i < 4; ++i) acc[pr][i] = _mm512_setzero_ps();
+      zc[pr] = Z ? _mm512_sub_ps(gather16(p.zeros, (nb + 2 * pr) * kNB, p.G, g, km[pr]), _mm512_set1_ps(8.0f))
+                 : _mm512_setzero_ps();
+    }
     for (int64_t o = o0; o < o1; ++o) {
       const float* xo = x + 8 * o;
       for (int pr = 0; pr < 2; ++pr) {
@@ -153,24 +155,17 @@ KQ_AVX512 void wo4(const Problem& p, const float* x, int64_t nb, const int* nv, 
             _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b))),
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + ws)), 1);
         // nibble t of a dword (bits 4t..4t+3) is k = t / 2 + 4 * (t & 1) of the octet
-        acc[pr][0] = _mm512_fmadd_ps(_mm512_set1_ps(xo[0]), _mm512_permutexvar_ps(v, table), acc[pr][0]);
-        acc[pr][1] = _mm512_fmadd_ps(_mm512_set1_ps(xo[4]), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), acc[pr][1]);
-        acc[pr][2] = _mm512_fmadd_ps(_mm512_set1_ps(xo[1]), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), table), acc[pr][2]);
-        acc[pr][3] = _mm512_fmadd_ps(_mm512_set1_ps(xo[5]), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), table), acc[pr][3]);
-        acc[pr][0] = _mm512_fmadd_ps(_mm512_set1_ps(xo[2]), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 16), table), acc[pr][0]);
-        acc[pr][1] = _mm512_fmadd_ps(_mm512_set1_ps(xo[6]), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 20), table), acc[pr][1]);
-        acc[pr][2] = _mm512_fmadd_ps(_mm512_set1_ps(xo[3]), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 24), table), acc[pr][2]);
-        acc[pr][3] = _mm512_fmadd_ps(_mm512_set1_ps(xo[7]), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 28), table), acc[pr][3]);
+        const int kk[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+        for (int t = 0; t < 8; ++t) {
+          __m512 wf = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * t), table);
+          if (Z) wf = _mm512_sub_ps(wf, zc[pr]);
+          acc[pr][t & 3] = _mm512_fmadd_ps(_mm512_set1_ps(xo[kk[t]]), wf, acc[pr][t & 3]);
+        }
       }
     }
-    const float xs = p.zeros ? sum_range(x, 8 * o0, 8 * o1) : 0.0f;
     for (int pr = 0; pr < 2; ++pr) {
-      const int64_t n0 = (nb + 2 * pr) * kNB;
-      __m512 s = _mm512_add_ps(_mm512_add_ps(acc[pr][0], acc[pr][1]), _mm512_add_ps(acc[pr][2], acc[pr][3]));
-      if (p.zeros)  // the table assumed z = 8
-        s = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_set1_ps(8.0f), gather16(p.zeros, n0, p.G, g, km[pr])),
-                            _mm512_set1_ps(xs), s);
-      fo[pr] = _mm512_fmadd_ps(s, gather16(p.sw, n0, p.G, g, km[pr]), fo[pr]);
+      const __m512 s = _mm512_add_ps(_mm512_add_ps(acc[pr][0], acc[pr][1]), _mm512_add_ps(acc[pr][2], acc[pr][3]));
+      fo[pr] = _mm512_fmadd_ps(s, gather16(p.sw, (nb + 2 * pr) * kNB, p.G, g, km[pr]), fo[pr]);
     }
   }
   _mm512_storeu_ps(f, fo[0]);
@@ -234,7 +229,8 @@ KQ_AVX512 void wo8(const Problem& p, const float* x, int64_t nb, const int* nv, 
 
 KQ_AVX512 void avx512_wo_gemv4(const Problem& p, bool int4, int64_t m, int64_t nb, const int* nv, float* f) {
   const float* x = p.xf + m * p.ldx;
-  if (int4) wo4(p, x, nb, nv, f);
+  if (int4 && p.zeros) wo4<true>(p, x, nb, nv, f);
+  else if (int4) wo4<false>(p, x, nb, nv, f);
   else if (p.zeros) wo8<true>(p, x, nb, nv, f);
   else wo8<false>(p, x, nb, nv, f);
 }

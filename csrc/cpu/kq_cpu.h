@@ -111,7 +111,7 @@ struct Problem {
   const uint16_t* xb = nullptr;
   int64_t xb_part = 0;
   const float* xsum = nullptr;
-  bool zfold = false;  // zero points are whole numbers: q - z goes into the bf16 codes exactly
+  bool zfold = false;  // zero points whole (or none): int32 z in the small-M kernels, q - z in the bf16 codes
   int wo_zero = 0;  // implicit symmetric zero point for weight-only (8 for int4)
   void* y = nullptr;
   OutT yt = OutT::F32;

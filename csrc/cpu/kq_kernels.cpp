@@ -1633,6 +1633,14 @@ at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 constexpr int64_t kWeightOnlySmallM = 2;
 constexpr int64_t kWeightOnlyMidM = 128;
 
+// Zero points that are all whole numbers: the small-M kernels subtract them in int32, and
+// AMX-BF16 puts q - z into the bf16 codes. Others take the dequantizing path (exact float z).
+bool whole_numbers(const float* z, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (static_cast<float>(static_cast<int32_t>(z[i])) != z[i]) return false;  // |z| < 2^31
+  return true;
+}
+
 at::Tensor wo_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales_,
                      const std::optional<at::Tensor>& zeros_, const std::optional<at::Tensor>& bias,
                      int64_t group_size, bool int4) {
@@ -1649,6 +1657,7 @@ at::Tensor wo_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
     p.zeros = zeros.data_ptr<float>();
   }
   p.wo_zero = int4 ? 8 : 0;
+  p.zfold = !zeros.defined() || whole_numbers(p.zeros, zeros.numel());
   const Isa isa = active_isa();
 #if KQ_X86
   if (isa == Isa::Amx && kquant::cpu_has_amx_bf16() && p.M >= kAmxWoMinM) {
@@ -1657,7 +1666,6 @@ at::Tensor wo_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
     p.y = y.data_ptr();
     p.yt = out_type(x.scalar_type());
     p.ldx = p.nblk * (int4 ? 8 : 4);  // K padded to 64
-    p.zfold = !zeros.defined() || at::equal(zeros, zeros.round());
     // 1024 rows at a time: the three bf16 parts of x (6 bytes per element) stay bounded
     constexpr int64_t kRows = 1024;
     for (int64_t r0 = 0; r0 < p.M; r0 += kRows) {
@@ -1706,7 +1714,7 @@ at::Tensor wo_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
   at::Tensor xf = at::zeros({p.M, p.ldx}, x.options().dtype(at::kFloat));
   xf.narrow(1, 0, p.Kp).copy_(x);
   p.xf = xf.data_ptr<float>();
-  run_tasks(p, p.M <= kWeightOnlySmallM ? (int4 ? 11 : 10) : (int4 ? 13 : 12), isa);
+  run_tasks(p, p.M <= kWeightOnlySmallM && p.zfold ? (int4 ? 11 : 10) : (int4 ? 13 : 12), isa);
   return y;
 }
 
