@@ -230,11 +230,11 @@ def test_single_row_every_op(isa, bits, gs):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("gs", [-1, 32, 64, 128])
 def test_tile_tails_and_tasks(isa, bits, gs):
-    # AMX works on 32-row x 16- or 32-channel tile blocks, 256 x 256 tasks and 512-k
-    # chunks: rows and channels that end mid-tile, a lone last 8-channel block, K padded to
-    # 64, several tasks and chunks, a task whose last 32-channel block is half empty
-    for m, k, n in ((16, 64, 8), (17, 200, 13), (31, 128, 24), (33, 320, 40), (129, 96, 17), (200, 256, 72),
-                    (70, 1100, 300), (257, 576, 520)):
+    # AMX works on 32-row x 32-channel tile blocks, 256 x 256 tasks and 512-k chunks (W4A8
+    # from 4 rows): rows and channels that end mid-tile, a lone last 8-channel block, K
+    # padded to 64, several tasks and chunks, a task whose last 32-channel block is half empty
+    for m, k, n in ((5, 128, 40), (16, 64, 8), (17, 200, 13), (31, 128, 24), (33, 320, 40), (129, 96, 17),
+                    (200, 256, 72), (70, 1100, 300), (257, 576, 520)):
         xp, pw, b = make(m, k, n, bits, gs, seed=m)
         y, r = run_act(pw, xp, b)
         if gs == -1 or pw.scales.shape[1] == 1:

@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kq_cpu.h"
@@ -47,10 +48,11 @@ enum Kind { kSign = 0, kI16 = 1, kW4 = 2, kAmx8 = 3, kAmx4 = 4, kAmxWo8 = 14, kA
 // Rows from which the int8 GEMMs use AMX tiles when the machine has them. Measured on one
 // core (4096x4096): W8A8 streams the weights at the same speed from M = 2 to 16 on AMX
 // (0.70-0.82 ms) while the vector kernels grow with M (M = 2: 0.83, 4: 1.16 ms); M = 1
-// stays on the VNNI GEMV (0.64 ms). W4A8 folds every 128-k group out of the tiles, which
-// costs more than the AVX2 kernel below 8 rows (M = 4: 1.15 vs 1.00 ms; M = 8: 1.19 vs 1.72).
+// stays on the VNNI GEMV (0.64 ms). W4A8 unpacks its nibbles per task, which costs more
+// than the vector kernel at M = 2 (0.80 vs 0.47 ms) but less from M = 4 (0.79-0.90 vs
+// 0.93-0.99 ms; per-channel and 128-k groups).
 constexpr int64_t kAmxMinM = 2;
-constexpr int64_t kAmxMinM4 = 8;
+constexpr int64_t kAmxMinM4 = 4;
 constexpr int64_t kAmxSpeedup = 8;  // AMX MACs per AVX2 MAC in time, for the threading grain
 constexpr int kMaxMR = 8;  // largest row tile (weight-only fp32 GEMM)
 
@@ -861,14 +863,23 @@ KQ_AMX inline void amx_run(bool a2, bool b2, const int8_t* a, int64_t ab, const 
   else amx_steps<false, false>(a, ab, b0, b1, bs, q0, q1);
 }
 
-// layout-2 block (no octets) -> int8 (u - 8) in layout-1 form (2 * no k-quads)
-KQ_AMX inline void unpack_int4_block(const uint8_t* w, int64_t no, int8_t* dst) {
+// layout-2 blocks nb, nb + 1 (no octets each; nb + 1 only if < nb1) -> int8 (u - 8) as one
+// 16-channel block of layout 1 (2 * no k-quad rows of 64 bytes; a missing block gives 0)
+KQ_AMX inline void unpack_int4_pair(const Problem& p, int64_t nb, int64_t nb1, int8_t* dst) {
   const __m256i lo = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
-  for (int64_t o = 0; o < no; ++o) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + o * 32));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + o * 64), _mm256_sub_epi8(_mm256_and_si256(v, lo), eight));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + o * 64 + 32),
-                        _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), lo), eight));
+  const uint8_t* w0 = p.w4 + nb * p.nblk * 32;
+  const uint8_t* w1 = w0 + p.nblk * 32;
+  const bool two = nb + 1 < nb1;
+  for (int64_t o = 0; o < p.nblk; ++o) {
+    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + o * 32));
+    const __m256i v1 = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + o * 32)) : _mm256_set1_epi8(0x88);
+    int8_t* d = dst + o * 128;  // quads 2o (low nibbles) and 2o + 1 (high)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), _mm256_sub_epi8(_mm256_and_si256(v0, lo), eight));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 32), _mm256_sub_epi8(_mm256_and_si256(v1, lo), eight));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 64),
+                        _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v0, 4), lo), eight));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 96),
+                        _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v1, 4), lo), eight));
   }
 }
 
@@ -892,30 +903,39 @@ KQ_AVX512F inline void store16(void* y, OutT t, int64_t i, __m512 v, __mmask16 k
   }
 }
 
-// Per-channel epilogue of one 32-row x 32-channel tile block (four 16 x 16 int32 C tiles:
-// t + 256 * (2 * row half + channel half)) for rows [m, min(m + 32, m1)) and channels
-// [n0, n1): the AVX2 epilogue's operations 16 lanes wide, masked at the channel tail. It
-// runs right after the next block's tiles are issued, so the vector units convert one
+// Epilogue of one 32-row x 32-channel tile block (four 16 x 16 tiles: t + 256 * (2 * row
+// half + channel half)) for rows [m, min(m + 32, m1)) and channels [n0, n1): the AVX2
+// epilogue's operations 16 lanes wide, masked at the channel tail. T = int32_t: per-channel
+// sums (scaled here; raw for int8_mm); T = float: grouped sums already scaled per group.
+// Called right after the next block's tiles are issued, so the vector units convert one
 // block while the AMX unit works on the next.
-KQ_AMX inline void epi_block(const Problem& p, int64_t m, int64_t m1, int64_t n0, int64_t n1, const int32_t* t) {
+template <class T>
+KQ_AMX inline void epi_block(const Problem& p, int64_t m, int64_t m1, int64_t n0, int64_t n1, const T* t) {
+  constexpr bool grouped = std::is_same<T, float>::value;
   for (int j = 0; j < 2; ++j) {
     const int64_t c0 = n0 + 16 * j, nv = std::min<int64_t>(16, n1 - c0);
     if (nv <= 0) break;
     const __mmask16 k = static_cast<__mmask16>((1u << nv) - 1);
     const bool i32 = p.yt == OutT::I32;  // int8_mm: the raw int32 sums
-    const __m512 s = i32 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(k, p.sw + c0);
+    const __m512 s = i32 || grouped ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(k, p.sw + c0);
     const __m512 b = p.bias ? _mm512_maskz_loadu_ps(k, p.bias + c0) : _mm512_setzero_ps();
     for (int i = 0; i < 2; ++i) {
       const int64_t row = m + 16 * i;
       const int mr = static_cast<int>(std::min<int64_t>(16, m1 - row));
-      const int32_t* ti = t + 256 * (2 * i + j);
+      const T* ti = t + 256 * (2 * i + j);
       for (int r = 0; r < mr; ++r) {
-        const __m512i v = _mm512_load_si512(ti + 16 * r);
-        if (i32) {
-          _mm512_mask_storeu_epi32(static_cast<int32_t*>(p.y) + (row + r) * p.N + c0, k, v);
-          continue;
+        __m512 f;
+        if constexpr (grouped) {
+          f = _mm512_load_ps(ti + 16 * r);
+          if (p.sx) f = _mm512_mul_ps(f, _mm512_set1_ps(p.sx[row + r]));
+        } else {
+          const __m512i v = _mm512_load_si512(ti + 16 * r);
+          if (i32) {
+            _mm512_mask_storeu_epi32(static_cast<int32_t*>(p.y) + (row + r) * p.N + c0, k, v);
+            continue;
+          }
+          f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), s), _mm512_set1_ps(p.sx[row + r]));
         }
-        __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), s), _mm512_set1_ps(p.sx[row + r]));
         KQ_NO_CONTRACT(f);  // the reference rounds the product before adding the bias
         if (p.bias) f = _mm512_add_ps(f, b);
         store16(p.y, p.yt, (row + r) * p.N + c0, f, k);
@@ -953,71 +973,79 @@ KQ_AMX void task_amx_pc(const Problem& p, int64_t m0, int64_t m1, int64_t nb0, i
         else amx_load(acc(mb, j), 64);
         amx_run(m + 16 < m1, 2 * j + 1 < n16, a, ab, b0, b0 + p.nblk * kW8Row, kW8Row, q0, q1);
         amx_store(acc(mb, j), 64);
-        if (last && j >= 1) epi_block(p, m, m1, (nb0 + 4 * (j - 1)) * kNB, n1, acc(mb, j - 1));
+        if (last && j >= 1) epi_block<int32_t>(p, m, m1, (nb0 + 4 * (j - 1)) * kNB, n1, acc(mb, j - 1));
       }
-      if (last) epi_block(p, m, m1, (nb0 + 4 * (n32 - 1)) * kNB, n1, acc(mb, n32 - 1));
+      if (last) epi_block<int32_t>(p, m, m1, (nb0 + 4 * (n32 - 1)) * kNB, n1, acc(mb, n32 - 1));
+    }
+  }
+}
+
+// f += float(acc) * s for a 32 x 32 tile block (tiles as in epi_block) of rows rows (<= 32
+// valid) and one or two 16-channel halves; s: the 32 channels' scales
+KQ_AMX inline void fold_block(const int32_t* acc, const float* s, int64_t rows, bool b2, float* f) {
+  for (int j = 0; j < (b2 ? 2 : 1); ++j) {
+    const __m512 sj = _mm512_loadu_ps(s + 16 * j);
+    for (int i = 0; i < 2; ++i) {
+      const int mr = static_cast<int>(std::min<int64_t>(16, rows - 16 * i));
+      const int32_t* ai = acc + 256 * (2 * i + j);
+      float* fi = f + 256 * (2 * i + j);
+      for (int r = 0; r < mr; ++r)
+        _mm512_store_ps(fi + 16 * r, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(ai + 16 * r)), sj,
+                                                     _mm512_load_ps(fi + 16 * r)));
+    }
+  }
+}
+
+// Grouped W8A8 and W4A8 (any G, W4A8 per-channel too) on full-width tiles, 32 rows x 32
+// channels per tile block: each group's int32 tiles are folded into fp32 sums, f =
+// fma(float(acc_g), s[n, g], f) as in the AVX2 path. The fold of group g - 1 is issued
+// after group g's tiles, so the vector units fold while the AMX unit multiplies. W4A8
+// unpacks the task's nibbles once per 32 channels into int8 (u - 8), 16-channel rows.
+KQ_AMX void task_amx_grouped(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+  const int64_t nq = int4 ? 2 * p.nblk : p.nblk;  // k-quads
+  const int64_t perq = p.G > 1 ? p.gsz / 4 : nq;
+  const int64_t n1 = std::min(p.N, nb1 * kNB), ab = p.lda * 16;
+  thread_local std::vector<int8_t> wqv;
+  thread_local std::vector<float> sv;
+  int8_t* wq = int4 ? scratch(wqv, 2 * nq * 64) : nullptr;
+  float* st = scratch(sv, p.G * 32);  // [G][32] scales of the 32 channels
+  alignas(64) int32_t acc[2][4][256];
+  alignas(64) float f[4][256];
+  for (int64_t nb = nb0; nb < nb1; nb += 4) {
+    const bool b2 = nb + 2 < nb1;
+    const int8_t* bw[2];
+    for (int j = 0; j < (b2 ? 2 : 1); ++j) {
+      if (int4) unpack_int4_pair(p, nb + 2 * j, nb1, wq + j * nq * 64);
+      bw[j] = int4 ? wq + j * nq * 64 : w8_block(p, nb + 2 * j);
+    }
+    if (!b2) bw[1] = bw[0];
+    const int64_t c0 = nb * kNB, nc = std::min<int64_t>(32, n1 - c0);
+    for (int64_t g = 0; g < p.G; ++g)
+      for (int c = 0; c < 32; ++c) st[g * 32 + c] = c < nc ? p.sw[(c0 + c) * p.G + g] : 0.0f;
+    for (int64_t m = m0; m < m1; m += 32) {
+      const bool a2 = m + 16 < m1;
+      const int8_t* a = p.a8 + (m / 16) * ab;
+      std::memset(f, 0, sizeof(f));
+      amx_zero();
+      for (int64_t g = 0; g < p.G; ++g) {
+        const int64_t q0 = g * perq, q1 = p.G > 1 ? q0 + perq : nq;
+        amx_run(a2, b2, a, ab, bw[0], bw[1], 64, q0, q1);
+        if (g > 0) fold_block(acc[(g - 1) & 1][0], st + (g - 1) * 32, m1 - m, b2, f[0]);
+        amx_store(acc[g & 1][0], 64);
+        amx_zero();
+      }
+      fold_block(acc[(p.G - 1) & 1][0], st + (p.G - 1) * 32, m1 - m, b2, f[0]);
+      epi_block<float>(p, m, m1, c0, n1, f[0]);
     }
   }
 }
 
 // Rows [m0, m1) x channel blocks [nb0, nb1). p.a8 holds whole 16-row tiles (rows past M are
-// zeros) and K padded to 64. The grouped path works on 32 rows x 16 channels (two 8-channel
-// C tiles side by side) per tile block.
+// zeros) and K padded to 64.
 KQ_AMX void task_amx(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
-  if (!int4 && p.G == 1) {  // per-channel W8A8 and int8_mm
-    amx_config(64);
-    task_amx_pc(p, m0, m1, nb0, nb1);
-    _tile_release();
-    return;
-  }
-  // grouped W8A8 and W4A8 (any G): every group's int32 tiles are folded into fp32 sums
-  amx_config();
-  const int64_t nq = int4 ? 2 * p.nblk : p.nblk;  // k-quads
-  const int64_t perq = p.G > 1 ? p.gsz / 4 : nq;
-  thread_local std::vector<int8_t> wq;
-  if (int4 && static_cast<int64_t>(wq.size()) < 2 * nq * 32) wq.resize(2 * nq * 32);
-  alignas(64) int32_t acc[4][16 * 8];
-  alignas(64) float f[4][16 * 8];
-  alignas(32) float b8[2][8], s8[8];
-  for (int64_t nb = nb0; nb < nb1; nb += 2) {
-    const int nbn = nb + 1 < nb1 ? 2 : 1;
-    const int8_t* bw[2];
-    const int64_t bs = int4 ? 32 : kW8Row;  // unpacked int4 blocks are 8 channels wide
-    int64_t n0[2];
-    int nv[2] = {0, 0};
-    for (int j = 0; j < nbn; ++j) {
-      if (int4) {
-        unpack_int4_block(p.w4 + (nb + j) * p.nblk * 32, p.nblk, wq.data() + j * nq * 32);
-        bw[j] = wq.data() + j * nq * 32;
-      } else {
-        bw[j] = w8_block(p, nb + j);
-      }
-      n0[j] = (nb + j) * kNB;
-      nv[j] = static_cast<int>(std::min<int64_t>(kNB, p.N - n0[j]));
-      for (int c = 0; c < kNB; ++c) b8[j][c] = p.bias && c < nv[j] ? p.bias[n0[j] + c] : 0.0f;
-    }
-    if (nbn == 1) bw[1] = bw[0];
-    for (int64_t m = m0; m < m1; m += 32) {
-      const int mr[2] = {static_cast<int>(std::min<int64_t>(16, m1 - m)),
-                         static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(16, m1 - m - 16)))};
-      const bool a2 = mr[1] > 0;
-      const int8_t* a = p.a8 + (m / 16) * p.lda * 16;
-      amx_zero();
-      std::memset(f, 0, sizeof(f));
-      for (int64_t g = 0; g < p.G; ++g) {
-        const int64_t q0 = g * perq, q1 = p.G > 1 ? q0 + perq : nq;
-        amx_run(a2, nbn == 2, a, p.lda * 16, bw[0], bw[1], bs, q0, q1);
-        amx_store(acc[0], 32);
-        amx_zero();
-        for (int j = 0; j < nbn; ++j) {
-          for (int c = 0; c < kNB; ++c) s8[c] = c < nv[j] ? p.sw[(n0[j] + c) * p.G + g] : 0.0f;
-          for (int i = 0; i < (a2 ? 2 : 1); ++i) Avx2K::fold(mr[i], acc[2 * i + j], s8, f[2 * i + j]);
-        }
-      }
-      for (int i = 0; i < (a2 ? 2 : 1); ++i)
-        for (int j = 0; j < nbn; ++j) Avx2K::epi(p, mr[i], m + 16 * i, n0[j], nv[j], f[2 * i + j], b8[j]);
-    }
-  }
+  amx_config(64);
+  if (!int4 && p.G == 1) task_amx_pc(p, m0, m1, nb0, nb1);  // per-channel W8A8 and int8_mm
+  else task_amx_grouped(p, int4, m0, m1, nb0, nb1);
   _tile_release();
 }
 

@@ -89,7 +89,7 @@ def available() -> Tuple[bool, str]:
 _ISA_NAMES = {0: "scalar (no AVX2/FMA, or KQUANT_CPU_ISA=scalar)",
               1: "AVX2+FMA",
               2: "AVX2+FMA, AVX-512 VNNI",
-              3: "AVX2+FMA, AVX-512 VNNI, AMX (int8 GEMMs from 2 rows, W4A8 from 8; "
+              3: "AVX2+FMA, AVX-512 VNNI, AMX (int8 GEMMs from 2 rows, W4A8 from 4; "
                  "weight-only from 16 rows where AMX-BF16 is present)"}
 
 
