@@ -1103,10 +1103,10 @@ KQ_AMXBF void split_rows(const Problem& p, const void* x, OutT xt, uint16_t* a3,
   }
 }
 
-// one quad row of int8 codes (8 channels x 4 k) -> two bf16 pair rows (8 channels x 2 k each)
-// of q - z (z: the zero point of each lane's channel, a whole number, so q - z in [-255, 255]
+// one quad row of int8 codes (8 channels x 4 k) -> two bf16 pair rows (8 channels x 2 k each,
+// rs elements apart) of q - z (z: the zero point of each lane's channel, a whole number, so q - z in [-255, 255]
 // is exact in bf16)
-KQ_AMXBF inline void quad_to_pairs(__m256i v, __m512 z, uint16_t* dst) {
+KQ_AMXBF inline void quad_to_pairs(__m256i v, __m512 z, uint16_t* dst, int64_t rs) {
   const __m256i sel = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
                                        0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
   v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, sel), 0xD8);  // [k0k1 c0-7 | k2k3 c0-7]
@@ -1116,11 +1116,12 @@ KQ_AMXBF inline void quad_to_pairs(__m256i v, __m512 z, uint16_t* dst) {
   // integer codes are exact in bf16: the top half of their fp32 bits
   const __m512 fa = _mm512_sub_ps(_mm512_cvtepi32_ps(a), z), fb = _mm512_sub_ps(_mm512_cvtepi32_ps(b), z);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(fa), 16)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16),
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + rs),
                       _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(fb), 16)));
 }
 
-// k in [k0, k0 + kc) of a channel block's codes -> bf16 B tiles: [kc / 2 pair rows][8][2]
+// k in [k0, k0 + kc) of an 8-channel block's codes -> bf16 pair rows of 32 elements (16
+// channels x 2 k: the full-width B rows of two blocks side by side), this block's 16 at dst
 KQ_AMXBF void block_to_bf16(const Problem& p, bool int4, int64_t nb, int64_t k0, int64_t kc, const float* z8,
                             uint16_t* dst) {
   // lane 2c and 2c + 1 of a pair row belong to channel c
@@ -1129,24 +1130,25 @@ KQ_AMXBF void block_to_bf16(const Problem& p, bool int4, int64_t nb, int64_t k0,
   if (int4) {
     const uint8_t* w = p.w4 + nb * p.nblk * 32;
     const __m256i lo = _mm256_set1_epi8(0x0F);
-    for (int64_t o = k0 / 8; o < (k0 + kc) / 8; ++o, dst += 64) {
+    for (int64_t o = k0 / 8; o < (k0 + kc) / 8; ++o, dst += 128) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + o * 32));
-      quad_to_pairs(_mm256_and_si256(v, lo), z, dst);
-      quad_to_pairs(_mm256_and_si256(_mm256_srli_epi16(v, 4), lo), z, dst + 32);
+      quad_to_pairs(_mm256_and_si256(v, lo), z, dst, 32);
+      quad_to_pairs(_mm256_and_si256(_mm256_srli_epi16(v, 4), lo), z, dst + 64, 32);
     }
   } else {
     const int8_t* w = w8_block(p, nb);
-    for (int64_t q = k0 / 4; q < (k0 + kc) / 4; ++q, dst += 32)
-      quad_to_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * kW8Row)), z, dst);
+    for (int64_t q = k0 / 4; q < (k0 + kc) / 4; ++q, dst += 64)
+      quad_to_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * kW8Row)), z, dst, 32);
   }
 }
 
+// 32 k per step; B tiles: 16 pair rows x 16 channels (512 elements per step)
 template <bool A2, bool B2>
 KQ_AMXBF inline void amxbf_steps(const uint16_t* a, int64_t ab, int64_t part, const uint16_t* b0, const uint16_t* b1,
                                  int64_t s0, int64_t s1) {
-  for (int64_t s = s0; s < s1; ++s) {  // 32 k per step
-    _tile_loadd(6, b0 + s * 256, 32);
-    if (B2) _tile_loadd(7, b1 + s * 256, 32);
+  for (int64_t s = s0; s < s1; ++s) {
+    _tile_loadd(6, b0 + s * 512, 64);
+    if (B2) _tile_loadd(7, b1 + s * 512, 64);
     for (int sp = 0; sp < 3; ++sp) {
       const uint16_t* as = a + sp * part + s * 512;
       _tile_loadd(4, as, 64);
@@ -1159,15 +1161,11 @@ KQ_AMXBF inline void amxbf_steps(const uint16_t* a, int64_t ab, int64_t part, co
   }
 }
 
-// A task is 256 rows x 256 channels, in K chunks (a weight group, or 128 k per channel):
-// per chunk the task's weights are converted once (64 KiB at 128 k), a 32-row slice of the
-// three activation parts stays in L1 while every channel pair uses it, and the fp32 sums
-// wait in f (per group already scaled).
-KQ_AMXBF inline void amxbf_run(bool a2, int nbn, const uint16_t* a, int64_t ab, int64_t part, const uint16_t* b0,
+KQ_AMXBF inline void amxbf_run(bool a2, bool b2, const uint16_t* a, int64_t ab, int64_t part, const uint16_t* b0,
                                const uint16_t* b1, int64_t s0, int64_t s1) {
-  if (a2 && nbn == 2) amxbf_steps<true, true>(a, ab, part, b0, b1, s0, s1);
+  if (a2 && b2) amxbf_steps<true, true>(a, ab, part, b0, b1, s0, s1);
   else if (a2) amxbf_steps<true, false>(a, ab, part, b0, b1, s0, s1);
-  else if (nbn == 2) amxbf_steps<false, true>(a, ab, part, b0, b1, s0, s1);
+  else if (b2) amxbf_steps<false, true>(a, ab, part, b0, b1, s0, s1);
   else amxbf_steps<false, false>(a, ab, part, b0, b1, s0, s1);
 }
 
@@ -1175,89 +1173,82 @@ inline float zero_of(const Problem& p, int64_t n, int64_t g) {
   return p.zeros ? p.zeros[n * p.G + g] : static_cast<float>(p.wo_zero);
 }
 
+// A task is 256 rows x 256 channels in K chunks (a weight group, or 128 k per channel),
+// on full-width tiles (32 rows x 32 channels per 2 x 2 tile block): per chunk the task's
+// weights are converted once (128 KiB of bf16 at 128 k), a 32-row slice of the three
+// activation parts stays in L1 while every channel block uses it, and the fp32 sums wait
+// in f (per group already scaled).
 KQ_AMXBF void task_amx_wo(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
-  amx_config();
+  amx_config(64);
   const uint16_t* a3 = p.xb;
   const int64_t part = p.xb_part;
   const float* xs = p.xsum;
   // k per chunk: the group, or 128 (64 when that does not divide the padded K): the 32-row
   // slice of the three parts is then 24 KiB, half of L1
   const int64_t kc = p.G > 1 ? p.gsz : p.ldx % 128 == 0 ? 128 : 64;
-  const int64_t ab = (p.ldx / 32) * 512;                                 // elements per 16-row block
-  const int64_t nbk = nb1 - nb0, npair = cdiv(nbk, 2), nmb = cdiv(m1 - m0, 32);
-  thread_local std::vector<uint16_t> wb;  // [nbk][kc / 2][8][2] bf16 codes of the chunk
-  thread_local std::vector<float> fv;     // [nmb][npair][4][16 * 8]
-  if (static_cast<int64_t>(wb.size()) < nbk * kc * 8) wb.resize(nbk * kc * 8);
-  if (static_cast<int64_t>(fv.size()) < nmb * npair * 4 * 128) fv.resize(nmb * npair * 4 * 128);
-  std::fill(fv.begin(), fv.begin() + nmb * npair * 4 * 128, 0.0f);
-  auto fb = [&](int64_t mb, int64_t pi) { return fv.data() + (mb * npair + pi) * 4 * 128; };
-  alignas(64) float c[4][16 * 8];
-  alignas(32) float s8[8], z8[8];
+  const int64_t ab = (p.ldx / 32) * 512;  // elements per 16-row block
+  const int64_t n16 = cdiv(nb1 - nb0, 2), n32 = cdiv(n16, 2), nmb = cdiv(m1 - m0, 32);
+  const int64_t n1 = std::min(p.N, nb1 * kNB);
+  thread_local std::vector<uint16_t> wbv;  // [n16][kc / 2][16][2] bf16 codes of the chunk
+  thread_local std::vector<float> fv;      // [nmb][n32][4][256]
+  uint16_t* wb = scratch(wbv, n16 * kc * 16);
+  float* fb0 = scratch(fv, nmb * n32 * 1024);
+  std::fill(fb0, fb0 + nmb * n32 * 1024, 0.0f);
+  if ((nb1 - nb0) % 2) std::fill(wb, wb + n16 * kc * 16, uint16_t(0));  // the lone half's partner: zeros
+  auto fb = [&](int64_t mb, int64_t j) { return fb0 + (mb * n32 + j) * 1024; };
+  alignas(64) float c[4][256];
+  alignas(64) float s32[32], z32[32];
+  alignas(32) float z8[8];
   const int64_t nchunk = cdiv(p.Kp, kc);  // chunks past Kp hold only zero padding
   for (int64_t ch = 0; ch < nchunk; ++ch) {
     const int64_t g = p.G > 1 ? ch : 0;
-    for (int64_t b = 0; b < nbk; ++b) {  // whole zero points go into the codes (no x-sum term)
+    for (int64_t b = 0; b < nb1 - nb0; ++b) {  // whole zero points go into the codes (no x-sum term)
       const int64_t n0 = (nb0 + b) * kNB;
       for (int cc = 0; cc < kNB; ++cc) z8[cc] = p.zfold && n0 + cc < p.N ? zero_of(p, n0 + cc, g) : 0.0f;
-      block_to_bf16(p, int4, nb0 + b, ch * kc, kc, z8, wb.data() + b * kc * 8);
+      block_to_bf16(p, int4, nb0 + b, ch * kc, kc, z8, wb + (b / 2) * kc * 16 + (b % 2) * 16);
     }
     for (int64_t mb = 0; mb < nmb; ++mb) {
       const int64_t m = m0 + 32 * mb;
       const bool a2 = m + 16 < m1;
       const uint16_t* a = a3 + (m / 16) * ab + (ch * kc / 32) * 512;
-      for (int64_t pi = 0; pi < npair; ++pi) {
-        const int nbn = nb0 + 2 * pi + 1 < nb1 ? 2 : 1;
-        const uint16_t* b0 = wb.data() + 2 * pi * kc * 8;
-        const uint16_t* b1 = nbn == 2 ? b0 + kc * 8 : b0;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        amxbf_run(a2, nbn, a, ab, part, b0, b1, 0, kc / 32);
-        _tile_stored(0, c[0], 32);
-        _tile_stored(1, c[1], 32);
-        _tile_stored(2, c[2], 32);
-        _tile_stored(3, c[3], 32);
-        float* f = fb(mb, pi);
-        for (int j = 0; j < nbn; ++j) {
-          const int64_t n0 = (nb0 + 2 * pi + j) * kNB;
-          for (int cc = 0; cc < kNB; ++cc) {
-            const bool ok = n0 + cc < p.N;
-            s8[cc] = ok ? p.sw[(n0 + cc) * p.G + g] : 0.0f;
-            z8[cc] = ok && !p.zfold ? zero_of(p, n0 + cc, g) : 0.0f;
-          }
-          const __m256 sv = _mm256_loadu_ps(s8), zv = _mm256_loadu_ps(z8);
+      for (int64_t j = 0; j < n32; ++j) {
+        const bool b2 = 2 * j + 1 < n16;
+        const uint16_t* b0 = wb + 2 * j * kc * 16;
+        amx_zero();
+        amxbf_run(a2, b2, a, ab, part, b0, b2 ? b0 + kc * 16 : b0, 0, kc / 32);
+        _tile_stored(0, c[0], 64);
+        _tile_stored(1, c[1], 64);
+        _tile_stored(2, c[2], 64);
+        _tile_stored(3, c[3], 64);
+        float* f = fb(mb, j);
+        const int64_t c0 = (nb0 + 4 * j) * kNB;
+        for (int cc = 0; cc < 32; ++cc) {
+          const bool ok = c0 + cc < n1;
+          s32[cc] = ok ? p.sw[(c0 + cc) * p.G + g] : 0.0f;
+          z32[cc] = ok && !p.zfold ? zero_of(p, c0 + cc, g) : 0.0f;
+        }
+        for (int h = 0; h < (b2 ? 2 : 1); ++h) {
+          const __m512 sv = _mm512_load_ps(s32 + 16 * h), zv = _mm512_load_ps(z32 + 16 * h);
           for (int i = 0; i < (a2 ? 2 : 1); ++i) {
             const int mr = static_cast<int>(std::min<int64_t>(16, m1 - m - 16 * i));
             for (int r = 0; r < mr; ++r) {
-              float* fr = f + (2 * i + j) * 128 + 8 * r;
-              const __m256 cv = _mm256_loadu_ps(c[2 * i + j] + 8 * r);
+              float* fr = f + (2 * i + h) * 256 + 16 * r;
+              const __m512 cv = _mm512_load_ps(c[2 * i + h] + 16 * r);
               if (p.G == 1) {  // one group: sum the chunks; zero point and scale at the end
-                _mm256_storeu_ps(fr, _mm256_add_ps(cv, _mm256_loadu_ps(fr)));
+                _mm512_store_ps(fr, _mm512_add_ps(cv, _mm512_load_ps(fr)));
                 if (ch + 1 < nchunk) continue;
               }
-              const __m256 xsv = _mm256_set1_ps(xs[(m + 16 * i + r) * p.G + g]);
-              const __m256 t = _mm256_fnmadd_ps(zv, xsv, p.G == 1 ? _mm256_loadu_ps(fr) : cv);
-              _mm256_storeu_ps(fr, _mm256_fmadd_ps(t, sv, p.G == 1 ? _mm256_setzero_ps() : _mm256_loadu_ps(fr)));
+              const __m512 xsv = _mm512_set1_ps(xs[(m + 16 * i + r) * p.G + g]);
+              const __m512 t = _mm512_fnmadd_ps(zv, xsv, p.G == 1 ? _mm512_load_ps(fr) : cv);
+              _mm512_store_ps(fr, _mm512_fmadd_ps(t, sv, p.G == 1 ? _mm512_setzero_ps() : _mm512_load_ps(fr)));
             }
           }
         }
       }
     }
   }
-  alignas(32) float b8[8];
-  for (int64_t nb = nb0; nb < nb1; ++nb) {
-    const int64_t n0 = nb * kNB;
-    const int nv = static_cast<int>(std::min<int64_t>(kNB, p.N - n0));
-    for (int cc = 0; cc < kNB; ++cc) b8[cc] = p.bias && cc < nv ? p.bias[n0 + cc] : 0.0f;
-    for (int64_t mb = 0; mb < nmb; ++mb)
-      for (int i = 0; i < 2; ++i) {
-        const int64_t row = m0 + 32 * mb + 16 * i;
-        const int mr = static_cast<int>(std::min<int64_t>(16, m1 - row));
-        if (mr <= 0) break;
-        Avx2K::epi(p, mr, row, n0, nv, fb(mb, (nb - nb0) / 2) + (2 * i + (nb - nb0) % 2) * 128, b8);
-      }
-  }
+  for (int64_t mb = 0; mb < nmb; ++mb)
+    for (int64_t j = 0; j < n32; ++j) epi_block<float>(p, m0 + 32 * mb, m1, (nb0 + 4 * j) * kNB, n1, fb(mb, j));
   _tile_release();
 }
 
