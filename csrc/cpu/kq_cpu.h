@@ -71,11 +71,11 @@ struct alignas(64) TileCfg {
   uint8_t rows[16] = {};
 };
 
-// The AMX tile configuration (per thread; _tile_release() when done). Tiles 0-3: int32 C,
-// 16 rows x bw / 4 channels; 4-5: int8 A, 16 rows x 64 k; 6-7: B, 16 k-quads x bw / 4
-// channels x 4 k. bw = 64 (16 channels) is tdpbssd's full width; 32 (8 channels, one
-// layout-1 block) runs at half the MACs per instruction.
-KQ_AMX inline void amx_config(int bw = 32) {
+// The AMX tile configuration (per thread; _tile_release() when done). Tiles 0-3: C, 16 rows
+// x bw bytes (int32 or fp32 per channel); 4-5: A, 16 rows x 64 bytes; 6-7: B, 16 rows x bw
+// bytes (k-quads of int8 or k-pairs of bf16). The kernels use bw = 64, 16 channels, the full
+// width; the ceilings also time bw = 32 (8 channels: half the MACs per instruction).
+KQ_AMX inline void amx_config(int bw = 64) {
   TileCfg c;
   for (int t = 0; t < 8; ++t) {
     c.rows[t] = 16;

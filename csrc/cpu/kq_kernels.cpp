@@ -810,22 +810,21 @@ struct Avx512K : Avx2K {
 // (bench/test_cpu_linear.py::test_ceiling): tdpbssd at full width (C tiles of 16 rows x 16
 // channels) ~3.4 TMAC/s (amx_tdpbssd), at 8 channels ~1.7 (the same time per instruction
 // for half the MACs), and the per-channel kernel's own tile sequence from L1 ~2.8
-// (amx_kernel_seq). Per-channel W8A8 reads its B tiles straight from layout 1, whose
-// 16-channel k-quad rows are full-width B rows. The grouped path folds 8-channel tiles
-// per group (an 8-channel half of layout 1, rows 64 bytes apart); W4A8 unpacks each
-// block's nibbles once per task into int8 (u - 8), so its int32 sums are exact too.
+// (amx_kernel_seq). Every int8 path runs full-width tiles, 2 x 2 per 32-row x 32-channel
+// block: the B tiles come straight from layout 1, whose 16-channel k-quad rows are
+// full-width B rows; W4A8 unpacks its nibbles once per task into int8 (u - 8) rows of the
+// same form, so its int32 sums are exact too.
 
 // a: the row block's first tile (tiled activations), ab: bytes from one row block to the
-// next; b0, b1: B operands whose k-quad rows are bs bytes apart (the tile width, 16 or 8
-// channels, is the configured one)
+// next; b0, b1: 16-channel B operands (k-quad rows of kW8Row bytes)
 template <bool A2, bool B2>
-KQ_AMX inline void amx_steps(const int8_t* a, int64_t ab, const int8_t* b0, const int8_t* b1, int64_t bs,
-                             int64_t q0, int64_t q1) {
+KQ_AMX inline void amx_steps(const int8_t* a, int64_t ab, const int8_t* b0, const int8_t* b1, int64_t q0,
+                             int64_t q1) {
   for (int64_t q = q0; q < q1; q += 16) {
     _tile_loadd(4, a + q * 64, 64);
     if (A2) _tile_loadd(5, a + ab + q * 64, 64);
-    _tile_loadd(6, b0 + q * bs, bs);
-    if (B2) _tile_loadd(7, b1 + q * bs, bs);
+    _tile_loadd(6, b0 + q * kW8Row, kW8Row);
+    if (B2) _tile_loadd(7, b1 + q * kW8Row, kW8Row);
     _tile_dpbssd(0, 4, 6);
     if (B2) _tile_dpbssd(1, 4, 7);
     if (A2) _tile_dpbssd(2, 5, 6);
@@ -833,19 +832,19 @@ KQ_AMX inline void amx_steps(const int8_t* a, int64_t ab, const int8_t* b0, cons
   }
 }
 
-// the 4 C tiles <-> acc (4 tiles of 16 rows x bw bytes, back to back)
-KQ_AMX inline void amx_store(int32_t* acc, int bw) {
-  _tile_stored(0, acc, bw);
-  _tile_stored(1, acc + 4 * bw, bw);
-  _tile_stored(2, acc + 8 * bw, bw);
-  _tile_stored(3, acc + 12 * bw, bw);
+// the 4 C tiles <-> acc (4 tiles of 16 x 16 int32, back to back)
+KQ_AMX inline void amx_store(int32_t* acc) {
+  _tile_stored(0, acc, 64);
+  _tile_stored(1, acc + 256, 64);
+  _tile_stored(2, acc + 512, 64);
+  _tile_stored(3, acc + 768, 64);
 }
 
-KQ_AMX inline void amx_load(const int32_t* acc, int bw) {
-  _tile_loadd(0, acc, bw);
-  _tile_loadd(1, acc + 4 * bw, bw);
-  _tile_loadd(2, acc + 8 * bw, bw);
-  _tile_loadd(3, acc + 12 * bw, bw);
+KQ_AMX inline void amx_load(const int32_t* acc) {
+  _tile_loadd(0, acc, 64);
+  _tile_loadd(1, acc + 256, 64);
+  _tile_loadd(2, acc + 512, 64);
+  _tile_loadd(3, acc + 768, 64);
 }
 
 KQ_AMX inline void amx_zero() {
@@ -856,11 +855,11 @@ KQ_AMX inline void amx_zero() {
 }
 
 KQ_AMX inline void amx_run(bool a2, bool b2, const int8_t* a, int64_t ab, const int8_t* b0, const int8_t* b1,
-                           int64_t bs, int64_t q0, int64_t q1) {
-  if (a2 && b2) amx_steps<true, true>(a, ab, b0, b1, bs, q0, q1);
-  else if (a2) amx_steps<true, false>(a, ab, b0, b1, bs, q0, q1);
-  else if (b2) amx_steps<false, true>(a, ab, b0, b1, bs, q0, q1);
-  else amx_steps<false, false>(a, ab, b0, b1, bs, q0, q1);
+                           int64_t q0, int64_t q1) {
+  if (a2 && b2) amx_steps<true, true>(a, ab, b0, b1, q0, q1);
+  else if (a2) amx_steps<true, false>(a, ab, b0, b1, q0, q1);
+  else if (b2) amx_steps<false, true>(a, ab, b0, b1, q0, q1);
+  else amx_steps<false, false>(a, ab, b0, b1, q0, q1);
 }
 
 // layout-2 blocks nb, nb + 1 (no octets each; nb + 1 only if < nb1) -> int8 (u - 8) as one
@@ -970,9 +969,9 @@ KQ_AMX void task_amx_pc(const Problem& p, int64_t m0, int64_t m1, int64_t nb0, i
       for (int64_t j = 0; j < n32; ++j) {
         const int8_t* b0 = w8_block(p, nb0 + 4 * j);
         if (q0 == 0) amx_zero();
-        else amx_load(acc(mb, j), 64);
-        amx_run(m + 16 < m1, 2 * j + 1 < n16, a, ab, b0, b0 + p.nblk * kW8Row, kW8Row, q0, q1);
-        amx_store(acc(mb, j), 64);
+        else amx_load(acc(mb, j));
+        amx_run(m + 16 < m1, 2 * j + 1 < n16, a, ab, b0, b0 + p.nblk * kW8Row, q0, q1);
+        amx_store(acc(mb, j));
         if (last && j >= 1) epi_block<int32_t>(p, m, m1, (nb0 + 4 * (j - 1)) * kNB, n1, acc(mb, j - 1));
       }
       if (last) epi_block<int32_t>(p, m, m1, (nb0 + 4 * (n32 - 1)) * kNB, n1, acc(mb, n32 - 1));
@@ -1029,9 +1028,9 @@ KQ_AMX void task_amx_grouped(const Problem& p, bool int4, int64_t m0, int64_t m1
       amx_zero();
       for (int64_t g = 0; g < p.G; ++g) {
         const int64_t q0 = g * perq, q1 = p.G > 1 ? q0 + perq : nq;
-        amx_run(a2, b2, a, ab, bw[0], bw[1], 64, q0, q1);
+        amx_run(a2, b2, a, ab, bw[0], bw[1], q0, q1);
         if (g > 0) fold_block(acc[(g - 1) & 1][0], st + (g - 1) * 32, m1 - m, b2, f[0]);
-        amx_store(acc[g & 1][0], 64);
+        amx_store(acc[g & 1][0]);
         amx_zero();
       }
       fold_block(acc[(p.G - 1) & 1][0], st + (p.G - 1) * 32, m1 - m, b2, f[0]);
@@ -1043,7 +1042,7 @@ KQ_AMX void task_amx_grouped(const Problem& p, bool int4, int64_t m0, int64_t m1
 // Rows [m0, m1) x channel blocks [nb0, nb1). p.a8 holds whole 16-row tiles (rows past M are
 // zeros) and K padded to 64.
 KQ_AMX void task_amx(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
-  amx_config(64);
+  amx_config();
   if (!int4 && p.G == 1) task_amx_pc(p, m0, m1, nb0, nb1);  // per-channel W8A8 and int8_mm
   else task_amx_grouped(p, int4, m0, m1, nb0, nb1);
   _tile_release();
@@ -1179,7 +1178,7 @@ inline float zero_of(const Problem& p, int64_t n, int64_t g) {
 // activation parts stays in L1 while every channel block uses it, and the fp32 sums wait
 // in f (per group already scaled).
 KQ_AMXBF void task_amx_wo(const Problem& p, bool int4, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
-  amx_config(64);
+  amx_config();
   const uint16_t* a3 = p.xb;
   const int64_t part = p.xb_part;
   const float* xs = p.xsum;
