@@ -1003,9 +1003,10 @@ KQ_AMX inline void epi_block(const Problem& p, int64_t m, int64_t m1, int64_t n0
 // Per-channel W8A8 and int8_mm on full-width tiles: a 32-row x 32-channel block is 2 x 2 C
 // tiles. A task is 256 rows x 256 channels, in K chunks of 512: the chunk's activations and
 // weights (128 KiB each) come once from L3 into L2 (128 MACs per byte; this Xeon gives one
-// core ~25 GB/s from L3), a 32-row slice (16 KiB) stays in L1 while all 8 channel blocks use
-// it, and the int32 tiles wait in a buffer between chunks (exact). Against 8-channel tiles
-// (one layout-1 half each) this runs 1.2-1.4x faster from M = 64 (bench/RESULTS.md).
+// core ~25 GB/s from L3), a 32-row slice (16 KiB) stays in L1 while the task's eight
+// 32-channel blocks use it, and the int32 tiles wait in a buffer between chunks (exact).
+// Against the 8-channel tiles of 3dbb85c this ran 1.2-1.45x faster from M = 64 (A/B runs,
+// one core); a per-task repack of 8-channel blocks into pairs cost more than it gained.
 constexpr int64_t kAmxMC = 256;  // rows per AMX task
 constexpr int64_t kAmxNB = 32;   // 8-channel blocks per AMX task
 constexpr int64_t kAmxKQ = 128;  // k-quads per chunk (512 k)
