@@ -137,6 +137,7 @@ KQ_AVX512 void wo4(const Problem& p, const float* x, int64_t nb, const int* nv, 
   const int64_t ws = p.nblk * 32, per = p.G > 1 ? p.gsz / 8 : p.nblk;
   const uint8_t* w = p.w4 + nb * ws;
   const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);  // u - 8
+  const int kk[8] = {0, 4, 1, 5, 2, 6, 3, 7};  // nibble t of a dword (bits 4t..4t+3) is k = kk[t] of the octet
   const __mmask16 km[2] = {pair_mask(nv, 0), pair_mask(nv, 1)};
   __m512 fo[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
   for (int64_t g = 0; g < p.G; ++g) {
@@ -154,8 +155,6 @@ KQ_AVX512 void wo4(const Problem& p, const float* x, int64_t nb, const int* nv, 
         const __m512i v = _mm512_inserti64x4(
             _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b))),
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + ws)), 1);
-        // nibble t of a dword (bits 4t..4t+3) is k = t / 2 + 4 * (t & 1) of the octet
-        const int kk[8] = {0, 4, 1, 5, 2, 6, 3, 7};
         for (int t = 0; t < 8; ++t) {
           __m512 wf = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * t), table);
           if (Z) wf = _mm512_sub_ps(wf, zc[pr]);

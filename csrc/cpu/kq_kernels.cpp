@@ -311,17 +311,27 @@ KQ_AVX2 inline void k_sign4(const int8_t* a, const uint8_t* aa, const int8_t* w0
 // Layout 1's 64-byte rows give an 8-channel half one line per k-quad: prefetching 1 KiB
 // ahead (16 quads) keeps the int16 GEMM at the speed it had on 8-channel blocks (~4%
 // slower without, M = 16 and 128 on one core).
-// Straight from layout 1 (the grouped path; per-channel runs k_i16s on widened blocks).
-// Its 64-byte rows give an 8-channel half one line per k-quad: prefetching 1 KiB ahead (16
-// quads) measured 2-4% faster (one core, per-channel, M = 16 and 128, before k_i16s).
-template <int MR>
-KQ_AVX2 inline void k_i16(const int16_t* a, int64_t lda, const int8_t* w, int64_t q0, int64_t q1, int32_t* out) {
+// int16 GEMM of MR rows x 8 channels over k-quads [q0, q1). W16 = false: w is an 8-channel
+// half of layout 1, widened in the loop; its 64-byte rows give it one line per k-quad, and
+// prefetching 1 KiB ahead (16 quads) measured 2-4% faster (one core, M = 16 and 128).
+// W16 = true: w holds quads [q0, q1) already widened (widen_block: [q][8 channels][4 k]),
+// so the loop has no vpmovsxbw.
+template <int MR, bool W16 = false>
+KQ_AVX2 inline void k_i16(const int16_t* a, int64_t lda, const void* w, int64_t q0, int64_t q1, int32_t* out) {
   __m256i lo[MR], hi[MR];
   for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+  const int8_t* w8 = static_cast<const int8_t*>(w);
+  const int16_t* w16 = static_cast<const int16_t*>(w);
   for (int64_t q = q0; q < q1; ++q) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + kW8Row * (q + 16)), _MM_HINT_T0);
-    const __m256i blo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kW8Row * q)));
-    const __m256i bhi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kW8Row * q + 16)));
+    __m256i blo, bhi;
+    if constexpr (W16) {
+      blo = _mm256_load_si256(reinterpret_cast<const __m256i*>(w16 + 32 * (q - q0)));
+      bhi = _mm256_load_si256(reinterpret_cast<const __m256i*>(w16 + 32 * (q - q0) + 16));
+    } else {
+      _mm_prefetch(reinterpret_cast<const char*>(w8 + kW8Row * (q + 16)), _MM_HINT_T0);
+      blo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w8 + kW8Row * q)));
+      bhi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w8 + kW8Row * q + 16)));
+    }
     for (int r = 0; r < MR; ++r) {
       int64_t av;
       std::memcpy(&av, a + r * lda + 4 * q, 8);
@@ -336,30 +346,8 @@ KQ_AVX2 inline void k_i16(const int16_t* a, int64_t lda, const int8_t* w, int64_
                         _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo[r], hi[r]), 0xD8));
 }
 
-// k_i16 on weights already widened to int16 (widen_block: [q][8 channels][4 k], 64 bytes
-// per k-quad): no vpmovsxbw in the loop
-template <int MR>
-KQ_AVX2 inline void k_i16s(const int16_t* a, int64_t lda, const int16_t* w, int64_t n, int32_t* out) {
-  __m256i lo[MR], hi[MR];
-  for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
-  for (int64_t q = 0; q < n; ++q) {
-    const __m256i blo = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + 32 * q));
-    const __m256i bhi = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + 32 * q + 16));
-    for (int r = 0; r < MR; ++r) {
-      int64_t av;
-      std::memcpy(&av, a + r * lda + 4 * q, 8);
-      const __m256i va = _mm256_set1_epi64x(av);
-      lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(va, blo));
-      hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(va, bhi));
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * r),
-                        _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo[r], hi[r]), 0xD8));
-}
-
 // k-quads [q0, q1) of both 8-channel halves of a layout-1 block as int16, each contiguous
-// (k_i16s's operand): dst for the first half, dst + 32 * (q1 - q0) for the second
+// (k_i16<MR, true>'s operand): dst for the first half, dst + 32 * (q1 - q0) for the second
 KQ_AVX2 inline void widen_block(const int8_t* w, int64_t q0, int64_t q1, int16_t* dst) {
   int16_t* d1 = dst + 32 * (q1 - q0);
   for (int64_t q = q0; q < q1; ++q) {
@@ -742,12 +730,12 @@ struct Avx2K {
   // rows [m, m + mr), k-quads [q0, q0 + n) of a widened block w
   KQ_AVX2 static inline void kint_w(const Problem& p, int mr, int64_t m, int64_t q0, const int16_t* w, int64_t n,
                                     int32_t* out) {
-    const int16_t* a = p.a16 + m * p.lda + 4 * q0;
+    const int16_t* a = p.a16 + m * p.lda;
     switch (mr) {
-      case 1: k_i16s<1>(a, p.lda, w, n, out); break;
-      case 2: k_i16s<2>(a, p.lda, w, n, out); break;
-      case 3: k_i16s<3>(a, p.lda, w, n, out); break;
-      default: k_i16s<4>(a, p.lda, w, n, out); break;
+      case 1: k_i16<1, true>(a, p.lda, w, q0, q0 + n, out); break;
+      case 2: k_i16<2, true>(a, p.lda, w, q0, q0 + n, out); break;
+      case 3: k_i16<3, true>(a, p.lda, w, q0, q0 + n, out); break;
+      default: k_i16<4, true>(a, p.lda, w, q0, q0 + n, out); break;
     }
   }
   KQ_AVX2 static inline bool gemv4(const Problem& p, int64_t m, int64_t nb, int32_t* out) {
