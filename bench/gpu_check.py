@@ -8,6 +8,9 @@
    unwritten element shows up as NaN.
 2. Timing: CUDA events, median of many runs, inputs rotated through sets larger than
    L2, against bf16 torch.matmul and torch._int_mm plus its separate dequantization.
+   Each is timed twice: as device time per call, replaying a CUDA graph of one call per
+   input set (the kernels alone, as a server using CUDA graphs runs them), and eagerly,
+   one Python call between two events (includes kquant's per-call host cost).
 3. The card's copy bandwidth (device-to-device copy, bytes read + written).
 4. A short ratio table printed last; full results in DIR/gpu_check.json and the
    measured per-shape backend preference in DIR/gpu_prefs.json (copy it to
@@ -109,6 +112,8 @@ def check_exact(backend, results):
                 out = ops.int8_mm(a, b)
             ok = torch.equal(out, ref.int8_mm(a, b))
             results.append(dict(backend=backend, case=name, ok=ok, err=0.0 if ok else 1.0))
+        except kquant.BackendError as e:  # the backend's can_run refused this shape
+            results.append(dict(backend=backend, case=name, ok=None, skipped=str(e)[-200:]))
         except Exception as e:  # noqa: BLE001
             results.append(dict(backend=backend, case=name, ok=False, error=f"{type(e).__name__}: {e}"))
     for m, k in [(1, 4096), (16, 14336), (4096, 4096), (33, 1025)]:
@@ -189,6 +194,46 @@ def bench(fn_sets, reps=100, warmup=10):
     return statistics.median(times)
 
 
+def bench_graph(fn_sets, reps=20):
+    """Median device microseconds per call, from a CUDA graph that replays one call per
+    argument set back to back: the kernels' own time, without Python's per-call launch
+    cost (what a server running CUDA graphs sees). None if the calls cannot be captured."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for fn in fn_sets:  # warm-up on the side stream, as capture requires
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for fn in fn_sets:
+                fn()
+    except Exception as e:  # noqa: BLE001
+        log(f"graph capture failed: {type(e).__name__}: {str(e)[:200]}")
+        return None
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        b = torch.cuda.Event(enable_timing=True)
+        e = torch.cuda.Event(enable_timing=True)
+        b.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        times.append(b.elapsed_time(e) * 1000.0 / len(fn_sets))
+    del g
+    return statistics.median(times)
+
+
+def timed(row, key, fn_sets):
+    """row[key] = device time per call (graph replay, eager if capture fails); row[key_eager]."""
+    row[key.replace("_us", "_eager_us")] = bench(fn_sets)
+    row[key] = bench_graph(fn_sets) or row[key.replace("_us", "_eager_us")]
+    return row[key]
+
+
 def copy_bandwidth():
     n = 1 << 28  # 1 GiB of fp32 per buffer
     a = torch.empty(n, device=DEV)
@@ -220,8 +265,8 @@ def time_cases(backends, quick, bw):
                 xs = [torch.randn(m, k, device=DEV, dtype=torch.bfloat16) for _ in range(sets)]
                 wbf = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02 for _ in range(n_sets(n * k * 2))]
                 row = dict(op=op, M=m, K=k, N=n, group=group)
-                row["bf16_matmul_us"] = bench([(lambda i=i: torch.matmul(xs[i % sets], wbf[i % len(wbf)].T))
-                                               for i in range(max(sets, len(wbf)))])
+                timed(row, "bf16_matmul_us", [(lambda i=i: torch.matmul(xs[i % sets], wbf[i % len(wbf)].T))
+                                              for i in range(max(sets, len(wbf)))])
                 if op.startswith("w8a8") and m > 16:
                     qx = [torch.randint(-127, 128, (m, k), dtype=torch.int8, device=DEV) for _ in range(sets)]
                     wt = [p.qweight.T for p in ps]  # [K, N] column-major view, what _int_mm wants
@@ -232,7 +277,7 @@ def time_cases(backends, quick, bw):
                         acc = torch._int_mm(qx[i], wt[i])
                         return (acc.float() * sx * sw).to(torch.bfloat16)
                     try:
-                        row["int_mm_deq_us"] = bench([(lambda i=i: int_mm_deq(i)) for i in range(sets)])
+                        timed(row, "int_mm_deq_us", [(lambda i=i: int_mm_deq(i)) for i in range(sets)])
                     except Exception as e:  # noqa: BLE001
                         row["int_mm_error"] = str(e)
                 for be in backends:
@@ -242,8 +287,13 @@ def time_cases(backends, quick, bw):
                             fns = [(lambda i=i: call(op, xs[i], prep[i][0], prep[i][1], ps[i], None))
                                    for i in range(sets)]
                             fns[0]()
-                            us = bench(fns)
-                        row[f"{be}_us"] = us
+                            us = timed(row, f"{be}_us", fns)
+                            if be == "cuda" and op == "w8a8_linear" and group == -1 and m > 16:
+                                os.environ["KQUANT_CUDA_WGMMA"] = "0"  # the mma.sync kernel, for comparison
+                                try:
+                                    timed(row, "cuda_mma_us", fns)
+                                finally:
+                                    del os.environ["KQUANT_CUDA_WGMMA"]
                         row[f"{be}_vs_bf16"] = row["bf16_matmul_us"] / us
                         if "int_mm_deq_us" in row:
                             row[f"{be}_vs_int_mm"] = row["int_mm_deq_us"] / us
@@ -319,19 +369,22 @@ def main(argv=None):
     with open(os.path.join(args.out, "gpu_prefs.json"), "w") as f:
         json.dump(dict(device=info["device"], commit=info.get("commit"), prefs=prefs), f, indent=1)
     log(f"\n{info['device']}  copy {bw:.0f} GB/s  commit {info.get('commit')}")
+    log("device time per call from CUDA graph replay; 'eager' is one Python call per timed launch")
     hdr = f"{'op':14} {'M':>5} {'K':>6} {'N':>6} {'bf16 us':>8} {'int_mm us':>9}"
     for b in bes:
-        hdr += f" | {b + ' us':>10} {'xbf16':>6} {'xintmm':>6} {'%bw':>5}"
+        hdr += f" | {b + ' us':>10} {'eager':>6} {'xbf16':>6} {'xintmm':>6} {'%bw':>5}"
     log(hdr)
     for r in rows:
         line = f"{r['op']:14} {r['M']:>5} {r['K']:>6} {r['N']:>6} {r['bf16_matmul_us']:>8.1f} " \
                f"{r.get('int_mm_deq_us', float('nan')):>9.1f}"
         for b in bes:
             if f"{b}_us" in r:
-                line += f" | {r[f'{b}_us']:>10.1f} {r[f'{b}_vs_bf16']:>6.2f} " \
+                line += f" | {r[f'{b}_us']:>10.1f} {r[f'{b}_eager_us']:>6.0f} {r[f'{b}_vs_bf16']:>6.2f} " \
                         f"{r.get(f'{b}_vs_int_mm', float('nan')):>6.2f} {100 * r[f'{b}_bw_frac']:>5.0f}"
             else:
-                line += f" | {'ERR':>10} {'':>6} {'':>6} {'':>5}"
+                line += f" | {'ERR':>10} {'':>6} {'':>6} {'':>6} {'':>5}"
+        if "cuda_mma_us" in r:
+            line += f"  (mma.sync {r['cuda_mma_us']:.1f})"
         log(line)
     log(f"correctness failures: {len(bad)}; total {time.time() - t0:.0f}s")
     return 1 if bad else 0

@@ -24,7 +24,8 @@ DEV = "cuda"
 
 def poison(numel, dtype):
     """Leave a block full of NaN (floats) or a sentinel (ints) in the caching allocator."""
-    fill = float("nan") if dtype.is_floating_point else -1234567
+    # int8: -128, which symmetric quantization never writes
+    fill = float("nan") if dtype.is_floating_point else -128 if dtype == torch.int8 else -1234567
     t = torch.full((max(numel, 1),), fill, dtype=dtype, device=DEV)
     del t
 
