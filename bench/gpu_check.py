@@ -289,9 +289,9 @@ def time_cases(backends, quick, bw):
                             fns[0]()
                             us = timed(row, f"{be}_us", fns)
                             if be == "cuda" and op == "w8a8_linear" and group == -1 and m > 16:
-                                os.environ["KQUANT_CUDA_WGMMA"] = "0"  # the mma.sync kernel, for comparison
+                                os.environ["KQUANT_CUDA_WGMMA"] = "1"  # the opt-in wgmma kernel, for comparison
                                 try:
-                                    timed(row, "cuda_mma_us", fns)
+                                    timed(row, "cuda_wgmma_us", fns)
                                 finally:
                                     del os.environ["KQUANT_CUDA_WGMMA"]
                         row[f"{be}_vs_bf16"] = row["bf16_matmul_us"] / us
@@ -383,8 +383,8 @@ def main(argv=None):
                         f"{r.get(f'{b}_vs_int_mm', float('nan')):>6.2f} {100 * r[f'{b}_bw_frac']:>5.0f}"
             else:
                 line += f" | {'ERR':>10} {'':>6} {'':>6} {'':>6} {'':>5}"
-        if "cuda_mma_us" in r:
-            line += f"  (mma.sync {r['cuda_mma_us']:.1f})"
+        if "cuda_wgmma_us" in r:
+            line += f"  (wgmma {r['cuda_wgmma_us']:.1f})"
         log(line)
     log(f"correctness failures: {len(bad)}; total {time.time() - t0:.0f}s")
     return 1 if bad else 0

@@ -108,9 +108,13 @@ def test_int8_mm_extremes():
 @gpu
 @pytest.mark.cuda
 def test_int8_mm_both_gemm_kernels(monkeypatch):
-    # on sm_90 per-channel int8 GEMMs use the wgmma kernel once it passed its self-check
-    # against mma.sync; KQUANT_CUDA_WGMMA=0 forces mma.sync. Both must be exact.
-    enabled = torch.ops.kquant._cuda_wgmma_enabled(torch.cuda.current_device())
+    # mma.sync by default; with KQUANT_CUDA_WGMMA=1, on sm_90 per-channel int8 GEMMs use the
+    # wgmma kernel once it passed its self-check against mma.sync. Both must be exact.
+    dev = torch.cuda.current_device()
+    monkeypatch.delenv("KQUANT_CUDA_WGMMA", raising=False)
+    assert not torch.ops.kquant._cuda_wgmma_enabled(dev)
+    monkeypatch.setenv("KQUANT_CUDA_WGMMA", "1")
+    enabled = torch.ops.kquant._cuda_wgmma_enabled(dev)
     if torch.cuda.get_device_capability() == (9, 0):
         assert enabled, "the sm_90a wgmma GEMM failed its self-check (see the warning)"
     else:

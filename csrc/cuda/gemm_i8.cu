@@ -287,16 +287,18 @@ void launch_gemm(const GemmParams& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The sm_90a wgmma kernel is used for per-channel int8 GEMMs on compute capability 9.0 once
+// The sm_90a wgmma kernel is opt-in (KQUANT_CUDA_WGMMA=1): it is exact, but measured on an
+// H100 (bench/RESULTS.md) it ran per-channel W8A8 2.0-2.1x slower than the mma.sync kernel
+// (4096x4096x4096: 504 vs 244 us). When asked for, it is used on compute capability 9.0 once
 // it has reproduced the mma.sync kernel's exact int32 result on a small problem on this
 // device (a wrong descriptor layout would give wrong numbers, never a crash: its shared
-// memory reads stay inside the tile). KQUANT_CUDA_WGMMA=0 turns it off.
+// memory reads stay inside the tile).
 bool use_wgmma(int dev, cudaStream_t stream) {
   static std::mutex mu;
   static int state[256] = {};  // 0 unknown, 1 on, 2 off
   if (dev < 0 || dev >= 256) return false;
   const char* env = std::getenv("KQUANT_CUDA_WGMMA");
-  if (env != nullptr && env[0] == '0') return false;
+  if (env == nullptr || env[0] != '1') return false;
   std::lock_guard<std::mutex> lock(mu);
   if (state[dev] != 0) return state[dev] == 1;
   const auto* prop = at::cuda::getDeviceProperties(dev);

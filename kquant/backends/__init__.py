@@ -153,19 +153,21 @@ def select(op: str, device_type: str, *args) -> Tuple[str, List[str]]:
 
 
 def route(op: str, device_type: str, *args):
-    """The function select() picks for these arguments, and whether a caller may reuse it.
+    """``(fn, True)``: the function select() picks for these arguments, which a caller may
+    reuse; ``(None, False)`` when it may not.
 
     Reusable (for any dtype and M, while ``KQUANT_BACKEND`` and the device stay the same)
     when the candidate order cannot depend on M (it can on CUDA, through gpu_prefs) and
     every backend consulted, the chosen one and those passed over, sets ``ROUTE_STABLE``:
     its ``available``/``can_run`` answers depend only on the op, device type and layout.
     """
+    if forced() is None and device_type == "cuda":
+        return None, False  # known without a second select (it costs tens of us per call)
     name, skipped = select(op, device_type, *args)
-    reusable = forced() is not None or device_type != "cuda"
-    if reusable:
-        consulted = candidates(device_type)[:len(skipped) + 1]
-        reusable = all(getattr(_module(n), "ROUTE_STABLE", False) for n in consulted if _module(n) is not None)
-    return _module(name).OPS[op], reusable
+    consulted = candidates(device_type)[:len(skipped) + 1]
+    if all(getattr(_module(n), "ROUTE_STABLE", False) for n in consulted if _module(n) is not None):
+        return _module(name).OPS[op], True
+    return None, False
 
 
 def _device_type(args) -> str:

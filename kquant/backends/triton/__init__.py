@@ -60,10 +60,24 @@ def _autotune_on() -> bool:
 
 
 # ----------------------------------------------------------------------------- router API
+_AVAILABLE: Dict[bool, Tuple[bool, str]] = {}
+
+
 def available() -> Tuple[bool, str]:
+    # can_run asks on every call; a yes cannot change within a process (per interpreter mode)
+    interp = _interpret()
+    if interp not in _AVAILABLE:
+        ok, why = _available(interp)
+        if not ok:
+            return ok, why
+        _AVAILABLE[interp] = ok, why
+    return _AVAILABLE[interp]
+
+
+def _available(interp: bool) -> Tuple[bool, str]:
     if _IMPORT_ERROR is not None:
         return False, _IMPORT_ERROR
-    if _interpret():
+    if interp:
         return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1), CPU tensors"
     if torch.cuda.is_available():
         cap = torch.cuda.get_device_capability()
