@@ -318,13 +318,42 @@ def prefs_from(rows, backends):
     return {op: {m: max(set(v), key=v.count) for m, v in d.items()} for op, d in prefs.items()}
 
 
+def markdown(res) -> str:
+    """Ratio table (markdown) of a gpu_check.json: device times from graph replay."""
+    info = res["info"]
+    out = [f"Device: **{info['device']}** ({info.get('sms')} SMs), torch {info.get('torch')}, "
+           f"Triton {info.get('triton', '-')}, Python {info.get('python')}, commit `{info.get('commit')}`; "
+           f"copy bandwidth {res['copy_bw_gbs']:.0f} GB/s (read + write).", "",
+           "| op | M | K | N | bf16 matmul | `_int_mm`+deq | triton | cuda | best vs bf16 | best vs `_int_mm`+deq "
+           "| best % copy bw | eager per call: bf16 / triton / cuda |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def us(v):
+        return "" if v is None else f"{v:.1f}"
+    for r in res["timings"]:
+        best = min((r[f"{b}_us"], b) for b in ("triton", "cuda") if f"{b}_us" in r)
+        intmm = r.get("int_mm_deq_us")
+        cuda = us(r.get("cuda_us")) + (f" (wgmma {r['cuda_wgmma_us']:.1f})" if "cuda_wgmma_us" in r else "")
+        eager = " / ".join(us(r.get(k)) or "-" for k in ("bf16_matmul_eager_us", "triton_eager_us", "cuda_eager_us"))
+        out.append(f"| {r['op']} | {r['M']} | {r['K']} | {r['N']} | {us(r['bf16_matmul_us'])} | {us(intmm)} "
+                   f"| {us(r.get('triton_us'))} | {cuda} | {r['bf16_matmul_us'] / best[0]:.2f}x ({best[1]}) "
+                   f"| {'' if intmm is None else f'{intmm / best[0]:.2f}x'} "
+                   f"| {100 * r[f'{best[1]}_bw_frac']:.0f}% | {eager} |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu-check"))
     ap.add_argument("--backends", default="triton,cuda")
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--markdown", metavar="JSON", help="print the ratio table of a saved gpu_check.json and exit")
     args = ap.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)), end="")
+        return 0
     if not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device")
     os.makedirs(args.out, exist_ok=True)
@@ -366,6 +395,9 @@ def main(argv=None):
                seconds=time.time() - t0)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(out, f, indent=1, default=str)
+    if rows:
+        with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
+            f.write(markdown(out))
     with open(os.path.join(args.out, "gpu_prefs.json"), "w") as f:
         json.dump(dict(device=info["device"], commit=info.get("commit"), prefs=prefs), f, indent=1)
     log(f"\n{info['device']}  copy {bw:.0f} GB/s  commit {info.get('commit')}")
