@@ -114,7 +114,7 @@ def test_prepare_weight_through_quantlinear_keeps_one_copy():
 
 # ----------------------------------------------------------------------------- quantize / int8_mm
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,k", [(0, 8), (1, 1), (3, 17), (5, 1025), (33, 64)])
+@pytest.mark.parametrize("m,k", [(0, 8), (1, 1), (3, 17), (4, 100), (5, 1025), (33, 64)])
 def test_quantize_per_token_bit_identical(isa, dtype, m, k):
     x = (torch.randn(m, k) * 3).to(dtype)
     if m > 2:

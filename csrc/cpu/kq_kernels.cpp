@@ -239,6 +239,74 @@ KQ_AVX2 void quant_rows_avx2(const QuantArgs& a, int64_t m0, int64_t m1) {
   }
 }
 
+// The same rows 16 lanes wide, with the dtype fixed per call. The AVX2 loop above has one
+// vmaxps dependency chain in the amax pass and a dtype switch per load. Here four
+// independent maxima and vpmovdb cut both passes. The values are the same: max is exact in
+// any order, and the products, nearest-even rounding and clamp are the same fp32 operations.
+// Measured, one core: 512 x 384 0.10 -> 0.06 ms, 512 x 1536 0.37 -> 0.28 ms. 512 x 4096
+// stays at ~0.7 ms, bound by reading x. In MiniLM W8A8 quantization went from 10.9% to 8.1%
+// of perf samples; what is left waits on x's loads.
+template <OutT T>
+KQ_AVX512F inline __m512 load16t(const void* x, int64_t i) {
+  if constexpr (T == OutT::F32) return _mm512_loadu_ps(static_cast<const float*>(x) + i);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i));
+  if constexpr (T == OutT::F16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // bf16
+}
+
+template <OutT T>
+KQ_AVX512F void quant_rows_avx512_t(const QuantArgs& a, int64_t m0, int64_t m1) {
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  const int64_t K16 = a.K & ~int64_t(15);
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t off = m * a.K;
+    float amax = 0.0f;
+    if (!a.is_static) {
+      __m512 v[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      int64_t k = 0;
+      for (; k + 64 <= a.K; k += 64)
+        for (int j = 0; j < 4; ++j) v[j] = _mm512_max_ps(v[j], _mm512_abs_ps(load16t<T>(a.x, off + k + 16 * j)));
+      for (; k < K16; k += 16) v[0] = _mm512_max_ps(v[0], _mm512_abs_ps(load16t<T>(a.x, off + k)));
+      amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(v[0], v[1]), _mm512_max_ps(v[2], v[3])));
+      for (; k < a.K; ++k) amax = std::max(amax, std::fabs(to_f(a.x, a.xt, off + k)));
+    }
+    float inv, scale;
+    row_params(amax, a, &inv, &scale);
+    a.sx[m] = scale;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    int8_t* q8 = a.q8 && !a.tiled ? a.q8 + m * a.lda : nullptr;
+    uint8_t* qa = a.qabs ? a.qabs + m * a.lda : nullptr;
+    int16_t* q16 = a.q16 ? a.q16 + m * a.lda : nullptr;
+    int64_t k = 0;
+    for (; k < K16; k += 16) {
+      __m512 f = _mm512_mul_ps(load16t<T>(a.x, off + k), vinv);
+      f = _mm512_roundscale_ps(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512i i = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(f, lo), hi));
+      if (q16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(q16 + k), _mm512_cvtepi32_epi16(i));
+      const __m128i b = _mm512_cvtepi32_epi8(i);  // values already in [-127, 127]
+      if (q8) _mm_storeu_si128(reinterpret_cast<__m128i*>(q8 + k), b);
+      if (a.tiled) _mm_storeu_si128(reinterpret_cast<__m128i*>(a.q8 + q8_index(a, m, k)), b);
+      if (qa) _mm_storeu_si128(reinterpret_cast<__m128i*>(qa + k), _mm_abs_epi8(b));
+    }
+    for (; k < a.lda; ++k) {
+      const int q = k < a.K ? quant1(to_f(a.x, a.xt, off + k), inv) : 0;
+      if (q8) q8[k] = static_cast<int8_t>(q);
+      if (a.tiled) a.q8[q8_index(a, m, k)] = static_cast<int8_t>(q);
+      if (qa) qa[k] = static_cast<uint8_t>(q < 0 ? -q : q);
+      if (q16) q16[k] = static_cast<int16_t>(q);
+    }
+    finish_row(a, m);
+  }
+}
+
+void quant_rows_avx512(const QuantArgs& a, int64_t m0, int64_t m1) {
+  switch (a.xt) {
+    case OutT::F16: quant_rows_avx512_t<OutT::F16>(a, m0, m1); break;
+    case OutT::BF16: quant_rows_avx512_t<OutT::BF16>(a, m0, m1); break;
+    default: quant_rows_avx512_t<OutT::F32>(a, m0, m1); break;
+  }
+}
+
 // ----------------------------------------------------------------------------- AVX2 kernels
 // Each computes exact int32 sums over weight blocks [b0, b1) for MR rows x 8 channels.
 template <int MR>
@@ -1579,6 +1647,7 @@ void quantize(const QuantArgs& qa, int64_t M, Isa isa) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, qa.K));
   at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
 #if KQ_X86
+    if (isa >= Isa::Avx512) { quant_rows_avx512(qa, m0, m1); return; }
     if (isa != Isa::Scalar) { quant_rows_avx2(qa, m0, m1); return; }
 #endif
     quant_rows_scalar(qa, m0, m1);
