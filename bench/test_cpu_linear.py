@@ -115,7 +115,7 @@ def test_linear(benchmark, k, n, m, impl):
 # COLD_COPIES distinct 4096 x 4096 layers (COLD_COPIES * 16 MiB of int8 > L3), so every
 # weight byte comes from DRAM. Compared with the DRAM read ceiling.
 COLD_COPIES = int(os.environ.get("KQUANT_BENCH_COLD_COPIES", "40"))  # 640 MiB of int8
-COLD_IMPLS = ["fbgemm", "kquant_w8a8", "kquant_w4a8", "kquant_w4a16"]
+COLD_IMPLS = ["fbgemm", "kquant_w8a8", "kquant_w4a8", "kquant_w4a16", "kquant_w8a16"]
 
 
 class _Cold:
@@ -150,7 +150,7 @@ def test_linear_cold(benchmark, impl):
             layer(x)
 
     benchmark.group = "linear_cold"
-    wbytes = k * n if impl in ("fbgemm", "kquant_w8a8") else k * n // 2
+    wbytes = k * n if impl in ("fbgemm", "kquant_w8a8", "kquant_w8a16") else k * n // 2
     benchmark.extra_info.update(kind="linear_cold", K=k, N=n, M=1, impl=impl, copies=len(layers),
                                 weight_bytes=wbytes * len(layers))
     with torch.no_grad():

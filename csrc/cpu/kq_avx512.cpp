@@ -198,6 +198,13 @@ KQ_AVX512 inline __m512 reduce_quads(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm512_permutexvar_ps(idx, r);
 }
 
+// k-quad rows ahead that wo8 prefetches (into L2) in each of its two 16-channel blocks.
+// The blocks are long streams, but the FMA-bound loop left the hardware prefetcher behind
+// on cold weights. One core, 40 cold 4096 x 4096 layers, A/B runs: 1.70-1.78 -> 1.40-1.43
+// ms per layer (W8A8 on the same bytes: 1.25-1.30). 16 / 32 / 128 rows: 1.48 / 1.43 / 1.45.
+// With the weights in the LLC: the same or up to 5% faster; in L2 (384 x 1536) ~4% slower.
+constexpr int64_t kWo8Ahead = 64;
+
 template <bool Z>
 KQ_AVX512 void wo8(const Problem& p, const float* x, int64_t nb, const int* nv, float* f) {
   const int64_t per = p.G > 1 ? p.gsz / 4 : p.nblk;
@@ -222,6 +229,7 @@ KQ_AVX512 void wo8(const Problem& p, const float* x, int64_t nb, const int* nv, 
     __m512 acc[8];
     for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t q = q0; q < q1; ++q) {
+      for (int j = 0; j < 4; j += 2) _mm_prefetch(reinterpret_cast<const char*>(w8_block(p, nb + j) + kW8Row * (q + kWo8Ahead)), _MM_HINT_T1);
       const __m512 xv = _mm512_broadcast_f32x4(_mm_loadu_ps(x + 4 * q));
       for (int j = 0; j < 4; ++j)
         for (int h = 0; h < 2; ++h) {
