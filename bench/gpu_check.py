@@ -212,19 +212,7 @@ def bench_graph(fn_sets, reps=20):
     except Exception as e:  # noqa: BLE001
         log(f"graph capture failed: {type(e).__name__}: {str(e)[:200]}")
         return None
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        b = torch.cuda.Event(enable_timing=True)
-        e = torch.cuda.Event(enable_timing=True)
-        b.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(b.elapsed_time(e) * 1000.0 / len(fn_sets))
-    del g
-    return statistics.median(times)
+    return bench([g.replay], reps=reps, warmup=1) / len(fn_sets)
 
 
 def timed(row, key, fn_sets):

@@ -56,6 +56,22 @@ KQ_AVX512 inline __m512i pair_sum(__m512i a, __m512i b) {
   return _mm512_add_epi32(_mm512_shuffle_i64x2(a, b, 0x44), _mm512_shuffle_i64x2(a, b, 0xEE));
 }
 
+// Into L2, for the next int4 decode call (blocks nb + 4 .. nb + 7, contiguous from w + 4 ws),
+// at even octet o of this call's blocks from w:
+//  * the same line of each weight block. A block is only K/2 bytes, too short a stream for
+//    the hardware prefetcher;
+//  * one line of its per-group scales, [32 channels][G] floats (2G lines, one per 2 octets).
+//    The gathers of 16 channels' scales missed 16 lines at once.
+// One core, 40 cold 4096 x 4096 layers, A/B runs:
+//  * W4A8: 0.80-0.84 -> 0.73-0.76 ms per layer;
+//  * W4A16 (wo4): 0.90-1.0 -> 0.77-0.84 ms.
+// With the weights in the LLC the times stay within noise. Into L1 (T0), cold decode was as
+// fast but LLC-resident decode 5-8% slower.
+KQ_AVX512 inline void prefetch_next_int4(const Problem& p, const uint8_t* w, int64_t ws, int64_t nb, int64_t o) {
+  for (int j = 4; j < 8; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + j * ws + 32 * o), _MM_HINT_T1);
+  if (o < 4 * p.G) _mm_prefetch(reinterpret_cast<const char*>(p.sw + (nb + 4) * kNB * p.G) + 32 * o, _MM_HINT_T1);
+}
+
 }  // namespace
 
 // ----------------------------------------------------------------------------- W8A8
@@ -104,18 +120,7 @@ KQ_AVX512 void avx512_w4a8_gemv4(const Problem& p, int64_t m, int64_t nb, const 
     __m512i lo[4], hi[4];
     for (int j = 0; j < 4; ++j) lo[j] = hi[j] = _mm512_setzero_si512();
     for (int64_t o = o0; o < o1; o += 2) {
-      // Into L2, for the next call (blocks nb + 4 .. nb + 7, contiguous from 4 * ws on):
-      //  * the same line of each weight block. A block is only K/2 bytes, too short a stream
-      //    for the hardware prefetcher;
-      //  * one line of its per-group scales, [32 channels][G] floats (2G lines, one per
-      //    2 octets). The gathers of 16 channels' scales missed 16 lines at once.
-      // One core, 40 cold 4096 x 4096 layers, A/B runs:
-      //  * W4A8: 0.80-0.84 -> 0.73-0.76 ms per layer;
-      //  * W4A16 (wo4, the same two prefetches): 0.90-1.0 -> 0.77-0.84 ms.
-      // With the weights in the LLC the times stay within noise. Into L1 (T0), cold decode
-      // was as fast but LLC-resident decode 5-8% slower.
-      for (int j = 4; j < 8; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + j * ws + 32 * o), _MM_HINT_T1);
-      if (o < 4 * p.G) _mm_prefetch(reinterpret_cast<const char*>(p.sw + (nb + 4) * kNB * p.G) + 32 * o, _MM_HINT_T1);
+      prefetch_next_int4(p, w, ws, nb, o);
       const __m512i a16 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 8 * o)));
       const __m512i alo = _mm512_permutexvar_epi32(sel_lo, a16), ahi = _mm512_permutexvar_epi32(sel_hi, a16);
       for (int j = 0; j < 4; ++j) {
@@ -162,10 +167,7 @@ KQ_AVX512 void wo4(const Problem& p, const float* x, int64_t nb, const int* nv, 
     }
     for (int64_t o = o0; o < o1; ++o) {
       const float* xo = x + 8 * o;
-      if ((o & 1) == 0) {  // the next call's blocks and scales, as in avx512_w4a8_gemv4
-        for (int j = 4; j < 8; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + j * ws + 32 * o), _MM_HINT_T1);
-        if (o < 4 * p.G) _mm_prefetch(reinterpret_cast<const char*>(p.sw + (nb + 4) * kNB * p.G) + 32 * o, _MM_HINT_T1);
-      }
+      if ((o & 1) == 0) prefetch_next_int4(p, w, ws, nb, o);
       for (int pr = 0; pr < 2; ++pr) {
         const uint8_t* b = w + 2 * pr * ws + 32 * o;
         const __m512i v = _mm512_inserti64x4(

@@ -123,6 +123,17 @@ void row_params(float amax, const QuantArgs& a, float* inv, float* scale) {
   *scale = amax > 0.0f ? amax / 127.0f : 1.0f;
 }
 
+// q of row m for k in [k0, lda) one value at a time (zeros from K on): the scalar path, and
+// the vector paths' tails
+void quant_tail(const QuantArgs& a, int64_t m, int64_t k0, float inv) {
+  for (int64_t k = k0; k < a.lda; ++k) {
+    const int q = k < a.K ? quant1(to_f(a.x, a.xt, m * a.K + k), inv) : 0;
+    if (a.q8) a.q8[q8_index(a, m, k)] = static_cast<int8_t>(q);
+    if (a.qabs) a.qabs[m * a.lda + k] = static_cast<uint8_t>(q < 0 ? -q : q);
+    if (a.q16) a.q16[m * a.lda + k] = static_cast<int16_t>(q);
+  }
+}
+
 void quant_rows_scalar(const QuantArgs& a, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
     const int64_t off = m * a.K;
@@ -132,12 +143,7 @@ void quant_rows_scalar(const QuantArgs& a, int64_t m0, int64_t m1) {
     float inv, scale;
     row_params(amax, a, &inv, &scale);
     a.sx[m] = scale;
-    for (int64_t k = 0; k < a.lda; ++k) {
-      const int q = k < a.K ? quant1(to_f(a.x, a.xt, off + k), inv) : 0;
-      if (a.q8) a.q8[q8_index(a, m, k)] = static_cast<int8_t>(q);
-      if (a.qabs) a.qabs[m * a.lda + k] = static_cast<uint8_t>(q < 0 ? -q : q);
-      if (a.q16) a.q16[m * a.lda + k] = static_cast<int16_t>(q);
-    }
+    quant_tail(a, m, 0, inv);
     finish_row(a, m);
   }
 }
@@ -187,6 +193,12 @@ KQ_AVX512F inline __m512 load16(const void* x, OutT t, int64_t i) {
   return _mm512_insertf32x8(_mm512_castps256_ps512(load8(x, t, i)), load8(x, t, i + 8), 1);
 }
 
+// 16 int8 q of row m from k (k % 16 == 0): q8, plain or tiled, and |q|
+KQ_AVX2 inline void store_q8x16(const QuantArgs& a, int64_t m, int64_t k, __m128i b) {
+  if (a.q8) _mm_storeu_si128(reinterpret_cast<__m128i*>(a.q8 + q8_index(a, m, k)), b);
+  if (a.qabs) _mm_storeu_si128(reinterpret_cast<__m128i*>(a.qabs + m * a.lda + k), _mm_abs_epi8(b));
+}
+
 KQ_AVX2 void quant_rows_avx2(const QuantArgs& a, int64_t m0, int64_t m1) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
@@ -207,8 +219,6 @@ KQ_AVX2 void quant_rows_avx2(const QuantArgs& a, int64_t m0, int64_t m1) {
     row_params(amax, a, &inv, &scale);
     a.sx[m] = scale;
     const __m256 vinv = _mm256_set1_ps(inv);
-    int8_t* q8 = a.q8 && !a.tiled ? a.q8 + m * a.lda : nullptr;
-    uint8_t* qa = a.qabs ? a.qabs + m * a.lda : nullptr;
     int16_t* q16 = a.q16 ? a.q16 + m * a.lda : nullptr;
     int64_t k = 0;
     for (; k < K16; k += 16) {
@@ -221,20 +231,10 @@ KQ_AVX2 void quant_rows_avx2(const QuantArgs& a, int64_t m0, int64_t m1) {
       __m256i w = _mm256_permute4x64_epi64(
           _mm256_packs_epi32(_mm256_cvtps_epi32(f0), _mm256_cvtps_epi32(f1)), 0xD8);
       if (q16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(q16 + k), w);
-      if (a.q8 || qa) {
-        __m128i b = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packs_epi16(w, w), 0x08));
-        if (q8) _mm_storeu_si128(reinterpret_cast<__m128i*>(q8 + k), b);
-        if (a.tiled) _mm_storeu_si128(reinterpret_cast<__m128i*>(a.q8 + q8_index(a, m, k)), b);
-        if (qa) _mm_storeu_si128(reinterpret_cast<__m128i*>(qa + k), _mm_abs_epi8(b));
-      }
+      if (a.q8 || a.qabs)
+        store_q8x16(a, m, k, _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packs_epi16(w, w), 0x08)));
     }
-    for (; k < a.lda; ++k) {
-      const int q = k < a.K ? quant1(to_f(a.x, a.xt, off + k), inv) : 0;
-      if (q8) q8[k] = static_cast<int8_t>(q);
-      if (a.tiled) a.q8[q8_index(a, m, k)] = static_cast<int8_t>(q);
-      if (qa) qa[k] = static_cast<uint8_t>(q < 0 ? -q : q);
-      if (q16) q16[k] = static_cast<int16_t>(q);
-    }
+    quant_tail(a, m, k, inv);
     finish_row(a, m);
   }
 }
@@ -274,8 +274,6 @@ KQ_AVX512F void quant_rows_avx512_t(const QuantArgs& a, int64_t m0, int64_t m1) 
     row_params(amax, a, &inv, &scale);
     a.sx[m] = scale;
     const __m512 vinv = _mm512_set1_ps(inv);
-    int8_t* q8 = a.q8 && !a.tiled ? a.q8 + m * a.lda : nullptr;
-    uint8_t* qa = a.qabs ? a.qabs + m * a.lda : nullptr;
     int16_t* q16 = a.q16 ? a.q16 + m * a.lda : nullptr;
     int64_t k = 0;
     for (; k < K16; k += 16) {
@@ -283,18 +281,9 @@ KQ_AVX512F void quant_rows_avx512_t(const QuantArgs& a, int64_t m0, int64_t m1) 
       f = _mm512_roundscale_ps(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       const __m512i i = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(f, lo), hi));
       if (q16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(q16 + k), _mm512_cvtepi32_epi16(i));
-      const __m128i b = _mm512_cvtepi32_epi8(i);  // values already in [-127, 127]
-      if (q8) _mm_storeu_si128(reinterpret_cast<__m128i*>(q8 + k), b);
-      if (a.tiled) _mm_storeu_si128(reinterpret_cast<__m128i*>(a.q8 + q8_index(a, m, k)), b);
-      if (qa) _mm_storeu_si128(reinterpret_cast<__m128i*>(qa + k), _mm_abs_epi8(b));
+      store_q8x16(a, m, k, _mm512_cvtepi32_epi8(i));  // values already in [-127, 127]
     }
-    for (; k < a.lda; ++k) {
-      const int q = k < a.K ? quant1(to_f(a.x, a.xt, off + k), inv) : 0;
-      if (q8) q8[k] = static_cast<int8_t>(q);
-      if (a.tiled) a.q8[q8_index(a, m, k)] = static_cast<int8_t>(q);
-      if (qa) qa[k] = static_cast<uint8_t>(q < 0 ? -q : q);
-      if (q16) q16[k] = static_cast<int16_t>(q);
-    }
+    quant_tail(a, m, k, inv);
     finish_row(a, m);
   }
 }
