@@ -28,9 +28,20 @@ def can_run(op: str, *args) -> Tuple[bool, str]:
     return True, "reference runs every op on every device"
 
 
+# Rows whose largest |x| is below this are scaled up by 2^64 (exact) before quantizing:
+# otherwise (1 / amax) * 127 overflows fp32 (from amax < ~3.7e-37) and every value saturates.
+TINY_AMAX = 2.0 ** -64
+TINY_LIFT = 2.0 ** 64
+
+
 def _quantize_rows(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
     # q = rint(x * inv_scale) in fp32, round-half-even: every backend must match this
     return torch.clamp(torch.round(x.float() * inv_scale), -127, 127).to(torch.int8)
+
+
+def _poison(q: torch.Tensor, scale: torch.Tensor, bad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rows holding NaN or Inf: codes 0 and scale NaN, so every output of the row is NaN."""
+    return torch.where(bad, torch.zeros_like(q), q), torch.where(bad, torch.full_like(scale, float("nan")), scale)
 
 
 def quantize_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -39,22 +50,34 @@ def quantize_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     scale = amax / 127 (an IEEE division; 1 for an all-zero row)
     inv   = (1 / amax) * 127 (an IEEE reciprocal, then a multiply: two roundings)
     q     = clamp(rint(x * inv), -127, 127), round half to even
+
+    A row with amax < 2^-64 is multiplied by 2^64 first (x and amax alike, exactly), so
+    ``inv`` cannot overflow. A row holding NaN or Inf gets q = 0 and scale = NaN: its
+    outputs are NaN, as float Linear's would be.
     """
     xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True)  # K >= 1: the op refuses empty rows
+    bad = ~torch.isfinite(xf).all(dim=-1, keepdim=True)
+    amax = torch.where(bad, torch.zeros_like(xf[..., :1]), xf.abs().amax(dim=-1, keepdim=True))
     nonzero = amax > 0
+    tiny = nonzero & (amax < TINY_AMAX)
     safe = torch.where(nonzero, amax, torch.ones_like(amax))
     # tensor / tensor: torch's CUDA tensor / scalar multiplies by a reciprocal instead
     scale = torch.where(nonzero, safe / torch.full_like(safe, 127.0), torch.ones_like(amax))
-    inv = torch.where(nonzero, torch.reciprocal(safe) * 127.0, torch.ones_like(amax))
-    return _quantize_rows(xf, inv), scale
+    lift = torch.where(tiny, torch.full_like(amax, TINY_LIFT), torch.ones_like(amax))
+    inv = torch.where(nonzero, torch.reciprocal(safe * lift) * 127.0, torch.ones_like(amax))
+    xs = torch.where(bad, torch.zeros_like(xf), xf) * lift
+    return _poison(_quantize_rows(xs, inv), scale, bad)
 
 
 def quantize_static(x: torch.Tensor, act_scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor static scale from calibration: q = rint(x * (1 / s))."""
+    """Per-tensor static scale from calibration: q = rint(x * (1 / s)); rows holding NaN or
+    Inf get q = 0 and scale NaN, as in :func:`quantize_per_token`."""
+    xf = x.float()
+    bad = ~torch.isfinite(xf).all(dim=-1, keepdim=True)
     s = act_scale.float().reshape(1, 1)
     inv = torch.reciprocal(s)
-    return _quantize_rows(x, inv), s.expand(x.shape[0], 1)
+    q = _quantize_rows(torch.where(bad, torch.zeros_like(xf), xf), inv)
+    return _poison(q, s.expand(x.shape[0], 1), bad)
 
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
