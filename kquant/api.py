@@ -7,11 +7,25 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .calibration import make_observer, weight_qparams
 from .config import QuantConfig, resolve
-from .nn import QuantLinear
+from .nn import QuantLinear, is_conv1d, linear_weight
+
+
+def _progress(iterable, **kwargs):
+    from tqdm.auto import tqdm  # imported when a model is converted, not with kquant
+    return tqdm(iterable, **kwargs)
+
+
+# Modules whose forward reads these Linear children's weights directly instead of calling
+# them: swapping such a child for a QuantLinear would break the parent, so it stays float.
+_WEIGHT_READERS = {
+    nn.MultiheadAttention: (("out_proj",), "nn.MultiheadAttention passes out_proj.weight to "
+                                           "F.multi_head_attention_forward instead of calling out_proj"),
+    nn.TransformerEncoderLayer: (("linear1", "linear2"), "nn.TransformerEncoderLayer's fast path passes "
+                                                         "linear1/linear2 weights to a fused kernel"),
+}
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -29,19 +43,49 @@ def run_model(model: nn.Module, batch) -> object:
     return model(batch)
 
 
+def _kept_float(model: nn.Module, name: str, mod: nn.Module) -> Optional[str]:
+    """Why a Linear-like module cannot become a QuantLinear, or None if it can."""
+    if is_conv1d(mod):
+        return None
+    if type(mod).forward is not nn.Linear.forward:
+        return f"{type(mod).__name__} overrides nn.Linear.forward; replacing it would drop that behaviour"
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    for cls, (children, why) in _WEIGHT_READERS.items():
+        if isinstance(parent, cls) and child in children:
+            return why
+    return None
+
+
 def select_layers(model: nn.Module, config: QuantConfig, skip: Sequence[str] = ()
-                  ) -> List[Tuple[str, nn.Linear, QuantConfig]]:
-    """(name, Linear, per-layer config) for every Linear that will be converted."""
-    out = []
+                  ) -> Tuple[List[Tuple[str, nn.Module, QuantConfig]], Dict[str, str]]:
+    """(name, layer, per-layer config) for every layer that will be converted, and
+    {name: reason} for the Linear layers that must stay in float."""
+    out, kept = [], {}
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
+        if not (isinstance(mod, nn.Linear) or is_conv1d(mod)):
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in skip):
             continue
         cfg = config.for_layer(name)
-        if cfg is not None:
-            out.append((name, mod, cfg))
-    return out
+        if cfg is None:
+            continue
+        why = _kept_float(model, name, mod)
+        if why is not None:
+            kept[name] = why
+            continue
+        out.append((name, mod, cfg))
+    return out, kept
+
+
+def _warn_kept_float(kept: Dict[str, str]) -> None:
+    by_reason: Dict[str, List[str]] = {}
+    for name, why in kept.items():
+        by_reason.setdefault(why, []).append(name)
+    lines = [f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''} ({len(names)}): {why}"
+             for why, names in by_reason.items()]
+    warnings.warn("quantize_: left in float (pass their names in skip= to silence this): " + "; ".join(lines),
+                  stacklevel=3)
 
 
 @torch.no_grad()
@@ -56,7 +100,7 @@ def calibrate_activations(model: nn.Module, layers: Dict[str, Tuple[nn.Linear, Q
     n = 0
     try:
         total = len(calib_data) if hasattr(calib_data, "__len__") else None
-        for batch in tqdm(calib_data, desc="kquant: calibrating", total=total, disable=None if progress else True):
+        for batch in _progress(calib_data, desc="kquant: calibrating", total=total, disable=None if progress else True):
             run_model(model, batch)
             n += 1
     finally:
@@ -74,24 +118,37 @@ def calibrate_activations(model: nn.Module, layers: Dict[str, Tuple[nn.Linear, Q
 
 def quantize_(model: nn.Module, config: Union[str, QuantConfig] = "w8a8", *, calib_data: Optional[Iterable] = None,
               skip: Optional[Union[str, Sequence[str]]] = None, progress: bool = True) -> nn.Module:
-    """Convert every ``nn.Linear`` in ``model`` to :class:`QuantLinear`, in place; returns ``model``.
+    """Convert every ``nn.Linear`` (and transformers ``Conv1D``) in ``model`` to
+    :class:`QuantLinear`, in place; returns ``model``.
 
     config: a preset name ("w8a8", "w8a16", "w4a16", "w4a8") or a QuantConfig (whose
     ``overrides`` set per-layer configs by module-name pattern). skip: module-name
     patterns (fnmatch) to leave in float. calib_data: an iterable of model inputs, needed
     when any layer uses static activations.
+
+    Every layer is quantized before any is swapped in: on an error (naming the layer) the
+    model is left as it was. Layers that cannot be swapped (a Linear subclass with its own
+    forward; Linear weights read directly by nn.MultiheadAttention or
+    nn.TransformerEncoderLayer) stay in float, with a warning that says why.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(model, nn.Linear):
+    if isinstance(model, nn.Linear) or is_conv1d(model):
         raise TypeError("quantize_ converts the Linear layers inside a model; for one layer use "
                         "kquant.QuantLinear.from_linear(linear, config)")
     cfg = resolve(config)
     skip = [skip] if isinstance(skip, str) else list(skip or [])
-    targets = select_layers(model, cfg, skip)
+    targets, kept = select_layers(model, cfg, skip)
+    if kept:
+        _warn_kept_float(kept)
     if not targets:
         warnings.warn("quantize_: no nn.Linear layer to convert (all skipped or none present)", stacklevel=2)
         return model
+    for name, mod, _ in targets:  # before any work: what cannot be quantized at all
+        w = linear_weight(mod, name)
+        if w.device.type == "meta":
+            raise ValueError(f"{name}: the weight is on the meta device (no values to quantize); load the model's "
+                             f"weights first, or rebuild quantized layers with kquant.load_quantized")
     static = {name: (mod, c) for name, mod, c in targets if c.activations == "static"}
     act_scales: Dict[str, torch.Tensor] = {}
     if static:
@@ -99,10 +156,15 @@ def quantize_(model: nn.Module, config: Union[str, QuantConfig] = "w8a8", *, cal
             names = ", ".join(list(static)[:3]) + ("..." if len(static) > 3 else "")
             raise ValueError(f"layers {names} use activations='static' and need calib_data")
         act_scales = calibrate_activations(model, static, calib_data, progress)
-    for name, mod, c in tqdm(targets, desc=f"kquant: quantizing ({cfg.mode})", disable=None if progress else True):
+    built = []
+    for name, mod, c in _progress(targets, desc=f"kquant: quantizing ({cfg.mode})",
+                                  disable=None if progress else True):
         qparams = None
         if c.weight_observer != "minmax":
-            qparams = weight_qparams(mod.weight.detach(), c.weight_bits, c.group_size, c.symmetric, c.weight_observer)
-        q = QuantLinear.from_linear(mod, c, name=name, weight_qparams=qparams, act_scale=act_scales.get(name))
+            qparams = weight_qparams(linear_weight(mod, name).detach(), c.weight_bits, c.group_size, c.symmetric,
+                                     c.weight_observer)
+        built.append((name, QuantLinear.from_linear(mod, c, name=name, weight_qparams=qparams,
+                                                    act_scale=act_scales.get(name))))
+    for name, q in built:
         _set_module(model, name, q)
     return model

@@ -64,17 +64,30 @@ def gather_info() -> Dict[str, object]:
 
 
 def routing(devices: List[str]) -> Dict[str, Dict[str, str]]:
-    """Which backend the router picks per op and device (for the op in general, shapes aside)."""
-    router = sys.modules["kquant.backends"]  # the package; `kquant.backends` is the function
-    from kquant.ops import LINEAR_OPS
-    ops = ["quantize_per_token", "int8_mm", *LINEAR_OPS]
+    """Which backend the router picks per op and device: the linear ops for a 4096 x 4096
+    layer in each preset, the other ops for a small input."""
+    import torch
+
+    from kquant import backends as router
+    from kquant.config import PRESETS
+    from kquant.spec import LinearSpec
     out: Dict[str, Dict[str, str]] = {}
     for dev in devices:
         out[dev] = {}
-        for op in ops:
+        device = torch.device(dev)
+        for preset, cfg in PRESETS.items():
+            spec = LinearSpec(cfg.weight_bits, cfg.group_size, cfg.symmetric, cfg.int8_activations, 4096, 4096,
+                              device)
+            out[dev][f"{spec.op} ({preset})"] = router.choose(spec)
+        x = torch.zeros(1, 64, device=device)
+        a = torch.zeros(1, 64, dtype=torch.int8, device=device)
+        for op, args in (("quantize_per_token", (x,)), ("int8_mm", (a, a))):
             try:
-                out[dev][op] = router.select(op, dev)[0]
-            except Exception as e:  # BackendError, or a bad KQUANT_BACKEND value
+                out[dev][op] = next(n for n in router.order(dev) if router.status(n)[0]
+                                    and router.get(n).can_run_op(op, *args)[0])
+            except StopIteration:
+                out[dev][op] = "none"
+            except ValueError as e:  # a bad KQUANT_BACKEND value
                 out[dev][op] = f"none ({e})"
     return out
 

@@ -32,14 +32,18 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128, PER_CHANNEL)
 CANONICAL = 0  # layout id of the canonical format
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def check_bits(bits: int, where: str = "") -> int:
-    if bits not in SUPPORTED_BITS:
+    if not _is_int(bits) or bits not in SUPPORTED_BITS:
         raise ValueError(f"{where}unsupported weight bits {bits!r}; supported: {list(SUPPORTED_BITS)}")
     return int(bits)
 
 
 def check_group_size(group_size: int, where: str = "") -> int:
-    if group_size not in SUPPORTED_GROUP_SIZES:
+    if not _is_int(group_size) or group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(
             f"{where}unsupported group size {group_size!r}; supported: 32, 64, 128 or -1 (per channel)")
     return int(group_size)
@@ -151,36 +155,21 @@ class PackedWeight:
 
     def validate(self, where: str = "") -> "PackedWeight":
         """Check shapes, dtypes and value ranges; raise ValueError naming what is wrong."""
+        from .spec import LinearSpec, check_weight  # spec builds on this module
+
         check_bits(self.bits, where)
         check_group_size(self.group_size, where)
-        kp = self.padded_in_features
-        n = self.qweight.shape[0] if self.qweight.dim() == 2 else -1
-        want_q = (torch.int8, (n, kp)) if self.bits == 8 else (torch.uint8, (n, kp // 2))
-        if self.qweight.dim() != 2 or self.qweight.dtype != want_q[0] or tuple(self.qweight.shape) != want_q[1]:
-            raise ValueError(f"{where}qweight must be {want_q[0]} {list(want_q[1])} for {self.bits}-bit "
-                             f"K={self.in_features}, got {self.qweight.dtype} {list(self.qweight.shape)}")
-        g = 1 if self.group_size == PER_CHANNEL else kp // self.group_size
-        for nm, t in (("scales", self.scales), ("zeros", self.zeros)):
-            if t is None:
-                continue
-            if t.dtype != torch.float32 or tuple(t.shape) != (n, g):
-                raise ValueError(f"{where}{nm} must be float32 [{n}, {g}], got {t.dtype} {list(t.shape)}")
-            if not torch.isfinite(t).all():
-                raise ValueError(f"{where}{nm} hold NaN or Inf")
-        if not (self.scales > 0).all():
-            raise ValueError(f"{where}scales must be > 0")
-        qmin, qmax = qrange(self.bits, self.symmetric)
-        if self.bits == 8 and self.qweight.numel():
-            lo, hi = int(self.qweight.min()), int(self.qweight.max())
-            if lo < qmin or hi > qmax:
-                raise ValueError(f"{where}int8 codes span [{lo}, {hi}], outside [{qmin}, {qmax}]")
-        if self.bits == 4 and self.symmetric and self.qweight.numel():
-            if bool(((self.qweight & 0x0F) == 0).any() | ((self.qweight >> 4) == 0).any()):
-                raise ValueError(f"{where}symmetric int4 codes must be 1..15 (value -8 is not used)")
-        if self.zeros is not None and self.zeros.numel():
-            z = self.zeros
-            if not bool(((z == torch.round(z)) & (z >= qmin) & (z <= qmax)).all()):
-                raise ValueError(f"{where}zeros must be integers in [{qmin}, {qmax}]")
+        if not isinstance(self.qweight, torch.Tensor) or self.qweight.dim() != 2:
+            raise ValueError(f"{where}qweight must be a 2-D tensor, got {getattr(self.qweight, 'shape', None)}")
+        spec = LinearSpec(self.bits, self.group_size, self.symmetric, False, max(self.in_features, 1),
+                          max(self.out_features, 1), self.qweight.device)
+        if self.in_features < 1 or self.out_features < 1:
+            raise ValueError(f"{where}a packed weight needs in_features and out_features >= 1, got "
+                             f"[{self.out_features}, {self.in_features}]")
+        try:
+            check_weight(spec, self.qweight, self.scales, self.zeros, where)
+        except TypeError as e:  # a wrong dtype is a malformed packed weight like any other
+            raise ValueError(str(e)) from None
         return self
 
 

@@ -1,4 +1,4 @@
-"""QuantLinear: a drop-in nn.Linear that holds a packed weight and calls one op."""
+"""QuantLinear: a drop-in nn.Linear that holds a packed weight and a kernel prepared once."""
 from __future__ import annotations
 
 import os
@@ -7,9 +7,11 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from . import backends, ops
+from . import backends
 from .config import QuantConfig, resolve
-from .format import (CANONICAL, PER_CHANNEL, PackedWeight, padded_k, quantize_weight, to_canonical)
+from .format import CANONICAL, PER_CHANNEL, PackedWeight, quantize_weight, to_canonical
+from .ops import flatten
+from .spec import FLOAT_DTYPES, LinearSpec
 
 _FLOAT_BUFFERS = ("scales", "zeros", "act_scale")
 
@@ -18,75 +20,80 @@ class QuantLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored packed (int8 or int4) in the canonical format.
 
     Build one with :meth:`from_linear`; ``kquant.quantize_`` does it for a whole model.
-    The weight may be re-laid out once for the chosen kernel; ``state_dict`` and
-    :meth:`packed_weight` always return the canonical form.
+    When the layer is built, moved or loaded, the router picks its backend and the backend
+    may re-lay the weight out once for its kernels; ``state_dict`` and :meth:`packed_weight`
+    always return the canonical form. Inputs get a gradient (the dequantized weight's); the
+    packed weight is frozen.
     """
-
-    # (device, KQUANT_BACKEND, (backend function, args after x, K, Kp, N)) once a call has
-    # passed every check and the router's choice is reusable; None after any reassignment
-    _route = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  config: Union[QuantConfig, str] = "w8a8", *, name: str = "QuantLinear",
                  device=None, dtype: torch.dtype = torch.float32):
         super().__init__()
         cfg = resolve(config)
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"{name}: in_features and out_features must be >= 1, got "
-                             f"[{out_features}, {in_features}]")
+        self.name = name
+        try:
+            spec = LinearSpec(cfg.weight_bits, cfg.group_size, cfg.symmetric, cfg.int8_activations,
+                              in_features, out_features, torch.device(device or "cpu"))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: {dtype} layers are not supported; kquant runs float32, float16 and bfloat16 "
+                            f"(convert the model first, e.g. model.float())")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = cfg.weight_bits, cfg.group_size, cfg.symmetric
         self.activations = cfg.activations
-        self.name = name
-        self.op_name = ops.linear_op_name(self.bits, cfg.int8_activations)
-        kp = padded_k(in_features, self.bits, self.group_size)
-        groups = 1 if self.group_size == PER_CHANNEL else kp // self.group_size
-        if self.bits == 8:
-            q = torch.zeros(out_features, kp, dtype=torch.int8, device=device)
-        else:  # nibble 8 is the value 0 for symmetric int4
-            q = torch.full((out_features, kp // 2), 0x88 if self.symmetric else 0, dtype=torch.uint8, device=device)
-        self.register_buffer("qweight", q)
-        self.register_buffer("scales", torch.ones(out_features, groups, device=device))
-        self.register_buffer("zeros", None if self.symmetric else torch.zeros(out_features, groups, device=device))
+        self.padded_in_features = spec.padded_in_features
+        qdtype, qshape = spec.qweight_shape()
+        # code 0 (int8) and nibble 8 (symmetric int4) are the value 0
+        fill = 0x88 if (self.bits == 4 and self.symmetric) else 0
+        self.register_buffer("qweight", torch.full(qshape, fill, dtype=qdtype, device=device))
+        self.register_buffer("scales", torch.ones(out_features, spec.groups, device=device))
+        self.register_buffer("zeros", None if self.symmetric else torch.zeros(out_features, spec.groups, device=device))
         self.register_buffer("act_scale", torch.ones(1, device=device) if self.activations == "static" else None)
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
-                                 requires_grad=False) if bias else None
+        self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
+                                                     requires_grad=False) if bias else None)
         self.layout = CANONICAL
         self._prepare()
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: Union[QuantConfig, str] = "w8a8", *, name: str = "",
+    def from_linear(cls, linear: nn.Module, config: Union[QuantConfig, str] = "w8a8", *, name: str = "",
                     weight_qparams: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
                     act_scale: Optional[torch.Tensor] = None) -> "QuantLinear":
-        """Quantize ``linear``'s weight. ``weight_qparams`` = (scales, zeros) from an observer;
+        """Quantize ``linear``'s weight (an ``nn.Linear``, or a transformers ``Conv1D``, whose
+        weight is stored transposed). ``weight_qparams`` = (scales, zeros) from an observer;
         ``act_scale`` is the static activation scale (required when activations="static")."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{name or 'from_linear'}: expected nn.Linear, got {type(linear).__name__}")
-        cfg = resolve(config)
         name = name or "QuantLinear"
+        w = linear_weight(linear, name)
+        cfg = resolve(config)
         if cfg.activations == "static" and act_scale is None:
             raise ValueError(f"{name}: activations='static' needs an act_scale from calibration data")
-        w = linear.weight
+        if w.device.type == "meta":
+            raise ValueError(f"{name}: the weight is on the meta device (no values to quantize); load the "
+                             f"model's weights first, or rebuild quantized layers with kquant.load_quantized")
+        if w.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: {w.dtype} weights are not supported; kquant runs float32, float16 and "
+                            f"bfloat16 layers (convert the model first, e.g. model.float())")
+        out_features, in_features = w.shape
         scales, zeros = weight_qparams if weight_qparams is not None else (None, None)
         packed = quantize_weight(w, cfg.weight_bits, cfg.group_size, cfg.symmetric, scales, zeros, name=name)
-        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, cfg, name=name,
-                  device=w.device, dtype=w.dtype)
+        bias = linear.bias
+        mod = cls(in_features, out_features, bias is not None, cfg, name=name, device=w.device, dtype=w.dtype)
         mod.load_packed(packed)
-        if linear.bias is not None:
-            if not torch.isfinite(linear.bias).all():
+        if bias is not None:
+            if not torch.isfinite(bias).all():
                 raise ValueError(f"{name}: bias holds NaN or Inf")
-            mod.bias.data.copy_(linear.bias.detach())
+            mod.bias.data.copy_(bias.detach())
         if act_scale is not None:
             a = torch.as_tensor(act_scale, dtype=torch.float32, device=w.device).reshape(1)
-            if not (torch.isfinite(a).all() and a.item() > 0):
+            if not (torch.isfinite(a).all() and a.item() > 0 and torch.isfinite(1.0 / a).all()):
                 raise ValueError(f"{name}: act_scale must be finite and > 0, got {a.item()}")
             mod.act_scale = a
         return mod
 
     def load_packed(self, packed: PackedWeight) -> None:
         """Install a canonical PackedWeight (validated against this layer's shape)."""
-        packed.validate(f"{self.name}: ")
         if (packed.bits, packed.group_size, packed.in_features, packed.out_features, packed.symmetric) != (
                 self.bits, self.group_size, self.in_features, self.out_features, self.symmetric):
             raise ValueError(
@@ -94,6 +101,7 @@ class QuantLinear(nn.Module):
                 f"[{packed.out_features}, {packed.in_features}] symmetric={packed.symmetric}, layer expects "
                 f"{self.bits}-bit group {self.group_size} [{self.out_features}, {self.in_features}] "
                 f"symmetric={self.symmetric}")
+        packed.validate(f"{self.name}: ")
         dev = self.scales.device
         self.qweight = packed.qweight.to(dev)
         self.layout = CANONICAL
@@ -102,16 +110,26 @@ class QuantLinear(nn.Module):
             self.zeros = packed.zeros.to(dev, torch.float32)
         self._prepare()
 
-    def _prepare(self) -> None:
-        """Let the preferred backend derive its layout once; the canonical copy is dropped."""
+    # ------------------------------------------------------------------ the prepared kernel
+    @property
+    def spec(self) -> LinearSpec:
+        return LinearSpec(self.bits, self.group_size, self.symmetric, self.activations != "none",
+                          self.in_features, self.out_features, self.scales.device)
+
+    def _prepare(self) -> backends.PreparedLinear:
+        """Choose the backend for this layer's device; it may re-lay the weight out once
+        (the canonical copy is dropped)."""
         canon = self.canonical_qweight()
-        self.qweight, self.layout = backends.prepare_weight(canon, self.bits, self.group_size, self.op_name)
+        self.qweight, kernel = backends.prepare_linear(self.spec, canon)
+        self.layout = kernel.layout
+        self._kernel = kernel
+        return kernel
+
+    def backend(self) -> str:
+        """The backend(s) this layer's calls run on ("cuda|triton": chosen per call by M)."""
+        return self._kernel.backend
 
     # ------------------------------------------------------------------ canonical views
-    @property
-    def padded_in_features(self) -> int:
-        return padded_k(self.in_features, self.bits, self.group_size)
-
     def canonical_qweight(self) -> torch.Tensor:
         return to_canonical(self.qweight, self.layout, self.bits, self.out_features, self.padded_in_features)
 
@@ -129,88 +147,35 @@ class QuantLinear(nn.Module):
         return self.packed_weight().nbytes
 
     @property
-    def _op(self):
-        # looked up, not stored: op objects cannot be deep-copied or pickled
-        return ops.LINEAR_OPS[self.op_name][0]
-
-    @property
     def mode(self) -> str:
-        return self.op_name.split("_")[0]
-
-    def backend(self) -> str:
-        """Backend the router would pick for this layer's device (shape checks aside)."""
-        try:
-            return backends.select(self.op_name, self.qweight.device.type)[0]
-        except backends.BackendError as e:
-            return f"none ({e})"
+        return f"w{self.bits}a{16 if self.activations == 'none' else 8}"
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dtype not in ops.FLOAT_DTYPES:
+        if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{self.name}: input must be a float32, float16 or bfloat16 tensor, got "
                             f"{getattr(x, 'dtype', type(x).__name__)}")
         shape = x.shape
         if not shape or shape[-1] != self.in_features:
             raise ValueError(f"{self.name}: input shape {list(shape)} does not end in "
                              f"in_features={self.in_features}")
-        if torch.compiler.is_compiling():  # the registered op: its fake impl traces, no graph break
-            self._check_device(x)
-            return self._call(self._op, x)
-        # eager fast path: the backend function the router chose on an earlier call with this
-        # layer's own (already validated) tensors; only x is checked
-        route = self._route
-        if route is not None and route[0] == x.device and route[1] == os.environ.get(backends.ENV):
-            fn, args, k, kp, n = route[2]
-            y = fn(ops._flatten(x, k, kp), *args)
-            return y if len(shape) == 2 else y.reshape(*shape[:-1], n)
-        self._check_device(x)
-        env = os.environ.get(backends.ENV)
-        y = self._call(ops.EAGER_LINEAR[self.op_name], x)  # the op body: full checks, then the router
-        self._cache_route(x, env)
-        return y
-
-    def _check_device(self, x: torch.Tensor) -> None:
-        if x.device != self.qweight.device:
-            raise ValueError(f"{self.name}: input is on {x.device} but the layer is on {self.qweight.device}")
-
-    def _tensor_args(self) -> tuple:
-        """The op's arguments after x, in its schema order."""
-        if self.activations == "none":
-            return self.qweight, self.scales, self.zeros, self.bias, self.group_size, self.layout
-        return self.qweight, self.scales, self.bias, self.act_scale, self.group_size, self.layout
-
-    def _call(self, op, x: torch.Tensor) -> torch.Tensor:
-        return op(x, *self._tensor_args())
-
-    def _cache_route(self, x: torch.Tensor, env: Optional[str]) -> None:
-        """After a call that passed every check: keep the router's choice if it may be reused."""
-        k, kp = self.in_features, self.padded_in_features
-        args = self._tensor_args()
-        fn, reusable = backends.route(self.op_name, x.device.type, ops._flatten(x, k, kp), *args)
-        if reusable:
-            self.__dict__["_route"] = (x.device, env, (fn, args, k, kp, self.out_features))
-
-    # whatever replaces a tensor or setting drops the route: the op body checks the next call
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        self.__dict__["_route"] = None
-
-    def __delattr__(self, name):
-        super().__delattr__(name)
-        self.__dict__["_route"] = None
-
-    def register_buffer(self, name, tensor, persistent=True):
-        super().register_buffer(name, tensor, persistent)
-        self.__dict__["_route"] = None
-
-    def register_parameter(self, name, param):
-        super().register_parameter(name, param)
-        self.__dict__["_route"] = None
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["_route"] = None  # holds functions and tensor references: rebuilt on the next call
-        return state
+        buffers, bias = self._buffers, self._parameters["bias"]
+        if x.device != buffers["scales"].device:
+            raise ValueError(f"{self.name}: input is on {x.device} but the layer is on {buffers['scales'].device}")
+        x2 = flatten(x, self.in_features, self.padded_in_features)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+                x.requires_grad or (bias is not None and bias.requires_grad))):
+            # the registered op: traced by torch.compile (fake impl), differentiable for x and bias
+            y = torch.ops.kquant._linear_prepared(
+                x2, buffers["qweight"], buffers["scales"], buffers["zeros"], bias, buffers["act_scale"], self.bits,
+                self.group_size, self.in_features, self.activations != "none", self.layout)
+        else:
+            kernel = self._kernel
+            if kernel.env != os.environ.get(backends.ENV):
+                kernel = self._prepare()
+                buffers = self._buffers
+            y = kernel(x2, buffers["qweight"], buffers["scales"], buffers["zeros"], bias, buffers["act_scale"])
+        return y if len(shape) == 2 else y.reshape(*shape[:-1], self.out_features)
 
     # ------------------------------------------------------------------ module plumbing
     def _apply(self, fn, recurse=True):
@@ -234,8 +199,34 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._prepare()
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_kernel", None)  # holds functions: chosen again on unpickling
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._prepare()
+
     def extra_repr(self) -> str:
         group = "per-channel" if self.group_size == PER_CHANNEL else str(self.group_size)
         return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, "
                 f"bits={self.bits}, group_size={group}, symmetric={self.symmetric}, "
                 f"activations={self.activations}, bias={self.bias is not None}, backend={self.backend()}")
+
+
+def linear_weight(module: nn.Module, name: str = "") -> torch.Tensor:
+    """The [out_features, in_features] weight of an ``nn.Linear`` or a transformers ``Conv1D``
+    (GPT-2 and its family store it transposed, [in, out])."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if is_conv1d(module):
+        return module.weight.t()
+    raise TypeError(f"{name or 'from_linear'}: expected nn.Linear (or transformers' Conv1D), got "
+                    f"{type(module).__name__}")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D: y = x @ W + b with W [in, out] (a Linear with a transposed weight)."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")

@@ -1,209 +1,184 @@
 """Public ops in the ``torch.ops.kquant`` namespace.
 
-Every op validates its arguments (clear ``TypeError``/``ValueError`` naming the
-argument), normalizes them (leading dims flattened, input made contiguous, K padded to
-the packed width) and hands them to the router. Each has a fake implementation so
-``torch.compile(fullgraph=True)`` traces through without a graph break.
+Every op validates its arguments (:mod:`kquant.spec`: a clear ``TypeError``/``ValueError``
+naming the argument), normalizes them (leading dims flattened, K padded to the packed
+width) and hands them to the router. Each has a fake implementation, so
+``torch.compile(fullgraph=True)`` traces through without a graph break, and the linear
+ops have autograd for ``x`` and ``bias`` (the gradient uses the dequantized weight; the
+packed weight is frozen).
 
-Semantics (the reference backend is the definition):
+Semantics (the reference backend is the definition; weights in the canonical format):
 
 * ``quantize_per_token(x) -> (q int8 [..., K], scale fp32 [..., 1])``: per row
-  ``scale = amax / 127`` (1 for an all-zero row), ``q = rint(x * ((1 / amax) * 127))`` in fp32.
+  ``scale = amax / 127`` (1 for an all-zero row), ``q = rint(x * ((1 / amax) * 127))`` in fp32;
+  a row holding NaN or Inf gets q = 0 and scale NaN.
 * ``int8_mm(a int8 [M, K], b int8 [N, K]) -> int32 [M, N] = a @ b.T``, exact.
-* ``w8a8_linear`` / ``w4a8_linear(x, qweight, scales, bias, act_scale, group_size, layout)``:
-  activations quantized per token (or with the static per-tensor ``act_scale``), an
-  exact int32 GEMM per weight group, then ``y = sx * sum_g(sw[g] * acc_g) + bias`` in
-  fp32, returned in ``x.dtype``. 4-bit weights must be symmetric.
-* ``w8a16_linear`` / ``w4a16_linear(x, qweight, scales, zeros, bias, group_size, layout)``:
+* ``w8a8_linear`` / ``w4a8_linear(x, qweight, scales, bias, act_scale, group_size)``:
+  activations quantized per token (or with the static per-tensor ``act_scale``), an exact
+  int32 GEMM per weight group, then ``y = sx * sum_g(sw[g] * acc_g) + bias`` in fp32,
+  returned in ``x.dtype``. 4-bit weights must be symmetric.
+* ``w8a16_linear`` / ``w4a16_linear(x, qweight, scales, zeros, bias, group_size)``:
   ``y = x @ dequant(W).T + bias`` in ``x.dtype``.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import backends
-from .format import CANONICAL, PER_CHANNEL, check_group_size, padded_k
+from .backends import reference
+from .format import CANONICAL
+from .spec import FLOAT_DTYPES, LINEAR_OPS, LinearSpec, check_int8_mm, check_linear_call, check_x
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-# ----------------------------------------------------------------------------- checks
-def _check_float(x, name: str) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+__all__ = ["quantize_per_token", "int8_mm", "linear", "FLOAT_DTYPES", "LINEAR_OPS"]
 
 
-def _check_device(t: Optional[Tensor], name: str, ref: Tensor) -> None:
-    if t is not None and t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {ref.device}; move them to one device")
-
-
-def _check_linear_args(x, qweight, scales, bias, extra, group_size, layout, bits, extra_name):
-    _check_float(x, "x")
-    if x.dim() < 1:
-        raise ValueError(f"x must have at least 1 dimension (features last), got shape {list(x.shape)}")
-    check_group_size(group_size, "group_size: ")
-    for name, t in (("qweight", qweight), ("scales", scales), ("bias", bias), (extra_name, extra)):
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _check_device(t, name, x)
-    if scales.dtype != torch.float32 or scales.dim() != 2:
-        raise TypeError(f"scales must be float32 [N, groups], got {scales.dtype} {list(scales.shape)}")
-    n = scales.shape[0]
-    k = x.shape[-1]
-    kp = padded_k(k, bits, group_size)
-    groups = 1 if group_size == PER_CHANNEL else kp // group_size
-    if scales.shape[1] != groups:
-        raise ValueError(f"scales {list(scales.shape)} do not match x with K={k} and group_size={group_size} "
-                         f"(expected [{n}, {groups}])")
-    if layout == CANONICAL:
-        want = (torch.int8, [n, kp]) if bits == 8 else (torch.uint8, [n, kp // 2])
-        if qweight.dtype != want[0]:
-            raise TypeError(f"qweight must be {want[0]} for {bits}-bit weights, got {qweight.dtype}")
-        if list(qweight.shape) != want[1]:
-            raise ValueError(f"qweight {list(qweight.shape)} does not match x with K={k} "
-                             f"(expected {want[1]} for {bits}-bit, group_size={group_size})")
-    if bias is not None:
-        if bias.dtype not in FLOAT_DTYPES or list(bias.shape) != [n]:
-            raise ValueError(f"bias must be a float tensor of shape [{n}], got {bias.dtype} {list(bias.shape)}")
-    return n, k, kp
-
-
-def _flatten(x: Tensor, k: int, kp: int) -> Tensor:
+def flatten(x: Tensor, k: int, kp: int) -> Tensor:
+    """x [..., K] -> contiguous [M, Kp] (zero-padded to the packed width)."""
     x2 = x if x.dim() == 2 else x.reshape(-1, k)  # a 2-D x needs no view (a microsecond at M=1)
     if kp != k:
         x2 = torch.nn.functional.pad(x2, (0, kp - k))
     return x2.contiguous()
 
 
-# ----------------------------------------------------------------------------- ops
+# ----------------------------------------------------------------------------- quantize / int8_mm
 @torch.library.custom_op("kquant::quantize_per_token", mutates_args=())
 def quantize_per_token(x: Tensor) -> Tuple[Tensor, Tensor]:
-    _check_float(x, "x")
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"x must have a non-empty last dimension, got shape {list(x.shape)}")
+    check_x(x)
     k = x.shape[-1]
-    q, s = backends.dispatch("quantize_per_token", x.reshape(-1, k).contiguous())
+    q, s = backends.run_op("quantize_per_token", x.reshape(-1, k).contiguous())
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 
 @quantize_per_token.register_fake
 def _(x):
-    _check_float(x, "x")
+    check_x(x)
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(*x.shape[:-1], 1, dtype=torch.float32)
-
-
-def _check_int8_mm(a, b):
-    for name, t in (("a", a), ("b", b)):
-        if not isinstance(t, Tensor) or t.dtype != torch.int8 or t.dim() != 2:
-            raise TypeError(f"{name} must be a 2-D int8 tensor, got "
-                            f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"int8_mm: a {list(a.shape)} and b {list(b.shape)} must share K (b is [N, K])")
-    if a.device != b.device:
-        raise ValueError(f"b is on {b.device} but a is on {a.device}")
 
 
 @torch.library.custom_op("kquant::int8_mm", mutates_args=())
 def int8_mm(a: Tensor, b: Tensor) -> Tensor:
-    _check_int8_mm(a, b)
-    return backends.dispatch("int8_mm", a.contiguous(), b.contiguous())
+    check_int8_mm(a, b)
+    return backends.run_op("int8_mm", a.contiguous(), b.contiguous())
 
 
 @int8_mm.register_fake
 def _(a, b):
-    _check_int8_mm(a, b)
+    check_int8_mm(a, b)
     return a.new_empty(a.shape[0], b.shape[0], dtype=torch.int32)
 
 
-def _act_linear(op: str, bits: int, x, qweight, scales, bias, act_scale, group_size, layout):
-    n, k, kp = _check_linear_args(x, qweight, scales, bias, act_scale, group_size, layout, bits, "act_scale")
-    if act_scale is not None and (act_scale.numel() != 1 or act_scale.dtype != torch.float32):
-        raise ValueError(f"act_scale must be a float32 tensor with one element, got "
-                         f"{act_scale.dtype} {list(act_scale.shape)}")
-    y = backends.dispatch(op, _flatten(x, k, kp), qweight, scales, bias, act_scale, group_size, layout)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+# ----------------------------------------------------------------------------- linear
+def linear(bits: int, int8_activations: bool, x, qweight, scales, zeros=None, bias=None, act_scale=None,
+           group_size: int = -1) -> Tensor:
+    """The body of every public linear op: validate, flatten, route, restore the shape."""
+    spec = check_linear_call(bits, int8_activations, x, qweight, scales, zeros, bias, act_scale, group_size)
+    y = backends.run_linear(spec, CANONICAL, flatten(x, spec.in_features, spec.padded_in_features), qweight,
+                            scales, zeros, bias, act_scale)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], spec.out_features)
 
 
-def _weight_only_linear(op, bits, x, qweight, scales, zeros, bias, group_size, layout):
-    n, k, kp = _check_linear_args(x, qweight, scales, bias, zeros, group_size, layout, bits, "zeros")
-    if zeros is not None and (zeros.dtype != torch.float32 or zeros.shape != scales.shape):
-        raise ValueError(f"zeros must be float32 {list(scales.shape)} like scales, got "
-                         f"{zeros.dtype} {list(zeros.shape)}")
-    y = backends.dispatch(op, _flatten(x, k, kp), qweight, scales, zeros, bias, group_size, layout)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+def _dequantized(qweight, scales, zeros, bits, group_size, layout, kp) -> Tensor:
+    """fp32 weight [N, Kp] of any layout (the backward's operand)."""
+    return reference.dequantize(qweight, scales, zeros, group_size, layout, bits, scales.shape[0], kp)
 
 
-# torch drops arguments equal to the schema default before calling a fake, so each fake's
-# defaults must equal its op's: group_size defaults to -1 for 8-bit and 128 for 4-bit ops.
-def _fake_act_linear(bits: int):
-    def fake(x, qweight, scales, bias=None, act_scale=None, group_size=-1 if bits == 8 else 128, layout=0):
-        n, _, _ = _check_linear_args(x, qweight, scales, bias, act_scale, group_size, layout, bits, "act_scale")
-        return x.new_empty(*x.shape[:-1], n)
-    return fake
+def _input_grads(ctx, grad: Tensor, w: Tensor, x_shape, x_dtype, bias_dtype):
+    """(grad of x [x_shape], grad of bias) for y = x @ w.T + bias."""
+    gx = gb = None
+    g2 = grad.reshape(-1, grad.shape[-1]).float()
+    if ctx.needs_x:
+        gx = (g2 @ w[:, :x_shape[-1]]).to(x_dtype).reshape(x_shape)
+    if ctx.needs_bias:
+        gb = g2.sum(0).to(bias_dtype)
+    return gx, gb
 
 
-def _fake_weight_only_linear(bits: int):
-    def fake(x, qweight, scales, zeros=None, bias=None, group_size=-1 if bits == 8 else 128, layout=0):
-        n, _, _ = _check_linear_args(x, qweight, scales, bias, zeros, group_size, layout, bits, "zeros")
-        return x.new_empty(*x.shape[:-1], n)
-    return fake
+def _fake_linear(bits, int8_activations, x, qweight, scales, zeros, bias, act_scale, group_size) -> Tensor:
+    spec = check_linear_call(bits, int8_activations, x, qweight, scales, zeros, bias, act_scale, group_size,
+                             values=False)
+    return x.new_empty(*x.shape[:-1], spec.out_features)
 
 
-@torch.library.custom_op("kquant::w8a8_linear", mutates_args=())
-def w8a8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor] = None,
-                act_scale: Optional[Tensor] = None, group_size: int = -1, layout: int = 0) -> Tensor:
-    return _act_linear("w8a8_linear", 8, x, qweight, scales, bias, act_scale, group_size, layout)
+def _define_linear_op(bits: int, int8_activations: bool):
+    """One public linear op from the table: schema, body, fake and autograd."""
+    name = LINEAR_OPS[(bits, int8_activations)]
+    gs = -1 if bits == 8 else 128  # the default group size of the op
+    tensors = "Tensor? bias=None, Tensor? act_scale=None" if int8_activations else "Tensor? zeros=None, Tensor? bias=None"
+    schema = f"(Tensor x, Tensor qweight, Tensor scales, {tensors}, int group_size={gs}) -> Tensor"
+    bias_pos = 3 if int8_activations else 4
+
+    def with_schema_args(fn):
+        """fn(x, qweight, scales, zeros, bias, act_scale, group_size) taking this op's arguments."""
+        if int8_activations:
+            def f(x, qweight, scales, bias=None, act_scale=None, group_size=gs):
+                return fn(x, qweight, scales, None, bias, act_scale, group_size)
+        else:
+            def f(x, qweight, scales, zeros=None, bias=None, group_size=gs):
+                return fn(x, qweight, scales, zeros, bias, None, group_size)
+        return f
+
+    op = torch.library.custom_op(f"kquant::{name}", with_schema_args(lambda *a: linear(bits, int8_activations, *a)),
+                                 mutates_args=(), schema=schema)
+    # torch drops arguments equal to the schema default before calling a fake: same defaults
+    op.register_fake(with_schema_args(lambda *a: _fake_linear(bits, int8_activations, *a)))
+
+    def setup_context(ctx, inputs, output):
+        x, qweight, scales, zeros, bias, _, group_size = with_schema_args(lambda *a: a)(*inputs)
+        ctx.save_for_backward(qweight, scales, zeros)
+        ctx.meta = (group_size, x.shape, x.dtype, bias.dtype if bias is not None else None, len(inputs))
+        ctx.needs_x, ctx.needs_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[bias_pos]
+
+    def backward(ctx, grad):
+        qweight, scales, zeros = ctx.saved_tensors
+        group_size, x_shape, x_dtype, bias_dtype, n_inputs = ctx.meta
+        kp = LinearSpec(bits, group_size, zeros is None, False, x_shape[-1], scales.shape[0]).padded_in_features
+        w = _dequantized(qweight, scales, zeros, bits, group_size, CANONICAL, kp)
+        grads = [None] * n_inputs
+        grads[0], grads[bias_pos] = _input_grads(ctx, grad, w, x_shape, x_dtype, bias_dtype)
+        return tuple(grads)
+
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
 
 
-@torch.library.custom_op("kquant::w4a8_linear", mutates_args=())
-def w4a8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor] = None,
-                act_scale: Optional[Tensor] = None, group_size: int = 128, layout: int = 0) -> Tensor:
-    return _act_linear("w4a8_linear", 4, x, qweight, scales, bias, act_scale, group_size, layout)
+w8a8_linear = _define_linear_op(8, True)
+w4a8_linear = _define_linear_op(4, True)
+w8a16_linear = _define_linear_op(8, False)
+w4a16_linear = _define_linear_op(4, False)
 
 
-@torch.library.custom_op("kquant::w8a16_linear", mutates_args=())
-def w8a16_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor] = None,
-                 bias: Optional[Tensor] = None, group_size: int = -1, layout: int = 0) -> Tensor:
-    return _weight_only_linear("w8a16_linear", 8, x, qweight, scales, zeros, bias, group_size, layout)
+# ----------------------------------------------------------------------------- prepared layers
+# QuantLinear's op when it is compiled or trained through: the weight in the layout its
+# layer prepared (it may not be canonical), x already flattened and padded [M, Kp].
+@torch.library.custom_op("kquant::_linear_prepared", mutates_args=())
+def linear_prepared(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
+                    act_scale: Optional[Tensor], bits: int, group_size: int, in_features: int,
+                    int8_activations: bool, layout: int) -> Tensor:
+    spec = LinearSpec(bits, group_size, zeros is None, int8_activations, in_features, scales.shape[0], x.device)
+    return backends.run_linear(spec, layout, x, qweight, scales, zeros, bias, act_scale)
 
 
-@torch.library.custom_op("kquant::w4a16_linear", mutates_args=())
-def w4a16_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor] = None,
-                 bias: Optional[Tensor] = None, group_size: int = 128, layout: int = 0) -> Tensor:
-    return _weight_only_linear("w4a16_linear", 4, x, qweight, scales, zeros, bias, group_size, layout)
+@linear_prepared.register_fake
+def _(x, qweight, scales, zeros, bias, act_scale, bits, group_size, in_features, int8_activations, layout):
+    return x.new_empty(x.shape[0], scales.shape[0])
 
 
-w8a8_linear.register_fake(_fake_act_linear(8))
-w4a8_linear.register_fake(_fake_act_linear(4))
-w8a16_linear.register_fake(_fake_weight_only_linear(8))
-w4a16_linear.register_fake(_fake_weight_only_linear(4))
-
-# op name -> (public op, bits, uses int8 activations)
-LINEAR_OPS = {
-    "w8a8_linear": (w8a8_linear, 8, True),
-    "w4a8_linear": (w4a8_linear, 4, True),
-    "w8a16_linear": (w8a16_linear, 8, False),
-    "w4a16_linear": (w4a16_linear, 4, False),
-}
+def _prepared_setup(ctx, inputs, output):
+    x, qweight, scales, zeros, bias, act_scale, bits, group_size, in_features, int8_activations, layout = inputs
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.meta = (bits, group_size, layout, x.shape, x.dtype, bias.dtype if bias is not None else None)
+    ctx.needs_x, ctx.needs_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
 
 
-# The same computation without the dispatcher round trip (about 20 us a call on CPU):
-# QuantLinear calls these in eager mode (then, where backends.route says the choice is
-# reusable, the chosen backend function directly) and the registered ops when compiling.
-EAGER_LINEAR = {
-    "w8a8_linear": functools.partial(_act_linear, "w8a8_linear", 8),
-    "w4a8_linear": functools.partial(_act_linear, "w4a8_linear", 4),
-    "w8a16_linear": functools.partial(_weight_only_linear, "w8a16_linear", 8),
-    "w4a16_linear": functools.partial(_weight_only_linear, "w4a16_linear", 4),
-}
+def _prepared_backward(ctx, grad):
+    qweight, scales, zeros = ctx.saved_tensors
+    bits, group_size, layout, x_shape, x_dtype, bias_dtype = ctx.meta
+    w = _dequantized(qweight, scales, zeros, bits, group_size, layout, x_shape[-1])
+    gx, gb = _input_grads(ctx, grad, w, x_shape, x_dtype, bias_dtype)
+    return gx, None, None, None, gb, None, None, None, None, None, None
 
 
-def linear_op_name(bits: int, int8_activations: bool) -> str:
-    return f"w{bits}a{8 if int8_activations else 16}_linear"
+linear_prepared.register_autograd(_prepared_backward, setup_context=_prepared_setup)

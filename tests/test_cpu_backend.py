@@ -6,24 +6,25 @@ results are bit-identical where the kernels mirror the reference's operation ord
 the scalar path (KQUANT_CPU_ISA=scalar) run every case, and so do the AVX-512 and AMX-INT8
 levels where the machine has them (KQUANT_CPU_ISA=avx2|avx512 caps the level).
 """
-import os
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kquant import backends as router
+import kquant
 from kquant.backends import reference as ref
 from kquant.format import pack_int4, padded_k, quantize_weight, to_canonical
+from kquant.spec import LinearSpec
 
 cpu = pytest.importorskip("kquant.backends.cpu")
-if not cpu.available()[0]:
-    pytest.skip(f"cpu backend unavailable: {cpu.available()[1]}", allow_module_level=True)
+if not kquant.backends()["cpu"]["available"]:
+    pytest.skip(f"cpu backend unavailable: {kquant.backends()['cpu']['reason']}", allow_module_level=True)
 
-HAS_AVX2 = "AVX2" in cpu.available()[1]
-HAS_AVX512 = "AVX-512" in cpu.available()[1]
-HAS_AMX = "AMX" in cpu.available()[1]
+BEST = cpu.best_isa()
+HAS_AVX2 = BEST != "scalar"
+HAS_AVX512 = BEST in ("avx512", "amx")
+HAS_AMX = BEST == "amx"
 ISAS = [n for n, ok in (("amx", HAS_AMX), ("avx512", HAS_AVX512), ("avx2", HAS_AVX2), ("scalar", True)) if ok]
 ISA_IDS = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3}
 
@@ -66,19 +67,23 @@ def blocked(pw):
     return (cpu.int8_to_blocked(pw.qweight), 1) if pw.bits == 8 else (cpu.int4_to_blocked(pw.qweight), 2)
 
 
+def cpu_linear(pw, x, qweight, layout, bias=None, act_scale=None, zeros=None, int8_activations=True, k=None):
+    """The cpu backend's kernel for a layer like ``pw`` on a padded x."""
+    spec = LinearSpec(pw.bits, pw.group_size, zeros is None, int8_activations, k or pw.in_features, pw.out_features)
+    return cpu.BACKEND.linear(spec, x, qweight, layout, pw.scales, zeros, bias, act_scale)
+
+
 def run_act(pw, xp, b, act_scale=None, canonical=False):
-    op = "w8a8_linear" if pw.bits == 8 else "w4a8_linear"
     wq, lay = (pw.qweight, 0) if canonical else blocked(pw)
-    y = cpu.OPS[op](xp, wq, pw.scales, b, act_scale, pw.group_size, lay)
-    r = getattr(ref, op)(xp, pw.qweight, pw.scales, b, act_scale, pw.group_size)
+    y = cpu_linear(pw, xp, wq, lay, b, act_scale)
+    r = ref.act_linear(xp, pw.qweight, pw.scales, b, act_scale, pw.group_size, pw.bits)
     return y, r
 
 
 def run_wo(pw, xp, b):
-    op = "w8a16_linear" if pw.bits == 8 else "w4a16_linear"
     wq, lay = blocked(pw)
-    y = cpu.OPS[op](xp, wq, pw.scales, pw.zeros, b, pw.group_size, lay)
-    r = getattr(ref, op)(xp, pw.qweight, pw.scales, pw.zeros, b, pw.group_size)
+    y = cpu_linear(pw, xp, wq, lay, b, zeros=pw.zeros, int8_activations=False)
+    r = ref.weight_only_linear(xp, pw.qweight, pw.scales, pw.zeros, b, pw.group_size, pw.bits)
     return y, r
 
 
@@ -100,7 +105,7 @@ def test_prepare_weight_through_quantlinear_keeps_one_copy():
     lin = torch.nn.Linear(70, 19)
     for cfg, lay in (("w8a8", 1), ("w4a16", 2), ("w8a16", 1), ("w4a8", 2)):
         q = QuantLinear.from_linear(lin, cfg)
-        if router.select(q.op_name, "cpu")[0] != "cpu":
+        if q.backend() != "cpu":
             pytest.skip("router does not pick cpu (KQUANT_BACKEND set?)")
         assert q.layout == lay and q.qweight.dim() == 4
         sd = q.state_dict()
@@ -302,8 +307,8 @@ def test_weight_only_zero_points_whole_and_fractional(isa, bits):
         y, r = run_wo(pw, xp, b)
         assert rel_err(y, r) <= 1e-6, m
         frac = pw.zeros + 0.25
-        y = cpu.OPS[f"w{bits}a16_linear"](xp, blocked(pw)[0], pw.scales, frac, b, pw.group_size, blocked(pw)[1])
-        r = getattr(ref, f"w{bits}a16_linear")(xp, pw.qweight, pw.scales, frac, b, pw.group_size)
+        y = cpu_linear(pw, xp, *blocked(pw), b, zeros=frac, int8_activations=False)
+        r = ref.weight_only_linear(xp, pw.qweight, pw.scales, frac, b, pw.group_size, bits)
         assert rel_err(y, r) <= 1e-5, m
 
 
@@ -321,7 +326,8 @@ def test_weight_only_decode_cancellation(isa, bits):
     qweight = pack_int4(q.to(torch.uint8)) if bits == 4 else q.to(torch.int8)
     scales = torch.full((n, 1), 0.01)
     data = (cpu.int4_to_blocked if bits == 4 else cpu.int8_to_blocked)(qweight)
-    y = cpu.OPS[f"w{bits}a16_linear"](x, data, scales, z, None, -1, cpu.LAYOUT_INT4 if bits == 4 else cpu.LAYOUT_INT8)
+    spec = LinearSpec(bits, -1, False, False, k, n)
+    y = cpu.BACKEND.linear(spec, x, data, cpu.LAYOUT_INT4 if bits == 4 else cpu.LAYOUT_INT8, scales, z, None, None)
     exact = (x.double() @ (q - z).double().T) * scales.double().T
     assert rel_err(y, exact) <= 0.02
 
@@ -381,13 +387,15 @@ def test_bad_layout_is_rejected():
 def test_env_avx2_turns_amx_off(monkeypatch):
     monkeypatch.setenv("KQUANT_CPU_ISA", "avx2")
     assert torch.ops.kquant._cpu_isa() == (1 if HAS_AVX2 else 0)
-    assert "AMX" not in cpu.available()[1]
+    assert cpu.isa() == ("avx2" if HAS_AVX2 else "scalar") and "AMX" not in kquant.backends()["cpu"]["reason"]
 
 
-def test_env_forced_scalar_reports_in_available(monkeypatch):
+def test_env_forced_scalar_reports_in_backends(monkeypatch):
     monkeypatch.setenv("KQUANT_CPU_ISA", "scalar")
-    assert "scalar" in cpu.available()[1]
-    assert os.environ["KQUANT_CPU_ISA"] == "scalar"
+    assert cpu.isa() == "scalar"
+    assert "scalar" in kquant.backends()["cpu"]["reason"]
+    monkeypatch.delenv("KQUANT_CPU_ISA")
+    assert cpu.isa() == BEST and "scalar" not in kquant.backends()["cpu"]["reason"] or BEST == "scalar"
 
 
 # ----------------------------------------------------------------------------- bench ceilings

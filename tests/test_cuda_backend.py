@@ -12,9 +12,11 @@ import torch
 
 from kquant.backends import cuda as C
 from kquant.backends import reference as R
+from kquant.backends.base import Backend
 from kquant.format import PER_CHANNEL, quantize_weight
+from kquant.spec import LinearSpec
 
-OK, WHY = C.available()
+OK, WHY = C.BACKEND.available()
 gpu = pytest.mark.skipif(not OK, reason=f"CUDA backend unavailable: {WHY}")
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # output dtype -> tolerance on max|err| / max|ref| (fp32 math, one rounding to the dtype)
@@ -39,6 +41,14 @@ def close(y, ref, dtype=None):
     err = (y.float() - ref.float()).abs().max().item()
     scale = max(ref.float().abs().max().item(), 1e-6)
     assert err <= TOL[dtype] * scale, f"max err {err:.3g} vs max|ref| {scale:.3g} ({dtype})"
+
+
+def ref_act(op, x, qw, sw, bias, act, group):
+    return R.act_linear(x, qw, sw, bias, act, group, 8 if op.startswith("w8") else 4)
+
+
+def ref_wo(op, x, qw, sw, zw, bias, group):
+    return R.weight_only_linear(x, qw, sw, zw, bias, group, 8 if op.startswith("w8") else 4)
 
 
 def exact_rows(m, k, dtype):
@@ -157,7 +167,7 @@ def test_act_linear_vs_reference(op, bits, group, dtype, m, n, k):
     bias = torch.randn(n, device=DEV).to(dtype) if m % 2 else None
     poison(m * n * 4, torch.float32)
     y = getattr(torch.ops.kquant, f"_{op}_cuda")(x, qw, sw, bias, None, group)
-    ref = getattr(R, op)(x, qw, sw, bias, None, group, 0)
+    ref = ref_act(op, x, qw, sw, bias, None, group)
     close(y, ref)
 
 
@@ -171,7 +181,7 @@ def test_act_linear_random_inputs_and_static_scale(op, bits):
     fn = getattr(torch.ops.kquant, f"_{op}_cuda")
     for act in (None, torch.tensor([0.02], device=DEV)):
         y = fn(x, qw, sw, None, act, 128).float()
-        ref = getattr(R, op)(x, qw, sw, None, act, 128, 0).float()
+        ref = ref_act(op, x, qw, sw, None, act, 128).float()
         assert torch.isfinite(y).all()
         assert ((y - ref).norm() / ref.norm()).item() < 1e-2
 
@@ -183,7 +193,7 @@ def test_w4a8_llm_shapes(n, k):
     qw, sw, _, kp = _weights(n, k, 4, 128)
     x = exact_rows(33, kp, torch.float16)
     y = torch.ops.kquant._w4a8_linear_cuda(x, qw, sw, None, None, 128)
-    close(y, R.w4a8_linear(x, qw, sw, None, None, 128, 0))
+    close(y, ref_act("w4a8_linear", x, qw, sw, None, None, 128))
 
 
 @gpu
@@ -198,7 +208,7 @@ def test_w8a8_large_m(group, wgmma, monkeypatch):
     bias = torch.randn(520, device=DEV, dtype=torch.bfloat16)
     poison(2100 * 520, torch.bfloat16)
     y = torch.ops.kquant._w8a8_linear_cuda(x, qw, sw, bias, None, group)
-    close(y, R.w8a8_linear(x, qw, sw, bias, None, group, 0))
+    close(y, ref_act("w8a8_linear", x, qw, sw, bias, None, group))
 
 
 # ----------------------------------------------------------------------------- weight-only GEMV
@@ -216,7 +226,7 @@ def test_weight_only_vs_reference(op, bits, group, symmetric, dtype, m):
     bias = torch.randn(n, device=DEV).to(dtype) if m != 8 else None
     poison(m * n * 4, torch.float32)
     y = getattr(torch.ops.kquant, f"_{op}_cuda")(x, qw, sw, zw, bias, group)
-    ref = getattr(R, op)(x, qw, sw, zw, bias, group, 0)
+    ref = ref_wo(op, x, qw, sw, zw, bias, group)
     close(y, ref)
 
 
@@ -236,7 +246,7 @@ def test_w4a16_tensor_core_and_fma_paths(mma, group, symmetric, dtype, m, monkey
     bias = torch.randn(200, device=DEV).to(dtype)
     poison(m * 200 * 2, dtype)
     y = torch.ops.kquant._w4a16_linear_cuda(x, qw, sw, zw, bias, group)
-    close(y, R.w4a16_linear(x, qw, sw, zw, bias, group, 0))
+    close(y, ref_wo("w4a16_linear", x, qw, sw, zw, bias, group))
 
 
 @gpu
@@ -250,7 +260,7 @@ def test_weight_only_llm_shapes(bits, n, k, m):
     op = "w8a16_linear" if bits == 8 else "w4a16_linear"
     fn = getattr(torch.ops.kquant, f"_{op}_cuda")
     y = fn(x, qw, sw, zw, None, 128 if bits == 4 else PER_CHANNEL)
-    close(y, getattr(R, op)(x, qw, sw, zw, None, 128 if bits == 4 else PER_CHANNEL, 0))
+    close(y, ref_wo(op, x, qw, sw, zw, None, 128 if bits == 4 else PER_CHANNEL))
     # split-K tickets reset themselves: a second call (and one on another stream) agrees bitwise
     assert torch.equal(fn(x, qw, sw, zw, None, 128 if bits == 4 else PER_CHANNEL), y)
     s = torch.cuda.Stream()
@@ -269,48 +279,39 @@ def test_public_ops_forced_to_cuda(monkeypatch):
     monkeypatch.setenv("KQUANT_BACKEND", "cuda")
     qw, sw, _, kp = _weights(256, 512, 4, 128)
     x = torch.randn(2, 3, kp, device=DEV, dtype=torch.float16)
-    assert backends.select("w4a16_linear", "cuda", x.reshape(-1, kp), qw, sw, None, None, 128, 0)[0] == "cuda"
-    y = torch.ops.kquant.w4a16_linear(x, qw, sw, None, None, 128, 0)
-    close(y, R.w4a16_linear(x.reshape(-1, kp), qw, sw, None, None, 128, 0).reshape(2, 3, 256))
-    y8 = torch.ops.kquant.w4a8_linear(x, qw, sw, None, None, 128, 0)
+    assert backends.choose(LinearSpec(4, 128, True, False, kp, 256, x.device)) == "cuda"
+    y = torch.ops.kquant.w4a16_linear(x, qw, sw, None, None, 128)
+    close(y, ref_wo("w4a16_linear", x.reshape(-1, kp), qw, sw, None, None, 128).reshape(2, 3, 256))
+    y8 = torch.ops.kquant.w4a8_linear(x, qw, sw, None, None, 128)
     assert y8.shape == (2, 3, 256) and torch.isfinite(y8.float()).all()
 
 
 @gpu
 @pytest.mark.cuda
 def test_unsupported_shapes_are_refused_with_reasons():
-    qw, sw, _, kp = _weights(64, 48, 8, PER_CHANNEL)   # K = 48: fine for int8
-    x = torch.randn(17, kp, device=DEV)
-    ok, why = C.can_run("w8a16_linear", x, qw, sw, None, None, PER_CHANNEL, 0)
+    dev = torch.device(DEV, torch.cuda.current_device())
+    x = torch.randn(17, 48, device=DEV)   # K = 48: fine for int8
+    ok, why = C.BACKEND.can_run(LinearSpec(8, PER_CHANNEL, True, False, 48, 64, dev), x)
     assert not ok and "M=17" in why
-    ok, _ = C.can_run("w8a8_linear", x, qw, sw, None, None, PER_CHANNEL, 0)
-    assert ok
-    q4, s4, _, kp4 = _weights(64, 50, 4, PER_CHANNEL)  # Kp = 50: not a multiple of 32
-    ok, why = C.can_run("w4a16_linear", torch.randn(1, kp4, device=DEV), q4, s4, None, None, PER_CHANNEL, 0)
+    assert C.BACKEND.can_implement(LinearSpec(8, PER_CHANNEL, True, True, 48, 64, dev))[0]
+    assert C.BACKEND.can_run(LinearSpec(8, PER_CHANNEL, True, True, 48, 64, dev), x)[0]
+    ok, why = C.BACKEND.can_implement(LinearSpec(4, PER_CHANNEL, True, False, 50, 64, dev))  # Kp = 50
     assert not ok and "multiple of 32" in why
-    ok, why = C.can_run("w8a16_linear", x[:1], qw, sw, None, None, PER_CHANNEL, 21)
-    assert not ok and "layout" in why
+    assert not C.BACKEND.reads(21)
     a = torch.randint(-127, 128, (4, 40), dtype=torch.int8, device=DEV)
-    ok, why = C.can_run("int8_mm", a, a)
+    ok, why = C.BACKEND.can_run_op("int8_mm", a, a)
     assert not ok and "multiple of 16" in why
 
 
 # ----------------------------------------------------------------------------- everywhere (no GPU needed)
-def test_backend_module_contract():
-    assert C.NAME == "cuda"
-    assert set(C.OPS) == {"quantize_per_token", "int8_mm", "w8a8_linear", "w4a8_linear",
-                          "w8a16_linear", "w4a16_linear"}
-    ok, why = C.available()
+def test_backend_contract():
+    assert isinstance(C.BACKEND, Backend) and C.BACKEND.name == "cuda" and C.BACKEND.per_call_checks
+    ok, why = C.BACKEND.available()
     assert isinstance(ok, bool) and isinstance(why, str) and why
-    ok_op, why_op = C.can_run("no_such_op")
-    assert not ok_op and "no_such_op" in why_op
 
 
 def test_cpu_tensors_are_refused():
-    x = torch.randn(2, 64)
-    q = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
-    s = torch.rand(8, 1) + 0.1
-    ok, why = C.can_run("w8a16_linear", x, q, s, None, None, PER_CHANNEL, 0)
-    assert not ok and why
-    if OK:  # with a GPU present the refusal must name the device type
-        assert "cpu" in why
+    ok, why = C.BACKEND.can_implement(LinearSpec(8, PER_CHANNEL, True, False, 64, 8))
+    assert not ok and "cpu" in why
+    ok, why = C.BACKEND.can_run_op("int8_mm", torch.zeros(2, 64, dtype=torch.int8), torch.zeros(3, 64, dtype=torch.int8))
+    assert not ok and "cpu" in why

@@ -4,6 +4,8 @@ Whatever backend the router picks on this machine is compared with the reference
 (called directly, never through the router): int32 results exactly, floats within a
 tolerance tied to the output dtype.
 """
+import json
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -12,6 +14,7 @@ import kquant
 from kquant import backends as router
 from kquant.backends import reference as ref
 from kquant.format import PER_CHANNEL, padded_k, quantize_weight
+from kquant.spec import LinearSpec
 
 ops = torch.ops.kquant
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
@@ -56,8 +59,7 @@ def test_act_linear_reference_matches_float_math(bits, group):
     p = quantize_weight(w, bits, group)
     kp = p.padded_in_features
     xp = torch.nn.functional.pad(x, (0, kp - 200))
-    fn = ref.w8a8_linear if bits == 8 else ref.w4a8_linear
-    y = fn(xp, p.qweight, p.scales, bias, None, group)
+    y = ref.act_linear(xp, p.qweight, p.scales, bias, None, group, bits)
     qx, sx = ref.quantize_per_token(xp)
     expect = (qx.double() * sx.double())[:, :200] @ p.dequantize(torch.float64).T + bias.double()
     assert rel_err(y, expect) < 1e-6
@@ -68,8 +70,7 @@ def test_act_linear_reference_matches_float_math(bits, group):
 def test_weight_only_reference_matches_float_math(bits, symmetric):
     x = torch.randn(5, 96)
     p = quantize_weight(torch.randn(11, 96), bits, 32, symmetric)
-    fn = ref.w8a16_linear if bits == 8 else ref.w4a16_linear
-    y = fn(x, p.qweight, p.scales, p.zeros, None, 32)
+    y = ref.weight_only_linear(x, p.qweight, p.scales, p.zeros, None, 32, bits)
     assert rel_err(y, x.double() @ p.dequantize(torch.float64).T) < 1e-6
 
 
@@ -89,18 +90,17 @@ MODES = [("w8a8_linear", 8, PER_CHANNEL), ("w8a8_linear", 8, 64), ("w4a8_linear"
 def call_linear(op, x, p, bias, act_scale=None):
     fn = getattr(ops, op)
     if op.endswith("a8_linear"):
-        return fn(x, p.qweight, p.scales, bias, act_scale, p.group_size, 0)
-    return fn(x, p.qweight, p.scales, p.zeros, bias, p.group_size, 0)
+        return fn(x, p.qweight, p.scales, bias, act_scale, p.group_size)
+    return fn(x, p.qweight, p.scales, p.zeros, bias, p.group_size)
 
 
 def oracle_linear(op, x, p, bias, act_scale=None):
     k = x.shape[-1]
     x2 = torch.nn.functional.pad(x.reshape(-1, k), (0, p.padded_in_features - k))
-    fn = getattr(ref, op)
     if op.endswith("a8_linear"):
-        y = fn(x2, p.qweight, p.scales, bias, act_scale, p.group_size)
+        y = ref.act_linear(x2, p.qweight, p.scales, bias, act_scale, p.group_size, p.bits)
     else:
-        y = fn(x2, p.qweight, p.scales, p.zeros, bias, p.group_size)
+        y = ref.weight_only_linear(x2, p.qweight, p.scales, p.zeros, bias, p.group_size, p.bits)
     return y.reshape(*x.shape[:-1], -1)
 
 
@@ -157,11 +157,11 @@ def _opcheck_cases():
     return [
         (ops.quantize_per_token.default, (x,)),
         (ops.int8_mm.default, (p8.qweight[:3].contiguous(), p8.qweight)),
-        (ops.w8a8_linear.default, (x, p8.qweight, p8.scales, b, None, -1, 0)),
-        (ops.w8a8_linear.default, (x, p8.qweight, p8.scales, None, torch.tensor([0.05]), -1, 0)),
-        (ops.w4a8_linear.default, (x, p4.qweight, p4.scales, b, None, 32, 0)),
-        (ops.w8a16_linear.default, (x.half(), p8.qweight, p8.scales, None, b.half(), -1, 0)),
-        (ops.w4a16_linear.default, (x.bfloat16(), pa.qweight, pa.scales, pa.zeros, None, 32, 0)),
+        (ops.w8a8_linear.default, (x, p8.qweight, p8.scales, b, None, -1)),
+        (ops.w8a8_linear.default, (x, p8.qweight, p8.scales, None, torch.tensor([0.05]), -1)),
+        (ops.w4a8_linear.default, (x, p4.qweight, p4.scales, b, None, 32)),
+        (ops.w8a16_linear.default, (x.half(), p8.qweight, p8.scales, None, b.half(), -1)),
+        (ops.w4a16_linear.default, (x.bfloat16(), pa.qweight, pa.scales, pa.zeros, None, 32)),
     ]
 
 
@@ -176,21 +176,21 @@ def test_bad_input_errors_name_the_argument():
     x = torch.randn(3, 64)
     p = quantize_weight(torch.randn(16, 64), 8)
     with pytest.raises(TypeError, match="x must be float32"):
-        ops.w8a8_linear(x.int(), p.qweight, p.scales, None, None, -1, 0)
+        ops.w8a8_linear(x.int(), p.qweight, p.scales, None, None, -1)
     with pytest.raises(TypeError, match="qweight must be torch.int8"):
-        ops.w8a8_linear(x, p.qweight.to(torch.uint8), p.scales, None, None, -1, 0)
-    with pytest.raises(ValueError, match=r"qweight \[16, 32\] does not match x with K=64"):
-        ops.w8a8_linear(x, p.qweight[:, :32].contiguous(), p.scales, None, None, -1, 0)
+        ops.w8a8_linear(x, p.qweight.to(torch.uint8), p.scales, None, None, -1)
+    with pytest.raises(ValueError, match=r"qweight \[16, 32\] does not match K=64"):
+        ops.w8a8_linear(x, p.qweight[:, :32].contiguous(), p.scales, None, None, -1)
     with pytest.raises(TypeError, match="scales must be float32"):
-        ops.w8a8_linear(x, p.qweight, p.scales.half(), None, None, -1, 0)
+        ops.w8a8_linear(x, p.qweight, p.scales.half(), None, None, -1)
     with pytest.raises(ValueError, match="bias must be a float tensor of shape \\[16\\]"):
-        ops.w8a8_linear(x, p.qweight, p.scales, torch.randn(15), None, -1, 0)
+        ops.w8a8_linear(x, p.qweight, p.scales, torch.randn(15), None, -1)
     with pytest.raises(ValueError, match="qweight is on meta but x is on cpu"):
-        ops.w8a8_linear(x, p.qweight.to("meta"), p.scales, None, None, -1, 0)
+        ops.w8a8_linear(x, p.qweight.to("meta"), p.scales, None, None, -1)
     with pytest.raises(ValueError, match="act_scale must be a float32 tensor with one element"):
-        ops.w8a8_linear(x, p.qweight, p.scales, None, torch.ones(2), -1, 0)
+        ops.w8a8_linear(x, p.qweight, p.scales, None, torch.ones(2), -1)
     with pytest.raises(ValueError, match="unsupported group size 48"):
-        ops.w8a8_linear(x, p.qweight, p.scales, None, None, 48, 0)
+        ops.w8a8_linear(x, p.qweight, p.scales, None, None, 48)
     with pytest.raises(TypeError, match="a must be a 2-D int8 tensor"):
         ops.int8_mm(x, p.qweight)
     with pytest.raises(ValueError, match="must share K"):
@@ -210,7 +210,7 @@ def test_forced_backend(monkeypatch):
     x = torch.randn(2, 64)
     p = quantize_weight(torch.randn(8, 64), 8)
     monkeypatch.setenv("KQUANT_BACKEND", "reference")
-    assert router.select("w8a8_linear", "cpu")[0] == "reference"
+    assert router.choose(LinearSpec(8, -1, True, True, 64, 8)) == "reference"
     y = call_linear("w8a8_linear", x, p, None)
     assert torch.equal(y, oracle_linear("w8a8_linear", x, p, None))
     monkeypatch.setenv("KQUANT_BACKEND", "nope")
@@ -222,17 +222,21 @@ def test_forced_backend(monkeypatch):
             call_linear("w8a8_linear", x, p, None)
 
 
-def test_router_prefers_measured_gpu_backend_per_shape(monkeypatch):
+def test_router_prefers_measured_gpu_backend_per_shape(monkeypatch, tmp_path):
     monkeypatch.delenv("KQUANT_BACKEND", raising=False)
-    monkeypatch.setattr(router, "_prefs", {"w4a16_linear": {"1": "cuda", "16": "cuda", "1024": "triton"}})
-    assert router.candidates("cuda", "w4a16_linear", 1) == ["cuda", "triton", "reference"]
-    assert router.candidates("cuda", "w4a16_linear", 2048) == ["triton", "cuda", "reference"]
-    assert router.candidates("cuda", "w8a8_linear", 2048) == ["cuda", "triton", "reference"]  # no entry
-    assert router.candidates("cpu", "w4a16_linear", 2048) == ["cpu", "reference"]
+    prefs = tmp_path / "prefs.json"
+    prefs.write_text(json.dumps({"prefs": {"w4a16_linear": {"1": "cuda", "16": "cuda", "1024": "triton"}}}))
+    monkeypatch.setenv("KQUANT_GPU_PREFS", str(prefs))
+    assert router.order("cuda", "w4a16_linear", 1) == ["cuda", "triton", "reference"]
+    assert router.order("cuda", "w4a16_linear", 2048) == ["triton", "cuda", "reference"]
+    assert router.order("cuda", "w8a8_linear", 2048) == ["cuda", "triton", "reference"]  # no entry
+    assert router.order("cpu", "w4a16_linear", 2048) == ["cpu", "reference"]
     # CUDA kernels not verified on a GPU yet (no table entry names them): not used automatically
-    monkeypatch.setattr(router, "_prefs", {"w4a16_linear": {"1": "triton"}})
-    assert router.candidates("cuda", "w8a8_linear", 16) == ["triton", "reference"]
+    prefs2 = tmp_path / "prefs2.json"
+    prefs2.write_text(json.dumps({"prefs": {"w4a16_linear": {"1": "triton"}}}))
+    monkeypatch.setenv("KQUANT_GPU_PREFS", str(prefs2))
+    assert router.order("cuda", "w8a8_linear", 16) == ["triton", "reference"]
     monkeypatch.setenv("KQUANT_BACKEND", "cuda")
-    assert router.candidates("cuda", "w8a8_linear", 16) == ["cuda"]
+    assert router.order("cuda", "w8a8_linear", 16) == ["cuda"]
     monkeypatch.setenv("KQUANT_BACKEND", "triton")
-    assert router.candidates("cuda", "w4a16_linear", 1) == ["triton"]
+    assert router.order("cuda", "w4a16_linear", 1) == ["triton"]

@@ -62,12 +62,13 @@ def close(y, ref, dtype):
 
 
 def test_available_under_interpreter(T):
-    ok, why = T.available()
+    from kquant.spec import LinearSpec
+    ok, why = T.BACKEND.available()
     assert ok, why
     x = torch.randn(2, 4)
-    assert T.can_run("quantize_per_token", x)[0]
-    assert not T.can_run("no_such_op", x)[0]
-    assert not T.can_run("w8a8_linear", x, x, x, None, None, -1, 7)[0]  # foreign layout
+    assert T.BACKEND.can_run_op("quantize_per_token", x)[0]
+    assert T.BACKEND.can_implement(LinearSpec(8, -1, True, True, 64, 8))[0]
+    assert not T.BACKEND.reads(7)  # a foreign layout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -120,10 +121,9 @@ def _act_args(bits, g, m, n, k, dtype, bias=True):
 @pytest.mark.parametrize("g", GROUPS)
 @pytest.mark.parametrize("m,dtype", [(1, torch.bfloat16), (33, torch.float32)])
 def test_act_linear_matches_reference(T, bits, g, m, dtype):
-    op = f"w{bits}a8_linear"
     x, pw, bias = _act_args(bits, g, m, 17, 200, dtype)
-    y = T.OPS[op](x, pw.qweight, pw.scales, bias, None, g)
-    close(y, getattr(R, op)(x, pw.qweight, pw.scales, bias, None, g, 0), dtype)
+    y = T.act_linear(x, pw.qweight, pw.scales, bias, None, g, bits == 4)
+    close(y, R.act_linear(x, pw.qweight, pw.scales, bias, None, g, bits), dtype)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -137,9 +137,8 @@ def test_act_linear_paths(T, bits, cfg):
     g = PER_CHANNEL
     x, pw, bias = _act_args(bits, g, 5, 33, 1025, torch.float16)
     for act_scale in (None, torch.tensor([0.05])):
-        op = f"w{bits}a8_linear"
-        y = T.OPS[op](x, pw.qweight, pw.scales, bias, act_scale, g, config=cfg)
-        close(y, getattr(R, op)(x, pw.qweight, pw.scales, bias, act_scale, g, 0), torch.float16)
+        y = T.act_linear(x, pw.qweight, pw.scales, bias, act_scale, g, bits == 4, config=cfg)
+        close(y, R.act_linear(x, pw.qweight, pw.scales, bias, act_scale, g, bits), torch.float16)
 
 
 def _wo_args(bits, g, m, n, k, dtype, symmetric):
@@ -155,11 +154,10 @@ def _wo_args(bits, g, m, n, k, dtype, symmetric):
 @pytest.mark.parametrize("m,dtype", [(1, torch.bfloat16), (8, torch.float16), (33, torch.float32)])
 def test_weight_only_matches_reference(T, bits, g, symmetric, m, dtype):
     # m=1: GEMV kernel; m=8: tensor-core kernel with BLOCK_M=16; m=33: tiled kernel
-    op = f"w{bits}a16_linear"
     x, pw = _wo_args(bits, g, m, 17, 300, dtype, symmetric)
     bias = torch.randn(17).to(dtype) if m != 8 else None
-    y = T.OPS[op](x, pw.qweight, pw.scales, pw.zeros, bias, g)
-    close(y, getattr(R, op)(x, pw.qweight, pw.scales, pw.zeros, bias, g, 0), dtype)
+    y = T.wo_linear(x, pw.qweight, pw.scales, pw.zeros, bias, g, bits == 4)
+    close(y, R.weight_only_linear(x, pw.qweight, pw.scales, pw.zeros, bias, g, bits), dtype)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -174,18 +172,17 @@ def test_weight_only_matches_reference(T, bits, g, symmetric, m, dtype):
 ])
 @pytest.mark.parametrize("g", [PER_CHANNEL, 32])
 def test_weight_only_paths(T, bits, m, cfg, g):
-    op = f"w{bits}a16_linear"
     x, pw = _wo_args(bits, g, m, 1025, 1000 if g != PER_CHANNEL else 1025 + (bits == 4), torch.bfloat16, False)
     bias = torch.randn(1025, dtype=torch.bfloat16)
-    y = T.OPS[op](x, pw.qweight, pw.scales, pw.zeros, bias, g, config=cfg)
-    close(y, getattr(R, op)(x, pw.qweight, pw.scales, pw.zeros, bias, g, 0), torch.bfloat16)
+    y = T.wo_linear(x, pw.qweight, pw.scales, pw.zeros, bias, g, bits == 4, config=cfg)
+    close(y, R.weight_only_linear(x, pw.qweight, pw.scales, pw.zeros, bias, g, bits), torch.bfloat16)
 
 
 def test_split_k_is_deterministic_and_counters_reset(T):
     x, pw = _wo_args(4, 128, 1, 64, 1024, torch.float32, True)
     cfg = {"KERNEL": "gemv", "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 4}
-    y1 = T.w4a16_linear(x, pw.qweight, pw.scales, None, None, 128, config=cfg)
-    y2 = T.w4a16_linear(x, pw.qweight, pw.scales, None, None, 128, config=cfg)
+    y1 = T.wo_linear(x, pw.qweight, pw.scales, None, None, 128, True, config=cfg)
+    y2 = T.wo_linear(x, pw.qweight, pw.scales, None, None, 128, True, config=cfg)
     assert torch.equal(y1, y2)
     assert int(T._counters(x.device, 1).abs().sum()) == 0
 
@@ -193,9 +190,9 @@ def test_split_k_is_deterministic_and_counters_reset(T):
 def test_empty_and_zero_inputs(T):
     pw = quantize_weight(torch.randn(17, 64), 8)
     x = torch.zeros(0, 64)
-    assert T.w8a8_linear(x, pw.qweight, pw.scales, None, None, -1).shape == (0, 17)
-    assert T.w8a16_linear(x, pw.qweight, pw.scales, None, None, -1).shape == (0, 17)
-    y = T.w8a8_linear(torch.zeros(3, 64), pw.qweight, pw.scales, None, None, -1)
+    assert T.act_linear(x, pw.qweight, pw.scales, None, None, -1, False).shape == (0, 17)
+    assert T.wo_linear(x, pw.qweight, pw.scales, None, None, -1, False).shape == (0, 17)
+    y = T.act_linear(torch.zeros(3, 64), pw.qweight, pw.scales, None, None, -1, False)
     assert torch.equal(y, torch.zeros(3, 17))  # zero rows: scale 1, never NaN
 
 
@@ -205,18 +202,16 @@ def test_empty_and_zero_inputs(T):
 ])
 def test_public_ops_route_to_triton(T, monkeypatch, op, bits, g, zeros):
     from kquant import backends, ops
+    from kquant.spec import LinearSpec
     monkeypatch.setenv("KQUANT_BACKEND", "triton")
     pw = quantize_weight(torch.randn(17, 70), bits, g, symmetric=not zeros)
     x = torch.randn(2, 3, 70, dtype=torch.bfloat16)
-    public = getattr(torch.ops.kquant, op)
-    extra = pw.zeros if op.endswith("a16_linear") else None
-    y = public(x, pw.qweight, pw.scales, extra, None, g, 0) if op.endswith("a16_linear") else \
-        public(x, pw.qweight, pw.scales, None, None, g, 0)
-    assert backends.select(op, "cpu", x)[0] == "triton"
-    kp = pw.padded_in_features
-    x2 = ops._flatten(x, 70, kp)
-    ref = getattr(R, op)(x2, pw.qweight, pw.scales, extra, None, g, 0) if op.endswith("a16_linear") else \
-        getattr(R, op)(x2, pw.qweight, pw.scales, None, None, g, 0)
+    int8_act = op.endswith("a8_linear")
+    assert backends.choose(LinearSpec(bits, g, not zeros, int8_act, 70, 17)) == "triton"
+    y = ops.linear(bits, int8_act, x, pw.qweight, pw.scales, pw.zeros, None, None, g)
+    x2 = ops.flatten(x, 70, pw.padded_in_features)
+    ref = R.act_linear(x2, pw.qweight, pw.scales, None, None, g, bits) if int8_act else \
+        R.weight_only_linear(x2, pw.qweight, pw.scales, pw.zeros, None, g, bits)
     close(y.reshape(-1, 17), ref, torch.bfloat16)
     q, s = torch.ops.kquant.quantize_per_token(x)
     qr, sr = R.quantize_per_token(x.reshape(-1, 70))
@@ -233,6 +228,6 @@ def test_large_m_path_falls_back_to_fused_kernel(T, monkeypatch):
     monkeypatch.setattr(T, "_BROKEN", {})
     x, pw = _wo_args(4, 32, 20, 24, 64, torch.float32, True)
     with pytest.warns(UserWarning, match="dequant_mm"):
-        y = T.w4a16_linear(x, pw.qweight, pw.scales, None, None, 32, config={"KERNEL": "dequant_mm"})
-    close(y, R.w4a16_linear(x, pw.qweight, pw.scales, None, None, 32, 0), torch.float32)
+        y = T.wo_linear(x, pw.qweight, pw.scales, None, None, 32, True, config={"KERNEL": "dequant_mm"})
+    close(y, R.weight_only_linear(x, pw.qweight, pw.scales, None, None, 32, 4), torch.float32)
     assert "dequant_mm" in T._BROKEN

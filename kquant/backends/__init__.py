@@ -1,12 +1,15 @@
-"""The router: picks one backend per call from an ordered candidate list.
+"""The router: which backend runs a layer or an op.
 
-Each backend is a module exposing ``NAME``, ``available() -> (ok, reason)``,
-``can_run(op, *args) -> (ok, reason)`` and ``OPS`` (op name -> function taking the
-normalized arguments of :mod:`kquant.ops`). Optionally ``prepare_weight(...)`` derives
-a kernel-friendly layout once per module.
+Candidates per device type, in order of preference: CPU tensors ``cpu`` then
+``reference``; CUDA tensors ``cuda`` and ``triton`` (in the order bench/gpu_check.py
+measured faster for the op and M, ``gpu_prefs.json``) then ``reference``.
+``KQUANT_BACKEND=reference|cpu|triton|cuda`` forces one; a forced backend that cannot run
+raises :class:`BackendError`, it never falls back silently.
 
-``KQUANT_BACKEND=reference|cpu|triton|cuda`` forces one backend; a forced backend that
-cannot run raises, it never falls back silently.
+A ``QuantLinear`` asks :func:`prepare_linear` once (again after a device move, a load or a
+new ``KQUANT_BACKEND``) and keeps the :class:`~kquant.backends.base.PreparedLinear`; the
+public ops, which see arbitrary tensors, ask :func:`run_linear` / :func:`run_op` per call.
+The backend contract is :class:`~kquant.backends.base.Backend`.
 """
 from __future__ import annotations
 
@@ -14,67 +17,57 @@ import importlib
 import json
 import math
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Hashable, List, Optional, Tuple
 
 import torch
+from torch import Tensor
 
 from ..format import CANONICAL
+from ..spec import LinearSpec
+from .base import Backend, PreparedLinear
 
 ENV = "KQUANT_BACKEND"
-# every backend module defines a function per op and OPS = backend_ops(globals())
-OP_NAMES = ("quantize_per_token", "int8_mm", "w8a8_linear", "w4a8_linear", "w8a16_linear", "w4a16_linear")
+PREFS_ENV = "KQUANT_GPU_PREFS"  # another gpu_prefs.json (e.g. one measured on your GPU)
 _MODULES = {
     "reference": "kquant.backends.reference",
     "cpu": "kquant.backends.cpu",
     "triton": "kquant.backends.triton",
     "cuda": "kquant.backends.cuda",
 }
-# candidates per device type, in order of preference (reference always last)
 _ORDER = {"cpu": ["cpu", "reference"], "cuda": ["cuda", "triton", "reference"]}
-
-_loaded: Dict[str, object] = {}
-_load_errors: Dict[str, str] = {}
 
 
 class BackendError(RuntimeError):
     """A forced backend cannot run a call, or no backend can."""
 
 
-def backend_ops(namespace: dict) -> Dict[str, object]:
-    """{op name: function} from a backend module's globals()."""
-    return {op: namespace[op] for op in OP_NAMES}
+# ----------------------------------------------------------------------------- backends
+_loaded: Dict[str, Backend] = {}
+_load_errors: Dict[str, str] = {}
+_status: Dict[Tuple[str, Hashable], Tuple[bool, str]] = {}  # the one availability cache
 
 
-def _module(name: str):
-    if name in _loaded:
-        return _loaded[name]
-    if name in _load_errors:
-        return None
-    try:
-        mod = importlib.import_module(_MODULES[name])
-    except Exception as e:  # a missing toolchain or library must not break the package
-        _load_errors[name] = f"import failed: {type(e).__name__}: {e}"
-        return None
-    _loaded[name] = mod
-    return mod
-
-
-_available: Dict[str, str] = {}  # backends found usable: asked once, not on every call
+def get(name: str) -> Optional[Backend]:
+    """The backend object ``name`` (imported on first use); None if its module fails to import."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose from {sorted(_MODULES)}")
+    if name not in _loaded and name not in _load_errors:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name]).BACKEND
+        except Exception as e:  # a missing toolchain or library must not break the package
+            _load_errors[name] = f"import failed: {type(e).__name__}: {e}"
+    return _loaded.get(name)
 
 
 def status(name: str) -> Tuple[bool, str]:
     """Whether backend ``name`` is usable in this process, and why (not)."""
-    if name in _available:
-        return True, _available[name]
-    if name not in _MODULES:
-        raise ValueError(f"unknown backend {name!r}; choose from {sorted(_MODULES)}")
-    mod = _module(name)
-    if mod is None:
+    backend = get(name)
+    if backend is None:
         return False, _load_errors[name]
-    ok, why = mod.available()
-    if ok:
-        _available[name] = why
-    return ok, why
+    key = (name, backend.availability_key())
+    if key not in _status:
+        _status[key] = backend.available()
+    return _status[key]
 
 
 def backends() -> Dict[str, Dict[str, object]]:
@@ -82,7 +75,8 @@ def backends() -> Dict[str, Dict[str, object]]:
     out = {}
     for name in _MODULES:
         ok, why = status(name)
-        out[name] = {"available": ok, "reason": why}
+        detail = get(name).detail() if ok else ""
+        out[name] = {"available": ok, "reason": f"{why}; {detail}" if detail else why}
     return out
 
 
@@ -93,20 +87,20 @@ def forced() -> Optional[str]:
     return name
 
 
-_PREFS_FILE = os.path.join(os.path.dirname(__file__), "gpu_prefs.json")
-_prefs: Optional[Dict[str, Dict[str, str]]] = None
+# ----------------------------------------------------------------------------- order
+_prefs: Dict[str, Dict[str, Dict[str, str]]] = {}
 
 
 def gpu_prefs() -> Dict[str, Dict[str, str]]:
     """{op: {M: backend}}: which of cuda/triton bench/gpu_check.py measured faster, per M."""
-    global _prefs
-    if _prefs is None:
+    path = os.environ.get(PREFS_ENV) or os.path.join(os.path.dirname(__file__), "gpu_prefs.json")
+    if path not in _prefs:
         try:
-            with open(_PREFS_FILE) as f:
-                _prefs = json.load(f).get("prefs", {})
+            with open(path) as f:
+                _prefs[path] = json.load(f).get("prefs", {})
         except (OSError, ValueError):
-            _prefs = {}
-    return _prefs
+            _prefs[path] = {}
+    return _prefs[path]
 
 
 def _preferred_gpu(op: str, m: int) -> Optional[str]:
@@ -118,86 +112,121 @@ def _preferred_gpu(op: str, m: int) -> Optional[str]:
     return table[best]
 
 
-def candidates(device_type: str, op: Optional[str] = None, m: Optional[int] = None) -> List[str]:
+def order(device_type: str, op: Optional[str] = None, m: Optional[int] = None) -> List[str]:
+    """Candidate backend names for a device type, in order of preference (op and M decide
+    between cuda and triton); ``[name]`` when ``KQUANT_BACKEND`` forces one."""
     name = forced()
     if name is not None:
         return [name]
-    order = list(_ORDER.get(device_type, ["reference"]))
+    names = list(_ORDER.get(device_type, ["reference"]))
     if device_type == "cuda" and not any("cuda" in t.values() for t in gpu_prefs().values()):
         # CUDA kernels join the automatic order only once bench/gpu_check.py has checked them
         # against the reference on a GPU and measured them (gpu_prefs.json); until then
         # KQUANT_BACKEND=cuda runs them on request
-        order.remove("cuda")
+        names.remove("cuda")
     if device_type == "cuda" and op is not None and m is not None:
         first = _preferred_gpu(op, m)
-        if first in order:
-            order.remove(first)
-            order.insert(0, first)
-    return order
+        if first in names:
+            names.remove(first)
+            names.insert(0, first)
+    return names
 
 
-def select(op: str, device_type: str, *args) -> Tuple[str, List[str]]:
-    """Name of the backend that runs ``op``, and the reasons the others were passed over."""
+def _by_measured_speed(op: str):
+    """Reorders a layer's prepared GPU candidates for a call's M (gpu_prefs.json)."""
+    def reorder(choices, m):
+        first = _preferred_gpu(op, m)
+        return sorted(choices, key=lambda c: c[0].name != first)
+    return reorder
+
+
+# ----------------------------------------------------------------------------- linear layers
+def _candidates(spec: LinearSpec, layout: Optional[int]):
+    """(backends that can run ``spec`` reading ``layout`` (None: any; the first decides),
+    reasons the others were passed over). Stops after the first backend with no per-call
+    limits: nothing after it would ever run."""
+    chosen, skipped = [], []
+    for name in order(spec.device.type):
+        ok, why = status(name)
+        backend = get(name) if ok else None
+        if ok:
+            ok, why = backend.can_implement(spec)
+        if ok and layout is not None and not backend.reads(layout):
+            ok, why = False, f"does not read weight layout {layout}"
+        if not ok:
+            skipped.append(f"{name}: {why}")
+            continue
+        chosen.append(backend)
+        if not backend.per_call_checks:
+            break
+    return chosen, skipped
+
+
+def _no_backend(spec: LinearSpec, skipped: List[str]) -> BackendError:
+    where = f"kquant.{spec.op} on {spec.device.type}"
+    if forced():
+        return BackendError(f"{ENV}={forced()} cannot run {where}: {skipped[-1].split(': ', 1)[-1]}")
+    return BackendError(f"no backend can run {where}: {'; '.join(skipped)}")
+
+
+def prepare_linear(spec: LinearSpec, qweight: Tensor) -> Tuple[Tensor, PreparedLinear]:
+    """Choose the backends for a layer and let the first derive its weight layout.
+
+    Returns ``(weight in that layout, prepared kernel)``; the caller drops the canonical
+    tensor (never both resident). When no backend can run the layer, the weight stays
+    canonical and calling the kernel raises the reason.
+    """
+    env = os.environ.get(ENV)
+    chosen, skipped = _candidates(spec, None)
+    if not chosen:
+        return qweight, PreparedLinear(spec, CANONICAL, [], env, error=_no_backend(spec, skipped))
+    data, layout = chosen[0].prepare(spec, qweight)
+    chosen = [b for b in chosen if b.reads(layout)]
+    reorder = _by_measured_speed(spec.op) if spec.device.type == "cuda" and not forced() else None
+    return data, PreparedLinear(spec, layout, [(b, b.kernel(spec, layout)) for b in chosen], env, order=reorder)
+
+
+def run_linear(spec: LinearSpec, layout: int, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
+               bias: Optional[Tensor], act_scale: Optional[Tensor]) -> Tensor:
+    """One call whose tensors arrive as they are (public ops, the compiled QuantLinear)."""
+    chosen, skipped = _candidates(spec, layout)
+    if spec.device.type == "cuda" and not forced():
+        first = _preferred_gpu(spec.op, x.shape[0])
+        chosen.sort(key=lambda b: b.name != first)
+    for backend in chosen:
+        if backend.per_call_checks:
+            ok, why = backend.can_run(spec, x)
+            if not ok:
+                skipped.append(f"{backend.name}: {why}")
+                continue
+        return backend.linear(spec, x, qweight, layout, scales, zeros, bias, act_scale)
+    raise _no_backend(spec, skipped)
+
+
+def choose(spec: LinearSpec) -> str:
+    """The backend a layer with ``spec`` gets (for reports), or ``none (reason)``."""
+    try:
+        chosen, skipped = _candidates(spec, None)
+    except ValueError as e:  # a bad KQUANT_BACKEND value
+        return f"none ({e})"
+    return chosen[0].name if chosen else f"none ({_no_backend(spec, skipped)})"
+
+
+# ----------------------------------------------------------------------------- other ops
+def run_op(op: str, *args):
+    """quantize_per_token(x) or int8_mm(a, b) on the first backend that can run it."""
+    device_type = args[0].device.type
     skipped = []
-    m = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2 else None
-    for name in candidates(device_type, op, m):
+    for name in order(device_type, op, args[0].shape[0] if args[0].dim() == 2 else None):
         ok, why = status(name)
         if ok:
-            ok, why = _module(name).can_run(op, *args)
+            ok, why = get(name).can_run_op(op, *args)
         if ok:
-            return name, skipped
+            return getattr(get(name), op)(*args)
         skipped.append(f"{name}: {why}")
     if forced():
         raise BackendError(f"{ENV}={forced()} cannot run kquant.{op} on {device_type}: {skipped[-1]}")
     raise BackendError(f"no backend can run kquant.{op} on {device_type}: {'; '.join(skipped)}")
-
-
-def route(op: str, device_type: str, *args):
-    """``(fn, True)``: the function select() picks for these arguments, which a caller may
-    reuse; ``(None, False)`` when it may not.
-
-    Reusable (for any dtype and M, while ``KQUANT_BACKEND`` and the device stay the same)
-    when the candidate order cannot depend on M (it can on CUDA, through gpu_prefs) and
-    every backend consulted, the chosen one and those passed over, sets ``ROUTE_STABLE``:
-    its ``available``/``can_run`` answers depend only on the op, device type and layout.
-    """
-    if forced() is None and device_type == "cuda":
-        return None, False  # known without a second select (it costs tens of us per call)
-    name, skipped = select(op, device_type, *args)
-    consulted = candidates(device_type)[:len(skipped) + 1]
-    if all(getattr(_module(n), "ROUTE_STABLE", False) for n in consulted if _module(n) is not None):
-        return _module(name).OPS[op], True
-    return None, False
-
-
-def _device_type(args) -> str:
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            return a.device.type
-    return "cpu"
-
-
-def dispatch(op: str, *args):
-    name, _ = select(op, _device_type(args), *args)
-    return _module(name).OPS[op](*args)
-
-
-def prepare_weight(qweight: torch.Tensor, bits: int, group_size: int, op: str) -> Tuple[torch.Tensor, int]:
-    """Ask the preferred backend for ``qweight``'s device to derive its layout once.
-
-    Returns ``(data, layout_id)``; the canonical tensor itself when no backend wants
-    another layout. Callers drop the canonical tensor afterwards (never both resident).
-    """
-    for name in candidates(qweight.device.type):
-        ok, _ = status(name)
-        mod = _module(name) if ok else None
-        if mod is not None and hasattr(mod, "prepare_weight"):
-            out = mod.prepare_weight(qweight, bits, group_size, op)
-            if out is not None:
-                return out
-        if ok:
-            break
-    return qweight, CANONICAL
 
 
 class _CallableModule(type(os)):
@@ -210,3 +239,6 @@ class _CallableModule(type(os)):
 import sys as _sys  # noqa: E402
 
 _sys.modules[__name__].__class__ = _CallableModule
+
+__all__ = ["Backend", "BackendError", "PreparedLinear", "backends", "choose", "forced", "get", "gpu_prefs", "order",
+           "prepare_linear", "run_linear", "run_op", "status", "ENV", "PREFS_ENV"]

@@ -1,6 +1,7 @@
-"""CPU backend: AVX2 integer kernels from ``kquant._C`` (csrc/cpu), scalar fallback inside.
+"""CPU backend: the C++ kernels of ``kquant._C`` (csrc/cpu), AMX, AVX-512, AVX2 or scalar.
 
-Weights are re-laid out once (:func:`prepare_weight`) into blocks of output channels:
+Weights are re-laid out once per layer (:meth:`CpuBackend.prepare`) into blocks of output
+channels:
 
 * layout 1 ``cpu_int8_n16k4``: int8 ``[ceil(N/16), Kq, 16, 4]``, 4 consecutive k of one
   channel per 32-bit lane. A 64-byte k-quad row of 16 channels is one full-width AMX B
@@ -12,27 +13,25 @@ Weights are re-laid out once (:func:`prepare_weight`) into blocks of output chan
 
 K is zero-padded to a multiple of 64 (Kq = 16 * ceil(Kp / 64)): whole AMX tiles. Both
 convert back to the exact canonical bytes (padding is dropped).
-``KQUANT_CPU_ISA=scalar`` (portable C++), ``avx2`` or ``avx512`` (no AMX) caps the kernels'
-ISA; the default is the best the machine has.
+
+The kernels check the CPU at run time and use the best level it has;
+``KQUANT_CPU_ISA=scalar|avx2|avx512|amx`` caps the level (read on every call).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
-from . import backend_ops
 from .. import _native
 from ..format import CANONICAL, Layout, pack_int4, register_layout, unpack_int4
+from .base import Backend
 
-NAME = "cpu"
-# available()/can_run() depend only on op, device type and layout: a layer may reuse the choice
-ROUTE_STABLE = True
 LAYOUT_INT8 = 1
 LAYOUT_INT4 = 2
 
 _C = _native.load("_C", warn=False)
-_HAVE = _C is not None and hasattr(torch.ops.kquant, "_w8a8_linear_cpu")
+_HAS_KERNELS = _C is not None and hasattr(torch.ops.kquant, "_w8a8_linear_cpu")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -77,85 +76,89 @@ register_layout(Layout(LAYOUT_INT8, "cpu_int8_n16k4", int8_to_blocked, int8_from
 register_layout(Layout(LAYOUT_INT4, "cpu_int4_n8k8", int4_to_blocked, int4_from_blocked))
 
 
-# ----------------------------------------------------------------------------- backend API
-def available() -> Tuple[bool, str]:
-    if _C is None:
-        return False, f"native extension kquant._C not built ({_native.error('_C') or 'not found'})"
-    if not _HAVE:
-        return False, "kquant._C was built without the CPU kernels (csrc/cpu)"
-    return True, f"C++ kernels, {_ISA_NAMES[torch.ops.kquant._cpu_isa()]}"
+# ----------------------------------------------------------------------------- backend
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "amx"}
+_ISA_DESCRIPTIONS = {
+    "scalar": "scalar (portable C++)",
+    "avx2": "AVX2+FMA",
+    "avx512": "AVX2+FMA, AVX-512 VNNI",
+    "amx": "AVX2+FMA, AVX-512 VNNI, AMX (int8 GEMMs from 2 rows, W4A8 from 4; weight-only from 16 rows "
+           "where AMX-BF16 is present)",
+}
+# the C++ op per (weight bits, int8 activations)
+_OP_NAMES = {(8, True): "_w8a8_linear_cpu", (4, True): "_w4a8_linear_cpu",
+             (8, False): "_w8a16_linear_cpu", (4, False): "_w4a16_linear_cpu"}
 
 
-_ISA_NAMES = {0: "scalar (no AVX2/FMA, or KQUANT_CPU_ISA=scalar)",
-              1: "AVX2+FMA",
-              2: "AVX2+FMA, AVX-512 VNNI",
-              3: "AVX2+FMA, AVX-512 VNNI, AMX (int8 GEMMs from 2 rows, W4A8 from 4; "
-                 "weight-only from 16 rows where AMX-BF16 is present)"}
+def isa() -> str:
+    """The level the kernels run at now (KQUANT_CPU_ISA applied)."""
+    return ISA_NAMES[torch.ops.kquant._cpu_isa()]
 
 
-_WANT = {"w8a8_linear": LAYOUT_INT8, "w8a16_linear": LAYOUT_INT8,
-         "w4a8_linear": LAYOUT_INT4, "w4a16_linear": LAYOUT_INT4}
+def best_isa() -> str:
+    """The best level this CPU has (KQUANT_CPU_ISA ignored)."""
+    best = getattr(torch.ops.kquant, "_cpu_isa_best", None)
+    return ISA_NAMES[best()] if best is not None else isa()
 
 
-def can_run(op: str, *args) -> Tuple[bool, str]:
-    if op not in OPS:
-        return False, f"cpu backend has no {op}"
-    if args:
-        x = args[0]
-        if x.device.type != "cpu":
-            return False, f"tensors are on {x.device}"
-        if op in _WANT:
-            layout = args[-1]
-            if layout not in (CANONICAL, _WANT[op]):
-                return False, f"weight layout {layout} is not a cpu layout"
-    return True, "ok"
+def _layout_of(bits: int) -> int:
+    return LAYOUT_INT8 if bits == 8 else LAYOUT_INT4
 
 
-def prepare_weight(qweight: torch.Tensor, bits: int, group_size: int, op_name: str):
-    """Blocked layout for this weight, derived once; None when another device holds it."""
-    if qweight.device.type != "cpu" or op_name not in _WANT:
-        return None
-    if bits == 8:
-        return int8_to_blocked(qweight), LAYOUT_INT8
-    return int4_to_blocked(qweight), LAYOUT_INT4
+def _blocked(qweight, bits, kp):
+    return int8_to_blocked(qweight, 8, kp) if bits == 8 else int4_to_blocked(qweight, 4, kp)
 
 
-def _blocked(qweight, bits, layout, kp):
-    if layout == CANONICAL:  # direct op call with a canonical weight: block it for this call
-        return int8_to_blocked(qweight, 8, kp) if bits == 8 else int4_to_blocked(qweight, 4, kp)
-    return qweight
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def available(self):
+        if _C is None:
+            return False, f"native extension kquant._C not built ({_native.error('_C') or 'not found'})"
+        if not _HAS_KERNELS:
+            return False, "kquant._C was built without the CPU kernels (csrc/cpu)"
+        return True, "C++ kernels"
+
+    def detail(self):
+        return f"running {_ISA_DESCRIPTIONS[isa()]}"
+
+    def can_implement(self, spec):
+        if spec.device.type != "cpu":
+            return False, f"tensors are on {spec.device}"
+        return True, "C++ kernels"
+
+    def reads(self, layout):
+        return layout in (CANONICAL, LAYOUT_INT8, LAYOUT_INT4)
+
+    def prepare(self, spec, qweight):
+        return _blocked(qweight, spec.bits, spec.padded_in_features), _layout_of(spec.bits)
+
+    def kernel(self, spec, layout):
+        op = getattr(torch.ops.kquant, _OP_NAMES[(spec.bits, spec.int8_activations)])
+        gs, bits = spec.group_size, spec.bits
+        if layout == CANONICAL:
+            return lambda x, q, s, z, b, a: self.linear(spec, x, q, layout, s, z, b, a)
+        if spec.int8_activations:
+            return lambda x, q, s, z, b, a: op(x, q, s, b, a, gs)
+        return lambda x, q, s, z, b, a: op(x, q, s, z, b, gs)
+
+    def linear(self, spec, x, qweight, layout, scales, zeros, bias, act_scale):
+        if layout == CANONICAL:  # a direct op call with a canonical weight: block it for this call
+            qweight, layout = _blocked(qweight, spec.bits, x.shape[1]), _layout_of(spec.bits)
+        return self.kernel(spec, layout)(x, qweight, scales, zeros, bias, act_scale)
+
+    def can_run_op(self, op, *args):
+        if args[0].device.type != "cpu":
+            return False, f"tensors are on {args[0].device}"
+        return True, "C++ kernels"
+
+    def quantize_per_token(self, x):
+        return torch.ops.kquant._quantize_per_token_cpu(x)
+
+    def int8_mm(self, a, b):
+        return torch.ops.kquant._int8_mm_cpu(a, b)
 
 
-def quantize_per_token(x):
-    return torch.ops.kquant._quantize_per_token_cpu(x)
-
-
-def int8_mm(a, b):
-    return torch.ops.kquant._int8_mm_cpu(a, b)
-
-
-def w8a8_linear(x, qweight, scales, bias, act_scale, group_size, layout=CANONICAL):
-    if layout != LAYOUT_INT8:
-        qweight = _blocked(qweight, 8, layout, x.shape[1])
-    return torch.ops.kquant._w8a8_linear_cpu(x, qweight, scales, bias, act_scale, group_size)
-
-
-def w4a8_linear(x, qweight, scales, bias, act_scale, group_size, layout=CANONICAL):
-    if layout != LAYOUT_INT4:
-        qweight = _blocked(qweight, 4, layout, x.shape[1])
-    return torch.ops.kquant._w4a8_linear_cpu(x, qweight, scales, bias, act_scale, group_size)
-
-
-def w8a16_linear(x, qweight, scales, zeros, bias, group_size, layout=CANONICAL):
-    if layout != LAYOUT_INT8:
-        qweight = _blocked(qweight, 8, layout, x.shape[1])
-    return torch.ops.kquant._w8a16_linear_cpu(x, qweight, scales, zeros, bias, group_size)
-
-
-def w4a16_linear(x, qweight, scales, zeros, bias, group_size, layout=CANONICAL):
-    if layout != LAYOUT_INT4:
-        qweight = _blocked(qweight, 4, layout, x.shape[1])
-    return torch.ops.kquant._w4a16_linear_cpu(x, qweight, scales, zeros, bias, group_size)
-
-
-OPS = backend_ops(globals())
+BACKEND = CpuBackend()
+quantize_per_token = BACKEND.quantize_per_token
+int8_mm = BACKEND.int8_mm

@@ -3,8 +3,8 @@
 Written for clarity, not speed. Integer products are summed in float64, which is
 exact here: |sum| <= 127 * 127 * K < 2^53 for any K an int32 result can hold.
 
-Arguments arrive normalized by :mod:`kquant.ops`: ``x`` is 2-D ``[M, Kp]`` (padded),
-weights are in ``layout`` (converted back to canonical here when needed).
+Arguments arrive validated by :mod:`kquant.spec`: ``x`` is 2-D ``[M, Kp]`` (padded),
+weights are in any registered layout (converted back to canonical here when needed).
 """
 from __future__ import annotations
 
@@ -12,20 +12,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import backend_ops
+from .base import Backend
 from ..format import CANONICAL, PER_CHANNEL, to_canonical, unpack_int4
-
-NAME = "reference"
-# available()/can_run() depend only on op, device type and layout: a layer may reuse the choice
-ROUTE_STABLE = True
-
-
-def available() -> Tuple[bool, str]:
-    return True, "pure PyTorch, always available"
-
-
-def can_run(op: str, *args) -> Tuple[bool, str]:
-    return True, "reference runs every op on every device"
+from ..spec import LinearSpec
 
 
 # Rows whose largest |x| is below this are scaled up by 2^64 (exact) before quantizing:
@@ -103,7 +92,8 @@ def _grouped_int_linear(qx, codes, wscales, group_size) -> torch.Tensor:
     return (acc.float() * wscales.T.unsqueeze(1)).sum(0)            # [M, N]
 
 
-def _act_linear(x, qweight, scales, bias, act_scale, group_size, layout, bits):
+def act_linear(x, qweight, scales, bias, act_scale, group_size, bits, layout=CANONICAL):
+    """W8A8 / W4A8: per-token (or static) int8 x, exact int32 sums per group, fp32 epilogue."""
     n, kp = scales.shape[0], x.shape[1]
     qx, sx = quantize_per_token(x) if act_scale is None else quantize_static(x, act_scale)
     codes = _weight_codes(qweight, bits, layout, n, kp)
@@ -115,15 +105,6 @@ def _act_linear(x, qweight, scales, bias, act_scale, group_size, layout, bits):
     return y.to(x.dtype)
 
 
-def w8a8_linear(x, qweight, scales, bias: Optional[torch.Tensor], act_scale: Optional[torch.Tensor],
-                group_size: int, layout: int = CANONICAL) -> torch.Tensor:
-    return _act_linear(x, qweight, scales, bias, act_scale, group_size, layout, 8)
-
-
-def w4a8_linear(x, qweight, scales, bias, act_scale, group_size, layout=CANONICAL):
-    return _act_linear(x, qweight, scales, bias, act_scale, group_size, layout, 4)
-
-
 def dequantize(qweight, scales, zeros, group_size, layout, bits, n, kp) -> torch.Tensor:
     """Float32 weight [N, Kp] from stored codes."""
     codes = _weight_codes(qweight, bits, layout, n, kp).float()
@@ -132,7 +113,8 @@ def dequantize(qweight, scales, zeros, group_size, layout, bits, n, kp) -> torch
     return ((codes.reshape(n, -1, g) - zero.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(n, kp)
 
 
-def _weight_only_linear(x, qweight, scales, zeros, bias, group_size, layout, bits):
+def weight_only_linear(x, qweight, scales, zeros, bias, group_size, bits, layout=CANONICAL):
+    """W8A16 / W4A16: y = x @ dequant(W).T + bias in fp32, returned in x.dtype."""
     w = dequantize(qweight, scales, zeros, group_size, layout, bits, scales.shape[0], x.shape[1])
     y = x.float() @ w.T
     if bias is not None:
@@ -140,12 +122,38 @@ def _weight_only_linear(x, qweight, scales, zeros, bias, group_size, layout, bit
     return y.to(x.dtype)
 
 
-def w8a16_linear(x, qweight, scales, zeros, bias, group_size, layout=CANONICAL):
-    return _weight_only_linear(x, qweight, scales, zeros, bias, group_size, layout, 8)
+def linear(spec: LinearSpec, x, qweight, layout, scales, zeros, bias, act_scale) -> torch.Tensor:
+    """Any of the four linear kinds of ``spec`` (the definition every backend matches)."""
+    if spec.int8_activations:
+        return act_linear(x, qweight, scales, bias, act_scale, spec.group_size, spec.bits, layout)
+    return weight_only_linear(x, qweight, scales, zeros, bias, spec.group_size, spec.bits, layout)
 
 
-def w4a16_linear(x, qweight, scales, zeros, bias, group_size, layout=CANONICAL):
-    return _weight_only_linear(x, qweight, scales, zeros, bias, group_size, layout, 4)
+class ReferenceBackend(Backend):
+    """Pure PyTorch: every op, every device, any layout. The oracle and the last resort."""
+
+    name = "reference"
+
+    def available(self):
+        return True, "pure PyTorch, always available"
+
+    def can_implement(self, spec):
+        return True, "reference runs every layer"
+
+    def reads(self, layout):
+        return True
+
+    def linear(self, spec, x, qweight, layout, scales, zeros, bias, act_scale):
+        return linear(spec, x, qweight, layout, scales, zeros, bias, act_scale)
+
+    def can_run_op(self, op, *args):
+        return True, "reference runs every op on every device"
+
+    def quantize_per_token(self, x):
+        return quantize_per_token(x)
+
+    def int8_mm(self, a, b):
+        return int8_mm(a, b)
 
 
-OPS = backend_ops(globals())
+BACKEND = ReferenceBackend()

@@ -37,18 +37,23 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .. import backend_ops
-from ...format import CANONICAL, PER_CHANNEL
+from ..base import Backend
+from ...format import PER_CHANNEL
 
-NAME = "triton"
-OP_NAMES = ("quantize_per_token", "int8_mm", "w8a8_linear", "w4a8_linear", "w8a16_linear", "w4a16_linear")
+_triton_module = None
+_IMPORT_ERROR: Optional[str] = None
 
-try:
-    import triton  # noqa: F401
-    _IMPORT_ERROR: Optional[str] = None
-except Exception as e:  # pragma: no cover - depends on the install
-    triton = None
-    _IMPORT_ERROR = f"triton does not import: {type(e).__name__}: {e}"
+
+def _triton():
+    """The triton package, imported on first use (it takes a while); None if it does not import."""
+    global _triton_module, _IMPORT_ERROR
+    if _triton_module is None and _IMPORT_ERROR is None:
+        try:
+            import triton
+            _triton_module = triton
+        except Exception as e:  # pragma: no cover - depends on the install
+            _IMPORT_ERROR = f"triton does not import: {type(e).__name__}: {e}"
+    return _triton_module
 
 
 def _interpret() -> bool:
@@ -59,51 +64,12 @@ def _autotune_on() -> bool:
     return os.environ.get("KQUANT_TRITON_AUTOTUNE", "0") == "1" and not _interpret()
 
 
-# ----------------------------------------------------------------------------- router API
-_AVAILABLE: Dict[bool, Tuple[bool, str]] = {}
-
-
-def available() -> Tuple[bool, str]:
-    # can_run asks on every call; a yes cannot change within a process (per interpreter mode)
+def _device_ok(device: torch.device) -> Tuple[bool, str]:
     interp = _interpret()
-    if interp not in _AVAILABLE:
-        ok, why = _available(interp)
-        if not ok:
-            return ok, why
-        _AVAILABLE[interp] = ok, why
-    return _AVAILABLE[interp]
-
-
-def _available(interp: bool) -> Tuple[bool, str]:
-    if _IMPORT_ERROR is not None:
-        return False, _IMPORT_ERROR
-    if interp:
-        return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1), CPU tensors"
-    if torch.cuda.is_available():
-        cap = torch.cuda.get_device_capability()
-        if cap < (8, 0):  # int8 tl.dot and bf16 need Ampere or newer
-            return False, f"{torch.cuda.get_device_name()} is sm_{cap[0]}{cap[1]}; the triton kernels need sm_80+"
-        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
-    return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
-
-
-def can_run(op: str, *args) -> Tuple[bool, str]:
-    if op not in OP_NAMES:
-        return False, f"triton backend has no op {op!r}"
-    ok, why = available()
-    if not ok:
-        return False, why
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    interp = _interpret()
-    for t in tensors:
-        if t.device.type == "cuda" and interp:
-            return False, "TRITON_INTERPRET=1 runs on CPU tensors only"
-        if t.device.type != "cuda" and not (interp and t.device.type == "cpu"):
-            return False, f"tensors on {t.device.type} need CUDA (or TRITON_INTERPRET=1 for CPU)"
-    if op.endswith("_linear") and len(args) == 7 and isinstance(args[-1], int):
-        layout = args[-1]
-        if layout != CANONICAL:
-            return False, f"weight layout {layout} is not the canonical layout the triton kernels read"
+    if device.type == "cuda" and interp:
+        return False, "TRITON_INTERPRET=1 runs on CPU tensors only"
+    if device.type != "cuda" and not (interp and device.type == "cpu"):
+        return False, f"tensors on {device.type} need CUDA (or TRITON_INTERPRET=1 for CPU)"
     return True, "triton kernels" + (" (interpreter)" if interp else "")
 
 
@@ -397,7 +363,7 @@ def _quantize(x: torch.Tensor, act_scale: Optional[torch.Tensor]) -> Tuple[torch
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0:
         return q, s
-    block = min(4096, max(16, triton.next_power_of_2(k)))
+    block = min(4096, max(16, _triton().next_power_of_2(k)))
     static = act_scale is not None
     _launch(_k().quantize_rows_kernel, (m,), (x, q, s, act_scale if static else s, k, x.stride(0), q.stride(0)),
             {"STATIC": static, "BLOCK_K": block, "INTERPRET": _interpret()},
@@ -485,7 +451,8 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, config=None) -> torch.Tensor:
     return _int_gemm(a, None, b, None, None, out, False, PER_CHANNEL, False, config)
 
 
-def _act_linear(x, qweight, scales, bias, act_scale, group_size, int4, config):
+def act_linear(x, qweight, scales, bias, act_scale, group_size, int4, config=None):
+    """W8A8 (int4=False) / W4A8 on int8 tensor cores; ``config`` overrides the kernel choice."""
     m, kp = x.shape
     n = scales.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -498,18 +465,11 @@ def _act_linear(x, qweight, scales, bias, act_scale, group_size, int4, config):
                      bias.contiguous() if bias is not None else None, out, int4, group_size, True, config)
 
 
-def w8a8_linear(x, qweight, scales, bias, act_scale, group_size, layout=CANONICAL, config=None):
-    return _act_linear(x, qweight, scales, bias, act_scale, group_size, False, config)
-
-
-def w4a8_linear(x, qweight, scales, bias, act_scale, group_size, layout=CANONICAL, config=None):
-    return _act_linear(x, qweight, scales, bias, act_scale, group_size, True, config)
-
-
 GEMV_MAX_M = 4  # above this, CUDA-core FMAs cost more than the tensor-core dot path
 
 
-def _wo_linear(x, qweight, scales, zeros, bias, group_size, int4, config):
+def wo_linear(x, qweight, scales, zeros, bias, group_size, int4, config=None):
+    """W8A16 (int4=False) / W4A16; ``config`` overrides the kernel choice."""
     x = x.contiguous()
     m, k = x.shape
     n = scales.shape[0]
@@ -575,12 +535,44 @@ def _wo_linear(x, qweight, scales, zeros, bias, group_size, int4, config):
     return out
 
 
-def w8a16_linear(x, qweight, scales, zeros, bias, group_size, layout=CANONICAL, config=None):
-    return _wo_linear(x, qweight, scales, zeros, bias, group_size, False, config)
+class TritonBackend(Backend):
+    """The portable GPU path; on CPU tensors under TRITON_INTERPRET=1 (how CI runs it)."""
+
+    name = "triton"
+
+    def availability_key(self):
+        return _interpret()
+
+    def available(self):
+        interp = _interpret()
+        if not interp and not torch.cuda.is_available():  # known without importing triton
+            return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
+        triton = _triton()
+        if triton is None:
+            return False, _IMPORT_ERROR
+        if interp:
+            return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1), CPU tensors"
+        cap = torch.cuda.get_device_capability()
+        if cap < (8, 0):  # int8 tl.dot and bf16 need Ampere or newer
+            return False, f"{torch.cuda.get_device_name()} is sm_{cap[0]}{cap[1]}; the triton kernels need sm_80+"
+        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+
+    def can_implement(self, spec):
+        return _device_ok(spec.device)
+
+    def linear(self, spec, x, qweight, layout, scales, zeros, bias, act_scale):
+        if spec.int8_activations:
+            return act_linear(x, qweight, scales, bias, act_scale, spec.group_size, spec.bits == 4)
+        return wo_linear(x, qweight, scales, zeros, bias, spec.group_size, spec.bits == 4)
+
+    def can_run_op(self, op, *args):
+        return _device_ok(args[0].device)
+
+    def quantize_per_token(self, x):
+        return quantize_per_token(x)
+
+    def int8_mm(self, a, b):
+        return int8_mm(a, b)
 
 
-def w4a16_linear(x, qweight, scales, zeros, bias, group_size, layout=CANONICAL, config=None):
-    return _wo_linear(x, qweight, scales, zeros, bias, group_size, True, config)
-
-
-OPS = backend_ops(globals())
+BACKEND = TritonBackend()
