@@ -5,8 +5,9 @@
 For each (K, N) and preset, microseconds per call (best of --repeat timeit runs, under
 torch.no_grad()) of:
 
-* module:  ``QuantLinear.__call__`` (nn.Module call, forward's checks, op body, router, backend)
-* op body: ``ops.EAGER_LINEAR[op](...)`` (the custom op's Python body: checks + router + backend)
+* module:  ``QuantLinear.__call__`` (nn.Module call, forward's checks, the prepared kernel)
+* op body: ``ops.linear(...)`` (the public op's Python body: validation + router + backend, on
+  the canonical weight, which the cpu backend blocks on the fly)
 * C++ op:  ``torch.ops.kquant._<op>_cpu(...)`` alone, on the module's prepared weight
 * fbgemm:  ``torch.ao.quantization.quantize_dynamic`` Linear (w8a8 rows only)
 
@@ -59,14 +60,15 @@ def main() -> None:
             for preset in PRESETS:
                 q = QuantLinear.from_linear(lin, preset, name="fc")
                 assert q.backend() == "cpu", q.backend()
-                body = ops.EAGER_LINEAR[q.op_name]
-                cxx = getattr(torch.ops.kquant, f"_{q.op_name}_cpu")
+                p = q.packed_weight()
+                cxx = getattr(torch.ops.kquant, f"_{q.spec.op}_cpu")
                 if q.activations == "none":
-                    args = (x, q.qweight, q.scales, q.zeros, q.bias, q.group_size, q.layout)
+                    args = (p.bits, False, x, p.qweight, p.scales, p.zeros, q.bias, None, p.group_size)
                     cargs = (x, q.qweight, q.scales, q.zeros, q.bias, q.group_size)
                 else:
-                    args = (x, q.qweight, q.scales, q.bias, q.act_scale, q.group_size, q.layout)
+                    args = (p.bits, True, x, p.qweight, p.scales, None, q.bias, q.act_scale, p.group_size)
                     cargs = (x, q.qweight, q.scales, q.bias, q.act_scale, q.group_size)
+                body = ops.linear
                 assert torch.equal(q(x), cxx(*cargs)) and torch.equal(body(*args), cxx(*cargs))
                 t_mod = best_us(lambda: q(x), a.repeat, number)
                 t_body = best_us(lambda: body(*args), a.repeat, number)

@@ -106,7 +106,8 @@ def _define_linear_op(bits: int, int8_activations: bool):
     """One public linear op from the table: schema, body, fake and autograd."""
     name = LINEAR_OPS[(bits, int8_activations)]
     gs = -1 if bits == 8 else 128  # the default group size of the op
-    tensors = "Tensor? bias=None, Tensor? act_scale=None" if int8_activations else "Tensor? zeros=None, Tensor? bias=None"
+    tensors = ("Tensor? bias=None, Tensor? act_scale=None" if int8_activations
+               else "Tensor? zeros=None, Tensor? bias=None")
     schema = f"(Tensor x, Tensor qweight, Tensor scales, {tensors}, int group_size={gs}) -> Tensor"
     bias_pos = 3 if int8_activations else 4
 

@@ -186,9 +186,9 @@ def check_act_scale(act_scale, where: str = "", values: bool = True) -> None:
         raise ValueError(f"{where}act_scale must be a float32 tensor with one element, got "
                          f"{act_scale.dtype} {list(act_scale.shape)}")
 
-    def ok(a):
+    def ok(a):  # the kernels multiply by the fp32 reciprocal: it must be finite too
         v = float(a.reshape(()).item())
-        return math.isfinite(v) and v > 0 and math.isfinite(1.0 / v)
+        return math.isfinite(v) and v > 0 and bool(torch.isfinite(torch.reciprocal(a.float())).all())
     if values and not _values_checked(act_scale) and not ok(act_scale):
         raise ValueError(f"{where}act_scale must be finite and > 0 (with a finite reciprocal), got "
                          f"{act_scale.reshape(()).item()}")
@@ -224,13 +224,15 @@ def check_linear_call(bits: int, int8_activations: bool, x, qweight, scales, zer
     """Every argument of a public linear op; returns the call's spec (device from x).
     ``values=False`` (fake tensors while tracing) checks dtypes and shapes only."""
     check_x(x)
-    scales = _is_tensor(scales, "scales", "")
-    if scales.dim() != 2:
-        raise ValueError(f"scales must be float32 [N, groups], got {scales.dtype} {list(scales.shape)}")
+    qweight = _is_tensor(qweight, "qweight", "")
+    if qweight.dim() != 2:  # N comes from qweight, so that wrong scales are blamed on scales
+        raise ValueError(f"qweight must be 2-D [N, K] (int8) or [N, K/2] (packed int4) in the canonical "
+                         f"format, got {list(qweight.shape)}")
     check_group_size(group_size, "group_size: ")
-    check_same_device(x, qweight=qweight if isinstance(qweight, Tensor) else None, scales=scales,
-                      zeros=zeros, bias=bias, act_scale=act_scale)
-    spec = LinearSpec(bits, group_size, zeros is None, int8_activations, x.shape[-1], scales.shape[0], x.device)
+    check_same_device(x, qweight=qweight, scales=scales if isinstance(scales, Tensor) else None, zeros=zeros,
+                      bias=bias, act_scale=act_scale)
+    spec = LinearSpec(bits, group_size, zeros is None, int8_activations, x.shape[-1], max(qweight.shape[0], 1),
+                      x.device)
     check_weight(spec, qweight, scales, zeros, values=values)
     check_bias(bias, spec.out_features)
     check_act_scale(act_scale, values=values)

@@ -107,3 +107,119 @@ def test_nan_weight_names_layer_in_model():
 def test_no_linear_warns():
     with pytest.warns(UserWarning, match="no nn.Linear"):
         kquant.quantize_(nn.Sequential(nn.ReLU()), "w8a8", progress=False)
+
+
+def test_nan_weight_leaves_the_model_unchanged():
+    model = MLP()
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="head"):
+        kquant.quantize_(model, "w8a8", progress=False)
+    assert set(linears(model).values()) == {"Linear"}  # nothing swapped before the error
+
+
+# ----------------------------------------------------------------------------- what can be swapped
+def test_multihead_attention_and_encoder_layer_keep_working():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0), nn.Linear(32, 8))
+    mha = nn.Sequential()
+    mha.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+    x = torch.randn(2, 5, 32)
+    model.eval()
+    ref = model(x)
+    with pytest.warns(UserWarning, match=r"0.self_attn.out_proj.*MultiheadAttention.*; 0.linear1, 0.linear2.*fast path"):
+        kquant.quantize_(model, "w8a8", progress=False)
+    assert isinstance(model[1], QuantLinear) and isinstance(model[0].linear1, nn.Linear)
+    assert type(model[0].self_attn.out_proj).__name__ == "NonDynamicallyQuantizableLinear"
+    y = model(x)  # eval: the encoder layer's fast path; before, AttributeError: ... no attribute 'weight'
+    assert ((y - ref).norm() / ref.norm()).item() < 0.05
+    model.train()
+    assert model(x).shape == (2, 5, 8)
+    with pytest.warns(UserWarning, match="attn.out_proj"):
+        kquant.quantize_(mha, "w8a8", progress=False)
+    out, _ = mha.attn(x, x, x)
+    assert out.shape == (2, 5, 32)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # skipped layers are not warned about
+        kquant.quantize_(nn.Sequential(nn.MultiheadAttention(32, 4), nn.Linear(32, 4)), "w8a8",
+                         skip=["0.out_proj"], progress=False)
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+class PlainSubclass(nn.Linear):
+    pass
+
+
+def test_linear_subclasses_with_their_own_forward_stay_float():
+    model = nn.Sequential(ScaledLinear(16, 16), PlainSubclass(16, 8))
+    x = torch.randn(3, 16)
+    ref = model(x)
+    with pytest.warns(UserWarning, match="0 .1.: ScaledLinear overrides nn.Linear.forward"):
+        kquant.quantize_(model, "w8a16", progress=False)
+    assert type(model[0]) is ScaledLinear and isinstance(model[1], QuantLinear)
+    assert ((model(x) - ref).norm() / ref.norm()).item() < 0.02
+
+
+def test_transformers_conv1d_is_converted():
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=32, vocab_size=100)
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(cfg).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state
+    n_conv = sum(isinstance(m, Conv1D) for m in model.modules())
+    assert n_conv == 8
+    kquant.quantize_(model, "w8a16", progress=False)
+    assert not any(isinstance(m, Conv1D) for m in model.modules())
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == n_conv
+    with torch.no_grad():
+        y = model(input_ids=ids).last_hidden_state
+    assert ((y - ref).norm() / ref.norm()).item() < 0.01
+    # one layer: the weight is stored [in, out]; from_linear transposes it
+    conv = Conv1D(24, 40)
+    q = QuantLinear.from_linear(conv, "w8a16")
+    assert (q.in_features, q.out_features) == (40, 24)
+    x = torch.randn(3, 40)
+    assert ((q(x) - conv(x)).norm() / conv(x).norm()).item() < 0.01
+
+
+# ----------------------------------------------------------------------------- configs and models
+def test_config_bits_and_group_must_be_integers():
+    for bad in (8.0, True, "8"):
+        with pytest.raises(ValueError, match="unsupported weight bits"):
+            QuantConfig(weight_bits=bad)
+    with pytest.raises(ValueError, match="unsupported group size 128.0"):
+        QuantConfig(group_size=128.0)
+
+
+def test_float64_and_meta_models_are_refused_by_layer_name():
+    model = MLP().double()
+    with pytest.raises(TypeError, match="encoder.0: torch.float64 weights are not supported.*model.float"):
+        kquant.quantize_(model, "w8a8", progress=False)
+    assert set(linears(model).values()) == {"Linear"}
+    with torch.device("meta"):
+        meta = MLP()
+    with pytest.raises(ValueError, match="encoder.0: the weight is on the meta device"):
+        kquant.quantize_(meta, "w8a8", progress=False)
+    with pytest.raises(TypeError, match="fc: torch.float64 layers are not supported"):
+        QuantLinear(8, 4, config="w8a8", name="fc", dtype=torch.float64)
+
+
+def test_import_is_light():
+    # `import kquant` loads torch and kquant only: the progress bar, Triton, safetensors, rich and
+    # transformers load when a call needs them
+    import subprocess
+    import sys
+    code = ("import sys, torch; before = set(sys.modules); import kquant; "
+            "heavy = {'tqdm', 'triton', 'safetensors', 'rich', 'transformers', 'matplotlib'}; "
+            "print(sorted(heavy & {m.split('.')[0] for m in set(sys.modules) - before}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout

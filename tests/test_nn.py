@@ -273,3 +273,54 @@ def test_copies_and_pickles_keep_their_own_buffers():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     assert torch.equal(loaded(x), y) and loaded.backend() == q.backend()
+
+
+# ----------------------------------------------------------------------------- autograd
+BACKENDS_HERE = [b for b in ("cpu", "reference") if kquant.backends()[b]["available"]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("preset", ["w8a8", "w8a16", "w4a16", "w4a8"])
+def test_gradients_flow_through_quantlinear(monkeypatch, backend, preset):
+    # the input gradient uses the dequantized weight (activation quantization is passed
+    # straight through); the packed weight stays frozen; a bias that requires grad gets one
+    monkeypatch.setenv("KQUANT_BACKEND", backend)
+    torch.manual_seed(0)
+    pre = nn.Linear(20, 100)
+    q = QuantLinear.from_linear(nn.Linear(100, 24), preset, name="fc")
+    q.bias.requires_grad_(True)
+    x = torch.randn(2, 3, 20, requires_grad=True)
+    h = pre(x)
+    y = q(h)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    assert x.grad is not None and pre.weight.grad is not None, "gradients were dropped"
+    w = q.dequantize_weight()
+    torch.testing.assert_close(q.bias.grad, grad_out.sum((0, 1)))
+    x2 = x.detach().requires_grad_(True)
+    torch.nn.functional.linear(pre(x2), w, q.bias.detach()).backward(grad_out)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    assert not q.qweight.requires_grad and q.qweight.grad is None
+
+
+def test_gradients_under_torch_compile():
+    torch.manual_seed(0)
+    model = kquant.quantize_(Tiny(), "w4a8", progress=False)
+    x = torch.randn(3, 64, requires_grad=True)
+    model(x).sum().backward()
+    eager = x.grad.clone()
+    x.grad = None
+    compiled = torch.compile(model, fullgraph=True)
+    compiled(x).sum().backward()
+    torch.testing.assert_close(x.grad, eager)
+
+
+def test_no_grad_and_inference_mode_take_the_kernel_directly():
+    q = QuantLinear.from_linear(nn.Linear(64, 8), "w8a8")
+    x = torch.randn(2, 64, requires_grad=True)
+    with torch.no_grad():
+        a = q(x)
+    with torch.inference_mode():
+        b = q(x.detach())
+    c = q(x)
+    assert not a.requires_grad and c.requires_grad and torch.equal(a, b) and torch.equal(a, c.detach())

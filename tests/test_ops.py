@@ -13,7 +13,7 @@ from torch.library import opcheck
 import kquant
 from kquant import backends as router
 from kquant.backends import reference as ref
-from kquant.format import PER_CHANNEL, padded_k, quantize_weight
+from kquant.format import PER_CHANNEL, quantize_weight
 from kquant.spec import LinearSpec
 
 ops = torch.ops.kquant
@@ -240,3 +240,141 @@ def test_router_prefers_measured_gpu_backend_per_shape(monkeypatch, tmp_path):
     assert router.order("cuda", "w8a8_linear", 16) == ["cuda"]
     monkeypatch.setenv("KQUANT_BACKEND", "triton")
     assert router.order("cuda", "w4a16_linear", 1) == ["triton"]
+
+
+# ----------------------------------------------------------------------------- edge rows
+CPU_BACKENDS = [b for b in ("reference", "cpu") if kquant.backends()[b]["available"]]
+
+
+def _special_rows(k=300):
+    x = torch.randn(8, k)
+    x[1, 5] = float("nan")
+    x[2, 7] = float("inf")
+    x[3, 0] = float("-inf")
+    x[4] = x[0] * 1e-38   # subnormal and tiny values: (1 / amax) * 127 would overflow
+    x[5] = x[0] * 3e-37
+    x[6] = x[0] * 1e-30
+    x[7] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_inf_and_tiny_rows_quantize_as_defined(monkeypatch, backend):
+    monkeypatch.setenv("KQUANT_BACKEND", backend)
+    x = _special_rows()
+    q, s = ops.quantize_per_token(x)
+    assert torch.equal(q[1:4], torch.zeros(3, 300, dtype=torch.int8)) and s[1:4].isnan().all()
+    # a tiny row quantizes to the same codes as the row it was scaled from
+    for r in (4, 5, 6):
+        assert torch.equal(q[r], q[0]), r
+        assert torch.isfinite(s[r]).all() and s[r].item() > 0
+    assert torch.equal(s[7], torch.ones(1)) and (q[7] == 0).all()
+    rq, rs = ref.quantize_per_token(x)
+    assert torch.equal(q, rq) and torch.equal(s.isnan(), rs.isnan()) and torch.equal(s.nan_to_num(), rs.nan_to_num())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op,bits,group", [("w8a8_linear", 8, PER_CHANNEL), ("w4a8_linear", 4, 128),
+                                           ("w8a8_linear", 8, 32)])
+@pytest.mark.parametrize("static", [False, True])
+def test_nan_rows_give_nan_outputs(monkeypatch, backend, op, bits, group, static):
+    # float Linear turns a NaN input into NaN outputs: so must int8 activations, on every backend
+    monkeypatch.setenv("KQUANT_BACKEND", backend)
+    x = _special_rows()
+    p = quantize_weight(torch.randn(24, 300), bits, group)
+    bias = torch.randn(24) * 0.05
+    act = torch.tensor([0.02]) if static else None
+    y = call_linear(op, x, p, bias, act)
+    assert y[1:4].isnan().all(), y[1:4]
+    assert torch.isfinite(y[[0, 4, 5, 6, 7]]).all()
+    expect = oracle_linear(op, x, p, bias, act)
+    assert torch.equal(y.isnan(), expect.isnan())
+    ok = ~expect.isnan()
+    assert rel_err(y[ok], expect[ok]) < 1e-5
+    if not static:  # the tiny rows: the outputs of the row they were scaled from, scaled
+        y = call_linear(op, x, p, None)
+        for r, f in ((5, 3e-37), (6, 1e-30)):
+            assert torch.allclose(y[r], y[0] * f, rtol=1e-4, atol=0.0), r
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_weight_only_nan_input_gives_nan(monkeypatch, backend):
+    monkeypatch.setenv("KQUANT_BACKEND", backend)
+    x = _special_rows(128)
+    for op, bits in (("w8a16_linear", 8), ("w4a16_linear", 4)):
+        p = quantize_weight(torch.randn(20, 128), bits, 64)
+        y = call_linear(op, x, p, None)
+        assert y[1].isnan().all() and not y[1:4].isfinite().any(), op
+
+
+# ----------------------------------------------------------------------------- exact int32 range
+def test_int32_overflow_shapes_are_refused():
+    # 127 * 127 * K must stay below 2^31 in one exact sum: per-channel W8A8 up to K = 133,144
+    from kquant.spec import MAX_K_INT8_MM, MAX_K_PER_SUM
+    assert MAX_K_PER_SUM[8] == 133_144 and 127 * 127 * MAX_K_PER_SUM[8] < 2 ** 31 <= 127 * 127 * 133_145
+    assert MAX_K_INT8_MM == 131_071
+    k = 140_000
+    x = torch.full((1, k), 1.0)
+    p = quantize_weight(torch.full((2, k), 1.0), 8)
+    with pytest.raises(ValueError, match="in_features=140000 is too large.*133,144.*group_size"):
+        ops.w8a8_linear(x, p.qweight, p.scales, None, None, -1)
+    a = torch.full((1, k), 127, dtype=torch.int8)
+    with pytest.raises(ValueError, match="int8_mm: K=140,000 can overflow"):
+        ops.int8_mm(a, a)
+    # grouped: every sum covers one group, so any K works; weight-only has no int32 sums
+    pg = quantize_weight(torch.full((2, k), 1.0), 8, 128)
+    y = ops.w8a8_linear(x, pg.qweight, pg.scales, None, None, 128)
+    assert torch.allclose(y, torch.full((1, 2), float(k)), rtol=1e-4)
+    assert torch.allclose(ops.w8a16_linear(x, p.qweight, p.scales, None, None, -1), torch.full((1, 2), float(k)))
+
+
+def test_quantlinear_refuses_overflowing_layers_by_name():
+    with pytest.raises(ValueError, match="blocks.3.fc: in_features=140000 is too large"):
+        kquant.QuantLinear(140_000, 4, config="w8a8", name="blocks.3.fc")
+    kquant.QuantLinear(140_000, 4, config="w4a8", name="ok")  # groups of 128
+    kquant.QuantLinear(140_000, 4, config="w8a16", name="ok")
+
+
+# ----------------------------------------------------------------------------- values and types
+def test_direct_ops_check_values_and_types():
+    x = torch.randn(3, 64)
+    p = quantize_weight(torch.randn(16, 64), 8)
+    p4 = quantize_weight(torch.randn(16, 64), 4, 32, symmetric=False)
+    with pytest.raises(RuntimeError, match="expected at most 6 argument"):  # canonical format only: no layout
+        ops.w8a8_linear(x, p.qweight, p.scales, None, None, -1, 1)
+    from kquant.backends.cpu import int8_to_blocked
+    with pytest.raises(ValueError, match=r"qweight must be 2-D .* canonical format, got \[1, 16, 16, 4\]"):
+        ops.w8a8_linear(torch.randn(3, 1), int8_to_blocked(p.qweight), p.scales, None, None, -1)
+    for bad, what in ((float("nan"), "nan"), (-1.0, "-1.0"), (0.0, "0.0")):
+        s = p.scales.clone()
+        s[3, 0] = bad
+        with pytest.raises(ValueError, match=rf"scales must be finite and > 0 \(found {what} at \[3, 0\]\)"):
+            ops.w8a8_linear(x, p.qweight, s, None, None, -1)
+    for a in (0.0, float("nan"), -1.0, float("inf"), 1e-45):
+        with pytest.raises(ValueError, match="act_scale must be finite and > 0"):
+            ops.w8a8_linear(x, p.qweight, p.scales, None, torch.tensor([a]), -1)
+    z = p4.zeros.clone()
+    z[0, 0] = 16.0
+    with pytest.raises(ValueError, match=r"zeros must be integers in \[0, 15\]"):
+        ops.w4a16_linear(x, p4.qweight, p4.scales, z, None, 32)
+    z[0, 0] = 2.5
+    with pytest.raises(ValueError, match=r"zeros must be integers"):
+        ops.w4a16_linear(x, p4.qweight, p4.scales, z, None, 32)
+    q = p.qweight.clone()
+    q[0, 0] = -128
+    with pytest.raises(ValueError, match="-128 is not used"):
+        ops.w8a8_linear(x, q, p.scales, None, None, -1)
+    with pytest.raises(ValueError, match=r"scales must be float32 \[16, 1\].*got torch.float32 \[15, 1\]"):
+        ops.w8a8_linear(x, p.qweight, p.scales[:15], None, None, -1)
+    with pytest.raises(TypeError, match="qweight must be a torch.Tensor, got NoneType"):
+        ops.w8a8_linear(x, None, p.scales, None, None, -1)
+
+
+def test_value_checks_run_once_per_tensor_version():
+    x = torch.randn(3, 64)
+    p = quantize_weight(torch.randn(16, 64), 8)
+    ops.w8a8_linear(x, p.qweight, p.scales, None, None, -1)
+    with torch.no_grad():
+        p.scales[0, 0] = -1.0  # an in-place change is seen: the tensor's version moved
+    with pytest.raises(ValueError, match="scales must be finite and > 0"):
+        ops.w8a8_linear(x, p.qweight, p.scales, None, None, -1)

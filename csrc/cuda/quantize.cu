@@ -3,6 +3,8 @@
 //   inv = (1 / amax) * 127 (IEEE reciprocal, then a multiply: two roundings);
 //   q = clamp(rint(x * inv), -127, 127), round half to even.
 // Static: scale = act_scale, q = clamp(rint(x * (1 / act_scale)), -127, 127).
+// A row holding NaN or Inf gets q = 0 and scale NaN; a row with amax < 2^-64 is multiplied
+// by 2^64 (exact) before the reciprocal, which would overflow.
 // No fast-math anywhere in this library, so '/' is the IEEE-rounded division.
 #include "kq_cuda.cuh"
 
@@ -73,32 +75,46 @@ __global__ void __launch_bounds__(QTHREADS) quant_rows_kernel(const T* __restric
   const T* xr = x + row * K;
   int8_t* qr = q + row * K;
   const int64_t nv = K / V;
-  float s, inv;
+  // pass 1: amax, and whether the row holds NaN or Inf (!(|x| < inf) is true for both)
+  float amax = 0.f;
+  int bad = 0;
+  for (int64_t i = threadIdx.x; i < nv; i += QTHREADS) {
+    float f[V];
+    load_vec<T, V>(xr + i * V, f);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float a = fabsf(f[j]);
+      amax = fmaxf(amax, a);
+      bad |= !(a < INFINITY);
+    }
+  }
+  const bool poisoned = __syncthreads_or(bad) != 0;
+  amax = warp_max(amax);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = amax;
+  __syncthreads();
+  amax = red[0];
+#pragma unroll
+  for (int w = 1; w < QTHREADS / 32; ++w) amax = fmaxf(amax, red[w]);
+  float s, inv, lift = 1.f;
   if (act_scale != nullptr) {
     s = act_scale[0];
     inv = 1.0f / s;
   } else {
-    float amax = 0.f;
-    for (int64_t i = threadIdx.x; i < nv; i += QTHREADS) {
-      float f[V];
-      load_vec<T, V>(xr + i * V, f);
-#pragma unroll
-      for (int j = 0; j < V; ++j) amax = fmaxf(amax, fabsf(f[j]));
-    }
-    amax = warp_max(amax);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = amax;
-    __syncthreads();
-    amax = red[0];
-#pragma unroll
-    for (int w = 1; w < QTHREADS / 32; ++w) amax = fmaxf(amax, red[w]);
     const bool nz = amax > 0.f;
+    if (nz && amax < 0x1p-64f) lift = 0x1p64f;
     s = nz ? amax / 127.0f : 1.0f;
-    inv = nz ? __fmul_rn(1.0f / amax, 127.0f) : 1.0f;
+    inv = nz ? __fmul_rn(1.0f / __fmul_rn(amax, lift), 127.0f) : 1.0f;
   }
-  if (threadIdx.x == 0) scale[row] = s;
+  if (threadIdx.x == 0) scale[row] = poisoned ? __int_as_float(0x7fc00000) : s;
+  if (poisoned) {
+    for (int64_t i = threadIdx.x; i < K; i += QTHREADS) qr[i] = 0;
+    return;
+  }
   for (int64_t i = threadIdx.x; i < nv; i += QTHREADS) {
     float f[V];
     load_vec<T, V>(xr + i * V, f);
+#pragma unroll
+    for (int j = 0; j < V; ++j) f[j] = __fmul_rn(f[j], lift);
     if constexpr (V == 1) {
       qr[i] = static_cast<int8_t>(q8(f[0], inv));
     } else {

@@ -19,7 +19,6 @@ import math
 import os
 from typing import Dict, Hashable, List, Optional, Tuple
 
-import torch
 from torch import Tensor
 
 from ..format import CANONICAL

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Callable, Hashable, List, Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor
 
 from ..format import CANONICAL

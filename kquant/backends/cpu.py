@@ -135,7 +135,7 @@ class CpuBackend(Backend):
 
     def kernel(self, spec, layout):
         op = getattr(torch.ops.kquant, _OP_NAMES[(spec.bits, spec.int8_activations)])
-        gs, bits = spec.group_size, spec.bits
+        gs = spec.group_size
         if layout == CANONICAL:
             return lambda x, q, s, z, b, a: self.linear(spec, x, q, layout, s, z, b, a)
         if spec.int8_activations:

@@ -8,7 +8,7 @@ weights are in any registered layout (converted back to canonical here when need
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 

@@ -90,34 +90,45 @@ def _finish(y, out_ptr, bias_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, offs_m, offs_
 @triton.jit
 def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, act_scale_ptr, K, stride_x, stride_q,
                          STATIC: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
-    """One row per program: amax pass, then q = clamp(rint(x * (127 / amax)), -127, 127)."""
+    """One row per program: a pass for amax (and NaN/Inf), then q = clamp(rint(x * inv), -127, 127).
+
+    As the reference defines it: a row holding NaN or Inf gets q = 0 and scale NaN; a row with
+    amax < 2^-64 is lifted by 2^64 (exact) before the reciprocal, which would overflow.
+    """
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
     offs = tl.arange(0, BLOCK_K)
+    run = tl.zeros([BLOCK_K], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for k in range(0, K, BLOCK_K):
+        ax = tl.abs(tl.load(x_row + k + offs, mask=k + offs < K, other=0.0).to(tl.float32))
+        run = tl.maximum(run, ax)
+        bad = bad | ((ax != ax) | (ax == float("inf"))).to(tl.int32)
+    poisoned = tl.max(bad, axis=0) > 0
+    lift = 1.0
     if STATIC:
         scale = tl.load(act_scale_ptr).to(tl.float32)
         inv = tl.math.div_rn(1.0, scale)  # the reference's 1.0 / s is reciprocal(s), IEEE-rounded
     else:
-        run = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            x = tl.load(x_row + k + offs, mask=k + offs < K, other=0.0).to(tl.float32)
-            run = tl.maximum(run, tl.abs(x))
         amax = tl.max(run, axis=0)
         nz = amax > 0
         safe = tl.where(nz, amax, 1.0)
+        lift = tl.where(nz & (amax < 5.421010862427522e-20), 18446744073709551616.0, 1.0)  # 2^-64, 2^64
         # the reference's `127.0 / amax` is torch's __rtruediv__: reciprocal(amax) * 127,
         # two IEEE roundings; copy them exactly so the int8 activations are bit-identical
-        inv = tl.where(nz, tl.math.div_rn(1.0, safe) * 127.0, 1.0)
+        inv = tl.where(nz, tl.math.div_rn(1.0, safe * lift) * 127.0, 1.0)
         scale = tl.where(nz, tl.math.div_rn(safe, 127.0), 1.0)
+    inv = tl.where(poisoned, 0.0, inv)
     for k in range(0, K, BLOCK_K):
         m = k + offs < K
         x = tl.load(x_row + k + offs, mask=m, other=0.0).to(tl.float32)
+        x = tl.where(poisoned, 0.0, x * lift)
         # clamping before rounding changes nothing and keeps the interpreter's floor exact
         y = tl.minimum(tl.maximum(x * inv, -128.0), 128.0)
         q = tl.minimum(tl.maximum(_rint(y, INTERPRET), -127.0), 127.0)
         tl.store(q_row + k + offs, q.to(tl.int8), mask=m)
-    tl.store(s_ptr + row, scale)
+    tl.store(s_ptr + row, tl.where(poisoned, float("nan"), scale))
 
 
 # ----------------------------------------------------------------------------- int8 x int8
