@@ -131,6 +131,20 @@ def check_save_path(path: PathLike) -> str:
     return folder
 
 
+def temp_file_beside(path: PathLike) -> str:
+    """Create an empty temp file in the folder of ``path`` (after :func:`check_save_path`),
+    which also proves the folder writable where permission bits say nothing (root, read-only
+    mounts); returns its path. The caller renames or removes it."""
+    path = os.fspath(path)
+    folder = check_save_path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".kquant-", suffix=".tmp", dir=folder)
+    except OSError as e:  # name the checkpoint, not the temp file
+        raise type(e)(f"cannot save {path}: cannot create a file in {folder}: {e.strerror}") from None
+    os.close(fd)
+    return tmp
+
+
 def _first_meta_tensor(model: nn.Module) -> Optional[str]:
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:
@@ -168,7 +182,7 @@ def save_quantized(model: nn.Module, path: PathLike, *, key: Key = None) -> str:
                         "an nn.Module (e.g. nn.Sequential(layer))")
     path = os.fspath(path)
     secret = _resolve_key(key)
-    folder = check_save_path(path)
+    check_save_path(path)  # before the work, so a bad path fails fast
     tensors: Dict[str, torch.Tensor] = {}
     layers = []
     ql_keys = set()
@@ -211,11 +225,7 @@ def save_quantized(model: nn.Module, path: PathLike, *, key: Key = None) -> str:
     if secret is not None:
         meta[_SIGNATURE] = _signature(meta, secret)
     meta["meta_digest"] = _meta_digest(meta)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".kquant-", suffix=".tmp", dir=folder)
-    except OSError as e:  # e.g. a read-only file system: name the checkpoint, not the temp file
-        raise OSError(e.errno, f"cannot save {path}: cannot create a file in {folder}: {e.strerror}") from None
-    os.close(fd)
+    tmp = temp_file_beside(path)
     try:
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb") as f:
