@@ -6,7 +6,16 @@ kquant._C       C++ CPU kernels (csrc/module.cpp + csrc/cpu/*.cpp). AVX2/FMA cod
 kquant._C_cuda  CUDA kernels (csrc/cuda/*.cu), only when torch is a CUDA build and nvcc
                 is found (never decided by whether a GPU is visible). Targets come from
                 KQUANT_CUDA_ARCHS (default "80;90a").
-The Python package works without either (reference backend) and says why.
+Both are optional: when one fails to compile, setup prints "kquant setup: ..." with the
+reason and the build or install goes on without it. The Python package works without
+either (reference backend) and warns why at import.
+
+Environment:
+  KQUANT_EXTENSIONS=cpu|cuda|cpu,cuda  which extensions to build (default both)
+  KQUANT_NO_EXTENSION=1                build none; KQUANT_NO_CUDA=1 skips the CUDA one
+  KQUANT_CUDA_ARCHS="80;90a"           CUDA targets
+  KQUANT_CXXFLAGS="-march=native ..."  extra C++ compiler flags (space-separated), appended
+                                       to kquant's own for both extensions' C++ sources
 """
 import glob
 import os
@@ -32,6 +41,22 @@ def _cuda_gencode(archs):
     return flags
 
 
+def _optional_build_ext(ce):
+    """torch's BuildExtension (ninja), with every extension optional: ninja reports a failed
+    compile as a RuntimeError, which setuptools' `optional=True` alone does not catch."""
+
+    class BuildExtension(ce.BuildExtension):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # noqa: BLE001  (compile, link or toolchain errors alike)
+                _say(f"{ext.name} was not built ({type(e).__name__}: {e}; the compiler's output is above); "
+                     f"continuing without it: kquant then runs on its other backends, down to the "
+                     f"pure-PyTorch reference, and warns at import")
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
 def get_extensions():
     if os.environ.get("KQUANT_NO_EXTENSION") == "1":
         _say("KQUANT_NO_EXTENSION=1: skipping native extensions (reference backend only)")
@@ -42,7 +67,7 @@ def get_extensions():
     except Exception as e:  # noqa: BLE001
         _say(f"torch is not importable ({e}); building without native extensions")
         return [], {}
-    cxx = ["-O3", "-std=c++20", "-fno-math-errno"]
+    cxx = ["-O3", "-std=c++20", "-fno-math-errno"] + os.environ.get("KQUANT_CXXFLAGS", "").split()
     machine = platform.machine().lower()
     if machine not in ("x86_64", "amd64"):
         _say(f"{machine} is not x86-64: AVX2 kernels are not compiled, scalar fallback only")
@@ -57,7 +82,7 @@ def get_extensions():
         # (torch's own libgomp.so.1 is already loaded, so the soname resolves to it)
         omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
         exts.append(ce.CppExtension("kquant._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                                    extra_compile_args={"cxx": cxx + omp}, extra_link_args=omp))
+                                    extra_compile_args={"cxx": cxx + omp}, extra_link_args=omp, optional=True))
     cu_sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     nvcc = shutil.which("nvcc") or (os.path.join(ce.CUDA_HOME, "bin", "nvcc") if ce.CUDA_HOME else None)
     if os.environ.get("KQUANT_NO_CUDA") == "1" or "cuda" not in wanted:
@@ -91,9 +116,9 @@ def get_extensions():
         exts.append(ce.CUDAExtension(
             "kquant._C_cuda", [os.path.relpath(p, ROOT) for p in cu_sources],
             include_dirs=[os.path.join(ROOT, "csrc")] + extra_inc, library_dirs=cudart_dirs[:1],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags}))
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags}, optional=True))
         _say(f"CUDA kernels for archs {archs} with {nvcc}")
-    return exts, {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
+    return exts, {"build_ext": _optional_build_ext(ce)}
 
 
 ext_modules, cmdclass = get_extensions()

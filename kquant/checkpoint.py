@@ -11,22 +11,44 @@ File contents:
 * header metadata (all strings): ``format`` = ``"kquant"``, ``format_version``
   (= :data:`kquant.format.FORMAT_VERSION`), ``kquant_version``, ``layers`` (JSON list of
   per-layer configs), ``digests`` (JSON: tensor name -> sha256 of dtype, shape and bytes),
-  ``aliases`` (JSON) and ``meta_digest`` (sha256 over all other metadata, so an edited
-  header is caught).
+  ``aliases`` (JSON), ``signature`` (only in signed files, see below) and ``meta_digest``
+  (sha256 over all other metadata).
 
-:func:`load_quantized` checks the file (size, header, version, digests) and the target
-model (every layer present with the right shape) before touching the model: any problem
-raises :class:`CheckpointError` (a ``ValueError``) naming the file and what is wrong.
+:func:`load_quantized` checks the file (size, header, version, digests, signature) and the
+target model (every layer present with the right shape, no tensor on the meta device) before
+touching the model: any problem raises :class:`CheckpointError` (a ``ValueError``) naming the
+file and what is wrong.
+
+What the checks protect against
+-------------------------------
+The digests are plain sha256 sums stored in the file itself. They catch accidental damage:
+corruption (flipped bits, bad disks, broken transfers), truncation, trailing bytes, and
+any edit that does not recompute them (a changed tensor, a changed header or metadata
+field). They do **not** authenticate the file: anyone who can write it can change a tensor
+or a layer's config (say its activations from ``"dynamic"`` to ``"none"``), recompute the
+digests with the same formula, and the file loads without complaint.
+
+To detect deliberate edits, sign the file with a secret key:
+``save_quantized(model, path, key=...)`` stores ``signature`` = HMAC-SHA256 of all the
+metadata (which holds every tensor's sha256, so the signature covers the tensors too), and
+``load_quantized(model, path, key=...)`` raises :class:`CheckpointError` when the signature
+is missing (an unsigned or stripped file) or does not match (an edited file, or another
+key). When ``key`` is None, both functions take the key from the environment variable
+``KQUANT_CHECKPOINT_KEY`` (as UTF-8 text) if it is set and not empty. A signed file loaded
+without a key gets the integrity checks only: it still loads, and nothing then says who
+wrote it. A signature proves only that someone holding the key wrote the file; keep the key
+secret, and out of the files it signs.
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import struct
 import tempfile
 import warnings
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -35,7 +57,7 @@ from .config import QuantConfig
 from .format import FORMAT_VERSION, PackedWeight
 from .nn import QuantLinear
 
-__all__ = ["save_quantized", "load_quantized", "CheckpointError", "read_metadata"]
+__all__ = ["save_quantized", "load_quantized", "CheckpointError", "read_metadata", "check_save_path", "KEY_ENV"]
 
 FORMAT_NAME = "kquant"
 _QL_TENSORS = ("qweight", "scales", "zeros", "bias", "act_scale")
@@ -44,6 +66,9 @@ _ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16"
               "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 PathLike = Union[str, os.PathLike]
+Key = Union[bytes, str, None]
+KEY_ENV = "KQUANT_CHECKPOINT_KEY"
+_SIGNATURE = "signature"  # metadata entry of signed files: "hmac-sha256:<hex>"
 
 
 class CheckpointError(ValueError):
@@ -60,9 +85,71 @@ def _digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def _meta_body(meta: Dict[str, str], skip: Tuple[str, ...]) -> bytes:
+    return json.dumps({k: v for k, v in meta.items() if k not in skip}, sort_keys=True).encode()
+
+
 def _meta_digest(meta: Dict[str, str]) -> str:
-    body = json.dumps({k: v for k, v in meta.items() if k != "meta_digest"}, sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()
+    return hashlib.sha256(_meta_body(meta, ("meta_digest",))).hexdigest()
+
+
+def _signature(meta: Dict[str, str], key: bytes) -> str:
+    body = _meta_body(meta, ("meta_digest", _SIGNATURE))
+    return "hmac-sha256:" + hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def _resolve_key(key: Key) -> Optional[bytes]:
+    """``key`` as bytes; when None, ``$KQUANT_CHECKPOINT_KEY`` (None if unset or empty)."""
+    if key is None:
+        key = os.environ.get(KEY_ENV) or None
+        if key is None:
+            return None
+    if isinstance(key, str):
+        key = key.encode("utf-8")
+    if not isinstance(key, (bytes, bytearray)):
+        raise TypeError(f"key must be bytes or str, got {type(key).__name__}")
+    if not key:
+        raise ValueError("key must not be empty")
+    return bytes(key)
+
+
+def check_save_path(path: PathLike) -> str:
+    """Raise a clear error naming ``path`` when a checkpoint cannot be saved there
+    (IsADirectoryError, FileNotFoundError for a missing folder, NotADirectoryError,
+    PermissionError); returns the folder it goes into. Writes nothing."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory; give a file path such as "
+                                f"{os.path.join(path, 'model.kq.safetensors')}")
+    if not os.path.exists(folder):
+        raise FileNotFoundError(f"cannot save {path}: folder {folder} does not exist")
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(f"cannot save {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"cannot save {path}: folder {folder} is not writable")
+    return folder
+
+
+def temp_file_beside(path: PathLike) -> str:
+    """Create an empty temp file in the folder of ``path`` (after :func:`check_save_path`),
+    which also proves the folder writable where permission bits say nothing (root, read-only
+    mounts); returns its path. The caller renames or removes it."""
+    path = os.fspath(path)
+    folder = check_save_path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".kquant-", suffix=".tmp", dir=folder)
+    except OSError as e:  # name the checkpoint, not the temp file
+        raise type(e)(f"cannot save {path}: cannot create a file in {folder}: {e.strerror}") from None
+    os.close(fd)
+    return tmp
+
+
+def _first_meta_tensor(model: nn.Module) -> Optional[str]:
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            return name
+    return None
 
 
 def _quant_layers(model: nn.Module) -> List[Tuple[str, QuantLinear]]:
@@ -77,10 +164,14 @@ def _layer_config(name: str, m: QuantLinear) -> Dict[str, object]:
 
 # ----------------------------------------------------------------------------- save
 @torch.no_grad()
-def save_quantized(model: nn.Module, path: PathLike) -> str:
+def save_quantized(model: nn.Module, path: PathLike, *, key: Key = None) -> str:
     """Write ``model`` (with its ``QuantLinear`` layers) to a safetensors file at ``path``.
 
-    The write is atomic (temp file in the same folder, then rename). Returns the path.
+    The write is atomic (temp file in the same folder, then rename). A path that is a
+    directory, or in a folder that does not exist or is not writable, raises before anything
+    is written. With ``key`` (bytes or str; default ``$KQUANT_CHECKPOINT_KEY`` if set) the
+    metadata, and through the tensor digests the tensors, are signed with HMAC-SHA256 (see
+    the module docstring). Returns the path.
     """
     from safetensors.torch import save_file
 
@@ -90,6 +181,8 @@ def save_quantized(model: nn.Module, path: PathLike) -> str:
         raise TypeError("save_quantized saves a model holding QuantLinear layers; wrap a single layer in "
                         "an nn.Module (e.g. nn.Sequential(layer))")
     path = os.fspath(path)
+    secret = _resolve_key(key)
+    check_save_path(path)  # before the work, so a bad path fails fast
     tensors: Dict[str, torch.Tensor] = {}
     layers = []
     ql_keys = set()
@@ -129,10 +222,10 @@ def save_quantized(model: nn.Module, path: PathLike) -> str:
         "digests": json.dumps({k: _digest(t) for k, t in tensors.items()}, sort_keys=True),
         "aliases": json.dumps(aliases, sort_keys=True),
     }
+    if secret is not None:
+        meta[_SIGNATURE] = _signature(meta, secret)
     meta["meta_digest"] = _meta_digest(meta)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".kquant-", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = temp_file_beside(path)
     try:
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb") as f:
@@ -156,6 +249,8 @@ def _owner_is_ql(model: nn.Module, key: str) -> bool:
 # ----------------------------------------------------------------------------- read + verify
 def _read_header(path: str) -> Tuple[Dict[str, dict], Dict[str, str]]:
     """Parse and sanity-check the safetensors header ourselves, for clear errors."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     size = os.path.getsize(path)
@@ -203,9 +298,13 @@ def _read_header(path: str) -> Tuple[Dict[str, dict], Dict[str, str]]:
     return header, meta
 
 
-def read_metadata(path: PathLike) -> Dict[str, object]:
-    """The checked metadata of a kquant checkpoint (layers, digests, aliases parsed from JSON)."""
+def read_metadata(path: PathLike, *, key: Key = None) -> Dict[str, object]:
+    """The checked metadata of a kquant checkpoint (layers, digests, aliases parsed from JSON).
+
+    With ``key`` (default ``$KQUANT_CHECKPOINT_KEY`` if set) the file must carry a matching
+    signature; without one a signed file gets the integrity checks only."""
     path = os.fspath(path)
+    key = _resolve_key(key)
     header, meta = _read_header(path)
     version = meta.get("format_version")
     if version != str(FORMAT_VERSION):
@@ -213,6 +312,13 @@ def read_metadata(path: PathLike) -> Dict[str, object]:
                               f"version {FORMAT_VERSION}")
     if meta.get("meta_digest") != _meta_digest(meta):
         raise CheckpointError(f"{path}: metadata was modified after saving (meta_digest mismatch)")
+    if key is not None:
+        if _SIGNATURE not in meta:
+            raise CheckpointError(f"{path}: the file is not signed (no {_SIGNATURE!r} in its metadata), but a key "
+                                  f"was given (key argument or ${KEY_ENV}): it cannot be authenticated")
+        if not hmac.compare_digest(str(meta[_SIGNATURE]), _signature(meta, key)):
+            raise CheckpointError(f"{path}: signature does not match: the file was modified after signing, or "
+                                  f"signed with another key")
     out: Dict[str, object] = dict(meta)
     for k in ("layers", "digests", "aliases"):
         try:
@@ -307,7 +413,7 @@ def _build_layer(path: str, model: nn.Module, cfg: dict, tensors: Dict[str, torc
 
 
 @torch.no_grad()
-def load_quantized(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
+def load_quantized(model: nn.Module, path: PathLike, strict: bool = True, *, key: Key = None) -> nn.Module:
     """Rebuild the checkpoint's ``QuantLinear`` layers inside ``model`` (a float model of
     the same architecture, or one already quantized the same way) and load every other
     tensor. Returns ``model``.
@@ -315,11 +421,25 @@ def load_quantized(model: nn.Module, path: PathLike, strict: bool = True) -> nn.
     Everything is checked before the model is changed. ``strict=False`` tolerates float
     tensors that are missing from the file or not in the model (with a warning); shape
     mismatches and quantized-layer problems always raise :class:`CheckpointError`.
+
+    ``key`` (bytes or str; default ``$KQUANT_CHECKPOINT_KEY`` if set): the file must be
+    signed with this key (see the module docstring). Without a key, a signed file is checked
+    for integrity only, which cannot tell who wrote it.
+
+    The model must have real storage: a model with a tensor on the meta device raises
+    (create it on a real device, or call ``model.to_empty(device=...)`` first and initialize
+    its non-persistent buffers, which the file does not hold).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     path = os.fspath(path)
-    meta = read_metadata(path)
+    meta_name = _first_meta_tensor(model)
+    if meta_name is not None:
+        raise CheckpointError(f"{path}: cannot load into the model: its tensor {meta_name!r} is on the meta device "
+                              f"(no storage, so nothing would be loaded); create the model on a real device, or call "
+                              f"model.to_empty(device='cpu') first and then initialize its non-persistent buffers, "
+                              f"which the file does not hold")
+    meta = read_metadata(path, key=key)
     tensors = _load_tensors(path, meta["digests"])
     layers = meta["layers"]
     if not isinstance(layers, list):

@@ -6,10 +6,14 @@ Also runnable as ``python -m kquant.cli``.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
 from typing import Dict, List, Optional
+
+# distributions that provide the `triton` module (upstream, and PyTorch's own builds)
+TRITON_DISTRIBUTIONS = ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu")
 
 
 # ---------------------------------------------------------------------------- info
@@ -20,7 +24,7 @@ def gather_info() -> Dict[str, object]:
     import kquant
     from kquant import _native
 
-    info: Dict[str, object] = {"kquant": kquant.__version__, "backends": kquant.backends()}
+    info: Dict[str, object] = {"kquant": kquant.__version__, "backends": backend_status()}
     native = _native.load("_C", warn=False)
     if native is None:
         info["native"] = {"built": False, "reason": f"native extension not built: {_native.error('_C') or 'unknown'}"}
@@ -52,15 +56,34 @@ def gather_info() -> Dict[str, object]:
     info["cuda"] = cuda
 
     triton: Dict[str, object] = {"TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET") or None}
-    try:
-        import triton as _triton
-        triton.update(installed=True, version=getattr(_triton, "__version__", "unknown"))
-    except Exception as e:  # ImportError, or a broken install
-        triton.update(installed=False, reason=f"{type(e).__name__}: {e}")
+    # the version from the package metadata: importing triton costs time and can fail in ways
+    # the backends table already reports
+    for dist in TRITON_DISTRIBUTIONS:
+        try:
+            triton.update(installed=True, version=importlib.metadata.version(dist))
+            break
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    else:
+        triton.update(installed=False, reason=f"not installed (none of {', '.join(TRITON_DISTRIBUTIONS)})")
     info["triton"] = triton
     info["KQUANT_BACKEND"] = os.environ.get("KQUANT_BACKEND") or None
     info["routing"] = routing(["cpu"] + (["cuda"] if cuda["available"] else []))
     return info
+
+
+def backend_status() -> Dict[str, Dict[str, object]]:
+    """kquant.backends(), asked one backend at a time so that one whose check raises is
+    reported as unavailable (with the error) instead of breaking `kquant info`."""
+    router = sys.modules["kquant.backends"]  # the package; `kquant.backends` is the function
+    out: Dict[str, Dict[str, object]] = {}
+    for name in router._MODULES:
+        try:
+            ok, why = router.status(name)
+        except Exception as e:
+            ok, why = False, f"its availability check raised {type(e).__name__}: {e}"
+        out[name] = {"available": ok, "reason": why}
+    return out
 
 
 def routing(devices: List[str]) -> Dict[str, Dict[str, str]]:
@@ -135,45 +158,60 @@ def print_info(info: Dict[str, object], console) -> None:
     if tr["installed"]:
         console.print(f"Triton {tr['version']}, TRITON_INTERPRET={tr['TRITON_INTERPRET'] or 'unset'}")
     else:
-        console.print(f"Triton: not usable ({tr['reason']})")
+        console.print(f"Triton: {tr['reason']}")
 
 
 # ---------------------------------------------------------------------------- quantize
 def quantize_command(args, console) -> int:
     """Quantize a Hugging Face model folder (default: the packaged MiniLM), save it as a
-    safetensors checkpoint, reload it into a fresh float model and check the outputs match."""
+    safetensors checkpoint, reload it into a fresh float model and check the outputs match.
+
+    The output paths, the options and the model are checked before the work starts. The
+    checkpoint is written to a temp file beside ``--out`` and renamed to ``--out`` only once it
+    has reloaded to the same outputs: a failed run leaves no new file there."""
     import copy
 
     import torch
 
     import kquant
-    from .demo import DemoError, load_corpus, load_model, make_batches, model_bytes
+    from .checkpoint import check_save_path, temp_file_beside
+    from .demo import DemoError, encoder_batch, load_corpus, load_model, model_bytes, sentences_text
 
-    tok, fp_model = load_model(args.model)
-    q_model = kquant.quantize_(copy.deepcopy(fp_model), args.preset, skip=args.skip or None)
-    n_quant = sum(isinstance(m, kquant.QuantLinear) for m in q_model.modules())
-    if n_quant == 0:
-        raise DemoError("no Linear layer was quantized (check --skip)")
-    out = kquant.save_quantized(q_model, args.out) or args.out
-
-    batch = dict(make_batches(tok, load_corpus(args.sentences), args.sentences)[0][0])
-    # the file must rebuild the same model: load into a fresh float copy and compare outputs
-    reloaded = kquant.load_quantized(copy.deepcopy(fp_model), out)
-    with torch.inference_mode():
-        a = q_model(**batch).last_hidden_state
-        b = reloaded(**batch).last_hidden_state
-    diff = (a - b).abs().max().item()
-    console.print(f"quantized {n_quant} Linear layers of {args.model or 'all-MiniLM-L6-v2'} with {args.preset}: "
-                  f"model {model_bytes(fp_model) / 2**20:.2f} MiB -> {model_bytes(q_model) / 2**20:.2f} MiB; "
-                  f"wrote {out} ({os.path.getsize(out) / 2**20:.2f} MiB)")
-    console.print(f"reload check on {args.sentences} sentences: max |difference| = {diff:.3g}")
-    if diff != 0.0:
-        console.print("[red]the reloaded model differs from the quantized one[/]")
-        return 1
+    if args.report_json is not None:
+        check_save_path(args.report_json)
+    tmp = temp_file_beside(args.out)
+    try:
+        sentences = load_corpus(args.sentences)
+        name = args.model or "all-MiniLM-L6-v2"
+        tok, fp_model = load_model(args.model)
+        batch = encoder_batch(tok, fp_model, sentences, name)
+        q_model = kquant.quantize_(copy.deepcopy(fp_model), args.preset, skip=args.skip or None)
+        n_quant = sum(isinstance(m, kquant.QuantLinear) for m in q_model.modules())
+        if n_quant == 0:
+            raise DemoError("no Linear layer was quantized (check --skip)")
+        kquant.save_quantized(q_model, tmp)
+        # the file must rebuild the same model: load into a fresh float copy and compare outputs
+        reloaded = kquant.load_quantized(copy.deepcopy(fp_model), tmp)
+        with torch.inference_mode():
+            a = q_model(**batch).last_hidden_state
+            b = reloaded(**batch).last_hidden_state
+        diff = (a - b).abs().max().item()
+        checked = sentences_text(len(sentences), args.sentences)
+        console.print(f"quantized {n_quant} Linear layers of {name} with {args.preset}: "
+                      f"model {model_bytes(fp_model) / 2**20:.2f} MiB -> {model_bytes(q_model) / 2**20:.2f} MiB")
+        console.print(f"reload check on {checked}: max |difference| = {diff:.3g}")
+        if diff != 0.0:
+            console.print(f"[red]the reloaded model differs from the quantized one: {args.out} not written[/]")
+            return 1
+        os.replace(tmp, args.out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    console.print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.2f} MiB)")
     if args.report or args.report_json:
         rep = kquant.error_report(fp_model, q_model, batch)
         if args.report:
-            console.print(rep.rich_table(title=f"kquant error report ({args.preset}, {args.sentences} sentences)"))
+            console.print(rep.rich_table(title=f"kquant error report ({args.preset}, {checked})"))
         if args.report_json:
             rep.to_json(args.report_json)
             console.print(f"wrote {args.report_json}")
@@ -198,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), metavar="PRESET",
                    help=f"presets to run (default: {' '.join(DEFAULT_PRESETS)})")
     d.add_argument("--sentences", type=int, default=None, metavar="N",
-                   help="use only the first N corpus sentences (default: all)")
+                   help="use only the first N corpus sentences, N >= 2 (default: all)")
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--repeats", type=int, default=3, help="timed passes per mode; the median is reported")
     d.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -211,11 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "all-MiniLM-L6-v2), save it with kquant.save_quantized and check that "
                                    "the file reloads to the same outputs.")
     q.add_argument("--preset", default="w8a8", help="w8a8 (default), w8a16, w4a16 or w4a8")
-    q.add_argument("--model", default=None, help="local Hugging Face model folder (default: all-MiniLM-L6-v2)")
+    q.add_argument("--model", default=None, metavar="FOLDER",
+                   help="local Hugging Face model folder (default: the packaged all-MiniLM-L6-v2) holding "
+                        "config.json, the weights and the tokenizer's files (tokenizer.json or its vocabulary "
+                        "files); AutoModel must load it as a text model whose output has last_hidden_state "
+                        "(an encoder such as BERT, or a base model without a head), and the tokenizer must pad")
     q.add_argument("--skip", nargs="+", default=None, metavar="PATTERN", help="module-name patterns kept in float")
     q.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
     q.add_argument("--sentences", type=int, default=16, metavar="N",
-                   help="corpus sentences for the reload check and the error report (default 16)")
+                   help="corpus sentences for the reload check and the error report, N >= 1 (default 16; "
+                        "a larger N than the corpus holds uses all of it)")
     q.add_argument("--report", action="store_true", help="print the per-layer error report")
     q.add_argument("--report-json", default=None, metavar="PATH", help="write the error report as JSON")
 
@@ -230,16 +273,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         ap.print_help()
         return 2
+    if args.command == "info" and args.json:
+        print(json.dumps(gather_info(), indent=2))
+        return 0
     from rich.console import Console
     # rich wraps at 80 columns when piped (make demo | tee): keep the table on one line per row
     console = Console() if sys.stdout.isatty() else Console(width=140)
 
     if args.command == "info":
-        info = gather_info()
-        if args.json:
-            print(json.dumps(info, indent=2))
-        else:
-            print_info(info, console)
+        print_info(gather_info(), console)
         return 0
 
     from .demo import DemoError
@@ -247,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "quantize":
         try:
             return quantize_command(args, console)
-        except (DemoError, ValueError, TypeError) as e:  # bad preset / pattern / path: say which
+        except (DemoError, ValueError, TypeError, OSError) as e:  # bad preset / pattern / path: say which
             print(f"kquant quantize: error: {e}", file=sys.stderr)
             return 2
     try:

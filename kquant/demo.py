@@ -51,7 +51,8 @@ def model_dir() -> str:
 
 
 def load_model(path: Optional[str] = None):
-    """(tokenizer, fp32 model in eval mode), loaded strictly offline."""
+    """(tokenizer, fp32 model in eval mode), loaded strictly offline. The folder must hold
+    config.json, the weights and the tokenizer's files (a DemoError names what is missing)."""
     path = path or model_dir()
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise DemoError(f"model folder {path!r} holds no config.json (expected a Hugging Face model folder)")
@@ -67,22 +68,39 @@ def load_model(path: Optional[str] = None):
         hf_logging.disable_progress_bar()  # the demo has its own bar
     except ImportError:
         pass
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, ... for a bad folder
+        raise DemoError(f"model folder {path!r}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
+    # without its files transformers builds an empty tokenizer (every word [UNK]) instead of failing
+    files = sorted({"tokenizer.json", *type(tok).vocab_files_names.values()})
+    if not any(os.path.isfile(os.path.join(path, f)) for f in files):
+        raise DemoError(f"model folder {path!r} holds no tokenizer files (none of {', '.join(files)}); save the "
+                        f"model's tokenizer into it with tokenizer.save_pretrained(folder)")
+    try:
+        model = AutoModel.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise DemoError(f"model folder {path!r}: cannot load the model ({type(e).__name__}: {e})") from None
     return tok, model.float().eval()
 
 
-def load_corpus(n: Optional[int] = None, path: str = CORPUS) -> List[str]:
-    """The first ``n`` sentences (all when None) of the shipped corpus, one per line."""
+def load_corpus(n: Optional[int] = None, path: Optional[str] = None) -> List[str]:
+    """The first ``n`` sentences (all when None, all there are when ``n`` is larger) of the
+    shipped corpus, one per line."""
+    path = path or CORPUS
+    if n is not None and n < 1:
+        raise DemoError(f"--sentences must be >= 1, got {n}")
     if not os.path.isfile(path):
         raise DemoError(f"corpus file {path} is missing; regenerate it with `python tools/make_corpus.py`")
     with open(path, encoding="utf-8") as f:
         lines = [ln.strip() for ln in f if ln.strip()]
-    if n is not None:
-        if n < 2:
-            raise DemoError(f"--sentences must be >= 2 (nearest neighbours need two), got {n}")
-        lines = lines[:n]
-    return lines
+    return lines if n is None else lines[:n]
+
+
+def sentences_text(used: int, requested: Optional[int]) -> str:
+    """'800 sentences', or '800 sentences (the corpus has 800)' when more were asked for."""
+    note = f" (the corpus has {used})" if requested is not None and requested > used else ""
+    return f"{used} sentence{'' if used == 1 else 's'}{note}"
 
 
 def make_batches(tokenizer, sentences: Sequence[str], batch_size: int):
@@ -98,6 +116,23 @@ def make_batches(tokenizer, sentences: Sequence[str], batch_size: int):
                         return_tensors="pt")
         batches.append(dict(enc))
     return batches, torch.tensor(order), sum(lengths)
+
+
+def encoder_batch(tokenizer, model: nn.Module, sentences: Sequence[str], where: str) -> Dict[str, torch.Tensor]:
+    """``sentences`` as one padded batch, checked to run through ``model`` to an output with
+    ``last_hidden_state`` (what ``kquant quantize`` compares)."""
+    try:
+        batch = dict(make_batches(tokenizer, sentences, len(sentences))[0][0])
+        with torch.inference_mode():
+            out = model(**batch)
+    except Exception as e:
+        raise DemoError(f"model folder {where!r}: the model does not run on its tokenized text "
+                        f"({type(e).__name__}: {e})") from None
+    if not hasattr(out, "last_hidden_state"):
+        raise DemoError(f"model folder {where!r}: the output of {type(model).__name__} ({type(out).__name__}) has "
+                        f"no last_hidden_state; kquant needs a model that AutoModel loads as a text encoder or "
+                        f"base model returning one (with return_dict enabled in its config)")
+    return batch
 
 
 # ---------------------------------------------------------------------------- measurement
@@ -283,6 +318,8 @@ def run(presets: Sequence[str] = DEFAULT_PRESETS, sentences: Optional[int] = Non
         raise DemoError(f"unknown preset(s) {bad or presets}; presets: {sorted(PRESETS)}")
     if repeats < 1:
         raise DemoError(f"--repeats must be >= 1, got {repeats}")
+    if sentences is not None and sentences < 2:
+        raise DemoError(f"--sentences must be >= 2 for the demo (nearest neighbours need two), got {sentences}")
     dev = resolve_device(device)
     corpus = load_corpus(sentences)
     tok, fp_model = load_model(model_path)
@@ -338,8 +375,8 @@ def run(presets: Sequence[str] = DEFAULT_PRESETS, sentences: Optional[int] = Non
         "model": {"name": MODEL_NAME, "path": model_path or model_dir(),
                   "linear_layers": sum(isinstance(m, nn.Linear) for m in fp_model.modules())},
         "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
-        "corpus": {"path": CORPUS, "sentences": len(corpus), "tokens": n_tokens, "batch_size": batch_size,
-                   "batches": len(batches), "repeats": repeats},
+        "corpus": {"path": CORPUS, "sentences": len(corpus), "requested": sentences, "tokens": n_tokens,
+                   "batch_size": batch_size, "batches": len(batches), "repeats": repeats},
         "latency_note": "median wall time of one pass over the corpus (model forward + mean pooling, "
                         "torch.inference_mode, after an untimed pass; passes interleaved across modes); "
                         "tokenization excluded; cpu_time_ms: median process CPU time of those passes",
@@ -358,7 +395,8 @@ def render_table(report: Dict[str, object]):
     from rich.table import Table
     env = report["environment"]
     corpus = report["corpus"]
-    t = Table(title=f"kquant demo: {report['model']['name']}, {corpus['sentences']} sentences, "
+    t = Table(title=f"kquant demo: {report['model']['name']}, "
+                    f"{sentences_text(corpus['sentences'], corpus.get('requested'))}, "
                     f"batch {corpus['batch_size']}, {report['device']}, latency = median of {corpus['repeats']} passes",
               caption=f"{env['cpu']}, {env['cores']} cores, torch {env['torch']} ({env['torch_threads']} threads), "
                       f"load avg {env.get('load_avg_1m_before')} -> {env.get('load_avg_1m_after')}, "

