@@ -24,7 +24,7 @@ def gather_info() -> Dict[str, object]:
     import kquant
     from kquant import _native
 
-    info: Dict[str, object] = {"kquant": kquant.__version__, "backends": backend_status()}
+    info: Dict[str, object] = {"kquant": kquant.__version__, "backends": kquant.backends()}
     native = _native.load("_C", warn=False)
     if native is None:
         info["native"] = {"built": False, "reason": f"native extension not built: {_native.error('_C') or 'unknown'}"}
@@ -70,20 +70,6 @@ def gather_info() -> Dict[str, object]:
     info["KQUANT_BACKEND"] = os.environ.get("KQUANT_BACKEND") or None
     info["routing"] = routing(["cpu"] + (["cuda"] if cuda["available"] else []))
     return info
-
-
-def backend_status() -> Dict[str, Dict[str, object]]:
-    """kquant.backends(), asked one backend at a time so that one whose check raises is
-    reported as unavailable (with the error) instead of breaking `kquant info`."""
-    router = sys.modules["kquant.backends"]  # the package; `kquant.backends` is the function
-    out: Dict[str, Dict[str, object]] = {}
-    for name in router._MODULES:
-        try:
-            ok, why = router.status(name)
-        except Exception as e:
-            ok, why = False, f"its availability check raised {type(e).__name__}: {e}"
-        out[name] = {"available": ok, "reason": why}
-    return out
 
 
 def routing(devices: List[str]) -> Dict[str, Dict[str, str]]:

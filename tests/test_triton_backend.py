@@ -94,6 +94,27 @@ def test_quantize_static_bit_identical(T):
     assert torch.equal(q, qr) and torch.equal(s, sr.reshape(s.shape))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nan_inf_and_tiny_rows_as_the_reference(T, dtype):
+    # NaN/Inf rows: q = 0, scale NaN (outputs NaN); rows with amax < 2^-64 are lifted by 2^64.
+    # (The interpreter converts subnormal bfloat16 wrongly, so the tiny rows stay normal here.)
+    x = torch.randn(6, 300)
+    x[1, 5], x[2, 7], x[3, 0] = float("nan"), float("inf"), float("-inf")
+    x[4] = x[0] * (1e-30 if dtype != torch.float16 else 1e-7)
+    x[5] = x[0] * (3e-37 if dtype == torch.float32 else 1e-25 if dtype == torch.bfloat16 else 1.0)
+    x = x.to(dtype)
+    for act in (None, torch.tensor([0.02])):
+        q, s = T._quantize(x, act)
+        qr, sr = R.quantize_per_token(x) if act is None else R.quantize_static(x, act)
+        assert torch.equal(q, qr)
+        assert torch.equal(s.isnan(), sr.isnan()) and torch.equal(s.nan_to_num(), sr.reshape(s.shape).nan_to_num())
+        assert s[1:4].isnan().all() and (q[1:4] == 0).all()
+    pw = quantize_weight(torch.randn(16, 300), 8, PER_CHANNEL)
+    kp = pw.padded_in_features
+    y = T.act_linear(torch.nn.functional.pad(x, (0, kp - 300)), pw.qweight, pw.scales, None, None, -1, False)
+    assert y[1:4].isnan().all() and torch.isfinite(y[[0, 4, 5]]).all()
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 17, 17), (33, 17, 1025), (33, 1025, 17), (16, 64, 256)])
 def test_int8_mm_exact(T, m, n, k):
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8)

@@ -65,7 +65,10 @@ def status(name: str) -> Tuple[bool, str]:
         return False, _load_errors[name]
     key = (name, backend.availability_key())
     if key not in _status:
-        _status[key] = backend.available()
+        try:
+            _status[key] = backend.available()
+        except Exception as e:  # a broken driver or toolchain: unavailable, with the reason
+            _status[key] = False, f"its availability check raised {type(e).__name__}: {e}"
     return _status[key]
 
 
