@@ -32,8 +32,10 @@ import torch
 
 import kquant
 from kquant import backends as router
+from kquant import ops as kq_ops
 from kquant.backends import reference as ref
 from kquant.format import quantize_weight
+from kquant.spec import LinearSpec
 
 ops = torch.ops.kquant
 DEV = "cuda"
@@ -80,24 +82,33 @@ def make_weight(op, k, n, group, symmetric=True):
     return quantize_weight(w, bits, group, symmetric)
 
 
+def spec_of(op, p):
+    return LinearSpec(p.bits, p.group_size, p.symmetric, op.endswith("a8_linear"), p.in_features, p.out_features,
+                      p.qweight.device)
+
+
 def prepared(op, p, backend):
     """(data, layout) as the backend would keep it inside a QuantLinear."""
     with forced(backend):
-        return router.prepare_weight(p.qweight, p.bits, p.group_size, op)
+        data, kernel = router.prepare_linear(spec_of(op, p), p.qweight)
+    return data, kernel.layout
 
 
 def call(op, x, data, layout, p, bias, act_scale=None):
-    fn = getattr(ops, op)
-    if op.endswith("a8_linear"):
-        return fn(x, data, p.scales, bias, act_scale, p.group_size, layout)
-    return fn(x, data, p.scales, p.zeros, bias, p.group_size, layout)
+    """The public op on canonical weights; the prepared-layer op on another layout."""
+    spec = spec_of(op, p)
+    if layout == 0:
+        return kq_ops.linear(p.bits, spec.int8_activations, x, data, p.scales, p.zeros, bias, act_scale,
+                             p.group_size)
+    x2 = kq_ops.flatten(x, spec.in_features, spec.padded_in_features)
+    return torch.ops.kquant._linear_prepared(x2, data, p.scales, p.zeros, bias, act_scale, p.bits, p.group_size,
+                                             spec.in_features, spec.int8_activations, layout)
 
 
 def oracle(op, x, p, bias, act_scale=None):
-    fn = getattr(ref, op)
     if op.endswith("a8_linear"):
-        return fn(x, p.qweight, p.scales, bias, act_scale, p.group_size)
-    return fn(x, p.qweight, p.scales, p.zeros, bias, p.group_size)
+        return ref.act_linear(x, p.qweight, p.scales, bias, act_scale, p.group_size, p.bits)
+    return ref.weight_only_linear(x, p.qweight, p.scales, p.zeros, bias, p.group_size, p.bits)
 
 
 # ----------------------------------------------------------------------------- correctness

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kquant
-from kquant import backends, ops
+from kquant import ops
 
 PRESETS = ("w8a8", "w4a8", "w8a16", "w4a16")
 
@@ -58,18 +58,21 @@ def overhead(device, dtype, out):
     w = torch.randn(n, k, device=device, dtype=dtype) * 0.02
     for preset in PRESETS:
         _, layer = layer_for(preset, k, n, device, dtype)
-        args = layer._tensor_args()
-        name, _ = backends.select(layer.op_name, x.device.type, x, *args)
-        backend_fn = backends._module(name).OPS[layer.op_name]
-        row = dict(preset=preset, backend=name)
+        kernel = layer._kernel  # the layer's prepared kernel (what an eager call runs)
+        buffers = layer._buffers
+        targs = (x, buffers["qweight"], buffers["scales"], buffers["zeros"], layer.bias, buffers["act_scale"])
+        p = layer.packed_weight()
+        int8 = layer.activations != "none"
+        row = dict(preset=preset, backend=layer.backend())
         with torch.no_grad():
             row["F.linear bf16"] = host_us(lambda: F.linear(x, w), device)
             row["QuantLinear"] = host_us(lambda: layer(x), device)
-            row["op body"] = host_us(lambda: ops.EAGER_LINEAR[layer.op_name](x, *args), device)
-            row["backend fn"] = host_us(lambda: backend_fn(x, *args), device)
+            row["op body"] = host_us(lambda: ops.linear(p.bits, int8, x, p.qweight, p.scales, p.zeros, layer.bias,
+                                                        layer.act_scale, p.group_size), device)
+            row["backend fn"] = host_us(lambda: kernel(*targs), device)
             if device == "cuda":
                 from triton.testing import do_bench
-                row["device"] = do_bench(lambda: backend_fn(x, *args), warmup=10, rep=50) * 1e3
+                row["device"] = do_bench(lambda: kernel(*targs), warmup=10, rep=50) * 1e3
         rows.append(row)
         print(json.dumps({a: (round(b, 1) if isinstance(b, float) else b) for a, b in row.items()}), flush=True)
     for preset in ("w4a16", "w8a8"):
@@ -105,11 +108,10 @@ def autotune_probe(dtype):
         bits = 4 if op.startswith("w4") else 8
         p = quantize_weight(torch.randn(n, k, device="cuda") * 0.02, bits, group, True)
         x = torch.randn(m, k, device="cuda", dtype=dtype)
-        fn = tb.OPS[op]
         if op.endswith("a8_linear"):
-            call = lambda: fn(x, p.qweight, p.scales, None, None, group)  # noqa: E731
+            call = lambda: tb.act_linear(x, p.qweight, p.scales, None, None, group, bits == 4)  # noqa: E731
         else:
-            call = lambda: fn(x, p.qweight, p.scales, p.zeros, None, group)  # noqa: E731
+            call = lambda: tb.wo_linear(x, p.qweight, p.scales, p.zeros, None, group, bits == 4)  # noqa: E731
         os.environ.pop("KQUANT_TRITON_AUTOTUNE", None)
         t_default = do_bench(call, warmup=10, rep=100) * 1e3
         os.environ["KQUANT_TRITON_AUTOTUNE"] = "1"

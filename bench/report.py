@@ -74,7 +74,7 @@ def gemm_ceiling(d, ceil):
 
 
 def targets(d, lin, mini, ceil, cold):
-    """Issue #3 targets checked on one run: (target, measured, met) rows."""
+    """The CPU speed targets checked on one run: (target, measured, met) rows."""
     rows = []
     t = lambda k, n, m, i: lin.get((k, n, m, i), (None,))[0]  # noqa: E731
     shapes = sorted({(k, n) for (k, n, _, _) in lin})
@@ -125,7 +125,7 @@ def section(path, d, lin, mini, ceil, cold, png_rel):
     out = [f"### Run {machine_line(d, path)}", ""]
     rows = targets(d, lin, mini, ceil, cold)
     if rows:
-        out += ["Targets of issue 3 in this run:", "", "| target | measured | met |", "|---|---|---|"]
+        out += ["CPU targets in this run:", "", "| target | measured | met |", "|---|---|---|"]
         out += [f"| {a} | {b} | {'yes' if c else '**no**'} |" for a, b, c in rows]
         out.append("")
     cname, cval = gemm_ceiling(d, ceil)

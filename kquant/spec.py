@@ -111,11 +111,12 @@ def _mark_checked(t: Tensor) -> None:
         pass
 
 
-def _check_values(t: Tensor, ok_fn, message: str) -> None:
+def _check_values(t: Tensor, ok_fn, message) -> None:
+    """Raise ValueError(message, or message() when callable) unless ok_fn(t) holds for t's values."""
     if _values_checked(t) or t.numel() == 0:
         return
     if not bool(ok_fn(t)):
-        raise ValueError(message)
+        raise ValueError(message() if callable(message) else message)
     _mark_checked(t)
 
 
@@ -156,7 +157,7 @@ def check_weight(spec: LinearSpec, qweight, scales, zeros, where: str = "", valu
     if not values:
         return
     _check_values(scales, lambda s: (torch.isfinite(s) & (s > 0)).all(),
-                  f"{where}scales must be finite and > 0 (found {_first_bad(scales)})")
+                  lambda: f"{where}scales must be finite and > 0 (found {_first_bad(scales)})")
     qmin, qmax = qrange(spec.bits, spec.symmetric)
     if zeros is not None:
         _check_values(zeros, lambda z: ((z == torch.round(z)) & (z >= qmin) & (z <= qmax)).all(),

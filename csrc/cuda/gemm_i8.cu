@@ -287,9 +287,8 @@ void launch_gemm(const GemmParams& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The sm_90a wgmma kernel is opt-in (KQUANT_CUDA_WGMMA=1): it is exact, but measured on an
-// H100 (bench/RESULTS.md) it ran per-channel W8A8 2.0-2.1x slower than the mma.sync kernel
-// (4096x4096x4096: 504 vs 244 us). When asked for, it is used on compute capability 9.0 once
+// The sm_90a wgmma kernel is opt-in (KQUANT_CUDA_WGMMA=1): it is exact, but slower than the
+// mma.sync kernel on an H100 (bench/RESULTS.md). When asked for, it is used on compute capability 9.0 once
 // it has reproduced the mma.sync kernel's exact int32 result on a small problem on this
 // device (a wrong descriptor layout would give wrong numbers, never a crash: its shared
 // memory reads stay inside the tile).

@@ -134,7 +134,7 @@ def _auto_split(cfg, m, n, k, device, min_steps: int = 4) -> Dict:
 
 
 # From this M on, one unpack/dequantize pass over the weight plus a plain GEMM beats
-# unpacking inside the GEMM's inner loop (measured on H100 at M >= 1024; 128 estimated).
+# unpacking inside the GEMM's inner loop, which repeats the unpacking for every M tile.
 LARGE_M = int(os.environ.get("KQUANT_TRITON_LARGE_M", "128"))
 
 
@@ -157,26 +157,25 @@ def default_config(kind: str, m: int, n: int, k: int, group_size: int, device) -
         if m <= 64:
             cfg = _cfg(64, 128, _block_k(group_size, 128), 4, 4)
             return _auto_split(cfg, m, n, k, device)
-        # 128x128x128, 8 warps, 3 stages won the H100 autotune at M=N=K=4096
+        # the autotuner's pick on an H100 at M = N = K = 4096
         cfg = _cfg(128, 128, _block_k(group_size, 128), 8, 3)
         if kind == "int4a8" and m >= LARGE_M and _on_gpu(device):
             cfg["UNPACK"] = True
         return cfg
     # weight-only
     if m <= GEMV_MAX_M:
-        # 16-byte loads per thread: int4 packs BLOCK_K=256 into 128 bytes per row
-        # H100 sweep (N, K in 4096/14336, M=1): 32 rows x 256 K, 4 warps, 3 stages was within
-        # a few % of the best everywhere for both int4 (group 128) and int8 (per channel)
+        # 16-byte loads per thread: int4 packs BLOCK_K=256 into 128 bytes per row; one
+        # configuration close to the best of a sweep on an H100 for int4 and int8 alike
         cfg = dict(_cfg(1, 32, 256, 4, 3), KERNEL="gemv")
         if kind == "wo4":
-            cfg["FAST_CVT"] = True  # measured 1.6-1.8x bf16 at M=1 on H100 vs 1.1-1.9x without
+            cfg["FAST_CVT"] = True  # bit tricks instead of int -> float conversions: fewer instructions
         if group_size != PER_CHANNEL:
             cfg["BLOCK_K"] = max(cfg["BLOCK_K"], group_size)
         return _auto_split(cfg, m, n, k, device, min_steps=2)
     if m <= 16:
         cfg = _cfg(16, 64, _block_k(group_size, 128), 4, 4)
         if kind == "wo4" and group_size != PER_CHANNEL:
-            cfg["SPLIT_AB"] = True  # H100, M=16, group 128: 44 us vs 85 us interleaved
+            cfg["SPLIT_AB"] = True  # even/odd activation planes: no interleaving of the weight tile
         return _auto_split(cfg, m, n, k, device)
     if m <= 64:
         cfg = _cfg(64, 128, _block_k(group_size, 64), 4, 4)
@@ -451,15 +450,23 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, config=None) -> torch.Tensor:
     return _int_gemm(a, None, b, None, None, out, False, PER_CHANNEL, False, config)
 
 
-def act_linear(x, qweight, scales, bias, act_scale, group_size, int4, config=None):
-    """W8A8 (int4=False) / W4A8 on int8 tensor cores; ``config`` overrides the kernel choice."""
-    m, kp = x.shape
+def _output(x, scales, bias) -> Tuple[torch.Tensor, bool]:
+    """(y [M, N] in x.dtype, done): done when there is nothing to compute (empty M, N or K)."""
+    m, k = x.shape
     n = scales.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
+        return out, True
+    if k == 0:
+        return (out.copy_(bias.to(x.dtype).expand(m, n)) if bias is not None else out.zero_()), True
+    return out, False
+
+
+def act_linear(x, qweight, scales, bias, act_scale, group_size, int4, config=None):
+    """W8A8 (int4=False) / W4A8 on int8 tensor cores; ``config`` overrides the kernel choice."""
+    out, done = _output(x, scales, bias)
+    if done:
         return out
-    if kp == 0:
-        return out.copy_(bias.to(x.dtype).expand(m, n)) if bias is not None else out.zero_()
     qx, sx = _quantize(x.contiguous(), act_scale)
     return _int_gemm(qx, sx, qweight.contiguous(), scales.contiguous(),
                      bias.contiguous() if bias is not None else None, out, int4, group_size, True, config)
@@ -471,13 +478,11 @@ GEMV_MAX_M = 4  # above this, CUDA-core FMAs cost more than the tensor-core dot 
 def wo_linear(x, qweight, scales, zeros, bias, group_size, int4, config=None):
     """W8A16 (int4=False) / W4A16; ``config`` overrides the kernel choice."""
     x = x.contiguous()
+    out, done = _output(x, scales, bias)
+    if done:
+        return out
     m, k = x.shape
     n = scales.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out
-    if k == 0:
-        return out.copy_(bias.to(x.dtype).expand(m, n)) if bias is not None else out.zero_()
     qweight, scales = qweight.contiguous(), scales.contiguous()
     zeros = zeros.contiguous() if zeros is not None else None
     bias = bias.contiguous() if bias is not None else None
@@ -489,8 +494,7 @@ def wo_linear(x, qweight, scales, zeros, bias, group_size, int4, config=None):
         if cfg.get("KERNEL") == "dequant_mm":
             # large M: dequantize once ([N, K] in x.dtype, one pass over the weight) and let
             # the vendor GEMM run at full tensor-core speed; the fused kernel re-dequantizes
-            # every weight tile once per M tile and measured 1.6-3.7x slower than bf16
-            # matmul on H100 at M >= 1024
+            # every weight tile once per M tile
             w = _dequant(qweight, scales, zeros, group_size, int4, n, k, x.dtype)
             if bias is not None:
                 torch.addmm(bias.to(x.dtype), x, w.t(), out=out)
