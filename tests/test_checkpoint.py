@@ -244,30 +244,21 @@ def test_wrong_version(saved):
         load_fresh(path)
 
 
-def test_edited_metadata(saved):
-    _, path = saved
-
-    def edit(m):
-        layers = json.loads(m["layers"])
-        layers[0]["group_size"] = 32
-        m["layers"] = json.dumps(layers)
-
-    rewrite(path, edit)
-    with pytest.raises(CheckpointError, match="metadata was modified"):
-        load_fresh(path)
-
-
-def test_edited_metadata_with_fixed_digest_still_refused(saved):
+@pytest.mark.parametrize("field,value,redigest,match", [
+    ("group_size", 32, False, "metadata was modified"),
     # even with the metadata digest recomputed, the config must agree with the tensors
+    ("bits", 8, True, r"layer 'fc1'|fc1: "),
+])
+def test_edited_metadata(saved, field, value, redigest, match):
     _, path = saved
 
     def edit(m):
         layers = json.loads(m["layers"])
-        layers[0]["bits"] = 8
+        layers[0][field] = value
         m["layers"] = json.dumps(layers)
 
-    rewrite(path, edit, redigest=True)
-    with pytest.raises(CheckpointError, match=r"layer 'fc1'|fc1: "):
+    rewrite(path, edit, redigest=redigest)
+    with pytest.raises(CheckpointError, match=match):
         load_fresh(path)
 
 

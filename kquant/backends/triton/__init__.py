@@ -381,6 +381,19 @@ def _broken(path: str, e: Exception) -> None:
     warnings.warn(f"kquant triton: disabling the {path} path ({_BROKEN[path][:300]}); using the fused kernel")
 
 
+def _run_with_fallback(run, cfg, out, path: str, optional: bool, fused_cfg):
+    """run(cfg) where cfg takes the optional fast ``path``; on its first failure (e.g. a Triton
+    that cannot compile it) disable the path for the process and run the fused kernel."""
+    if optional and path not in _BROKEN:
+        try:
+            run(cfg)
+            return out
+        except Exception as e:  # noqa: BLE001
+            _broken(path, e)
+    run(fused_cfg if optional else cfg)
+    return out
+
+
 def _dequant(qweight, scales, zeros, group_size, int4, n, k, dtype, to_int8=False) -> torch.Tensor:
     """[N, K] weight: int8 values (to_int8, int4 input) or dequantized floats in ``dtype``."""
     out = torch.empty((n, k), dtype=torch.int8 if to_int8 else dtype, device=qweight.device)
@@ -425,18 +438,7 @@ def _int_gemm(a, sx, b, sw, bias, out, int4, group_size, scaled, config):
                      SPLIT_AB=int4 and bk >= 64 and cfg.get("SPLIT_AB", False)), _launch_opts(cfg))
 
     cfg = pick_config(kind, m, n, k, group_size, device, out.dtype, run, config)
-    if cfg.get("UNPACK"):
-        if "unpack" in _BROKEN:
-            cfg = dict(cfg, UNPACK=False)
-        else:
-            try:
-                run(cfg)
-                return out
-            except Exception as e:  # e.g. a Triton that cannot compile it: keep the fused kernel
-                _broken("unpack", e)
-                cfg = dict(cfg, UNPACK=False)
-    run(cfg)
-    return out
+    return _run_with_fallback(run, cfg, out, "unpack", cfg.get("UNPACK"), dict(cfg, UNPACK=False))
 
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor, config=None) -> torch.Tensor:
@@ -525,18 +527,8 @@ def wo_linear(x, qweight, scales, zeros, bias, group_size, int4, config=None):
                     _launch_opts(cfg))
 
     cfg = pick_config(kind, m, n, k, group_size, device, x.dtype, run, config)
-    if cfg.get("KERNEL") == "dequant_mm":
-        if "dequant_mm" in _BROKEN:
-            cfg = dict(cfg, KERNEL="tiled")
-        else:
-            try:
-                run(cfg)
-                return out
-            except Exception as e:  # e.g. a Triton that cannot compile it: keep the fused kernel
-                _broken("dequant_mm", e)
-                cfg = dict(cfg, KERNEL="tiled")
-    run(cfg)
-    return out
+    return _run_with_fallback(run, cfg, out, "dequant_mm", cfg.get("KERNEL") == "dequant_mm",
+                              dict(cfg, KERNEL="tiled"))
 
 
 class TritonBackend(Backend):
