@@ -34,6 +34,8 @@ def gather_info() -> Dict[str, object]:
                               "build_info": dict(native.build_info())}
         except Exception as e:  # a stale .so from an older build: report it, don't crash
             info["native"] = {"built": False, "reason": f"native extension unusable: {type(e).__name__}: {e}"}
+    if info["native"]["built"]:
+        info["native"]["isa"] = cpu_level()
     info["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads(),
                      "interop_threads": torch.get_num_interop_threads()}
 
@@ -70,6 +72,19 @@ def gather_info() -> Dict[str, object]:
     info["KQUANT_BACKEND"] = os.environ.get("KQUANT_BACKEND") or None
     info["routing"] = routing(["cpu"] + (["cuda"] if cuda["available"] else []))
     return info
+
+
+def cpu_level() -> Dict[str, Optional[str]]:
+    """The CPU level the kernels run at, the best this CPU has, and what KQUANT_CPU_ISA asks for."""
+    from kquant.backends import cpu
+
+    level: Dict[str, Optional[str]] = {"requested": os.environ.get("KQUANT_CPU_ISA") or None,
+                                       "best": cpu.best_isa(), "running": None}
+    try:
+        level["running"] = cpu.isa()
+    except Exception as e:  # an unknown KQUANT_CPU_ISA value
+        level["error"] = str(e).splitlines()[0]
+    return level
 
 
 def routing(devices: List[str]) -> Dict[str, Dict[str, str]]:
@@ -127,6 +142,15 @@ def print_info(info: Dict[str, object], console) -> None:
         feats = ", ".join(f"{k}={v}" for k, v in native["cpu_features"].items())
         build = ", ".join(f"{k}={v}" for k, v in native["build_info"].items())
         console.print(f"CPU features: {feats}")
+        lv = native["isa"]
+        line = f"CPU kernels: running {lv['running'] or 'nothing'} (the best this CPU has: {lv['best']})"
+        if lv["requested"]:
+            line += f"; KQUANT_CPU_ISA={lv['requested']!r}"
+            if lv.get("error"):
+                line += f": [red]{lv['error']}[/]"
+            elif lv["running"] != lv["requested"].strip().lower():
+                line += " asks for a level this CPU does not have"
+        console.print(line)
         console.print(f"native build: {build}")
     else:
         console.print(f"CPU features: {native['reason']}")

@@ -77,7 +77,10 @@ def backends() -> Dict[str, Dict[str, object]]:
     out = {}
     for name in _MODULES:
         ok, why = status(name)
-        detail = get(name).detail() if ok else ""
+        try:
+            detail = get(name).detail() if ok else ""
+        except Exception as e:  # e.g. an unknown KQUANT_CPU_ISA value
+            detail = f"{type(e).__name__}: {str(e).splitlines()[0]}"
         out[name] = {"available": ok, "reason": f"{why}; {detail}" if detail else why}
     return out
 
