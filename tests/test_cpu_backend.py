@@ -389,23 +389,3 @@ def test_env_forced_scalar_reports_in_available(monkeypatch):
     assert "scalar" in cpu.available()[1]
     assert os.environ["KQUANT_CPU_ISA"] == "scalar"
 
-
-# ----------------------------------------------------------------------------- bench ceilings
-@pytest.mark.skipif(not HAS_AVX2, reason="the ceilings need AVX2")
-def test_ceiling_loops_run_and_order():
-    # the AMX peak is far above any AVX2 sequence, and the kernel's tile sequence (with its
-    # loads and stores) cannot beat the bare tdpbssd loop by much
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        avx2 = torch.ops.kquant._ceiling_cpu(0, 200_000)
-        assert 1.0 < avx2 < 1e4
-        if HAS_AMX:
-            peak = max(torch.ops.kquant._ceiling_cpu(5, 100_000) for _ in range(2))
-            seq = torch.ops.kquant._ceiling_cpu(6, 100_000)
-            n8 = torch.ops.kquant._ceiling_cpu(7, 100_000)  # 8-channel tiles (a rate, not asserted)
-            assert peak > 3 * avx2 and 0 < seq < 1.5 * peak and 0 < n8 < 1e6
-        with pytest.raises(RuntimeError, match="unknown kind 9"):
-            torch.ops.kquant._ceiling_cpu(9, 10)
-    finally:
-        torch.set_num_threads(old)

@@ -1,23 +1,22 @@
-// Machine ceilings for bench/: the int8 multiply-add peak of each exact AVX2 instruction
-// sequence the kernels use (register-only loops, no memory traffic), the AMX peak (tdpbssd
-// alone) and the AMX kernel's own tile sequence from L1, and the read bandwidth of a
-// buffer larger than the last-level cache. The empty asm statements keep
-// the compiler from hoisting loop-invariant multiplies out of the loops.
+// Machine ceilings for bench/ (not part of the kquant package: bench/ceilings.py builds
+// this file on demand as its own extension): the int8 multiply-add peak of each exact AVX2
+// instruction sequence the kernels use (register-only loops, no memory traffic), the AMX
+// peak (tdpbssd alone) and the AMX kernel's own tile sequence from L1, and the read
+// bandwidth of a buffer. The empty asm statements keep the compiler from hoisting
+// loop-invariant multiplies out of the loops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 
 #include <chrono>
 #include <cstring>
 
-#include "kq_cpu.h"
+#include "cpu/amx.h"
 
-#if KQ_X86
-#include <immintrin.h>
-#endif
-
-namespace kquant::cpu {
+namespace kquant::bench {
 namespace {
+
+using namespace kquant::cpu;
 
 #if KQ_X86
 #define KQ_OPAQUE(v) asm volatile("" : "+x"(v))
@@ -182,8 +181,9 @@ double ceiling(int64_t kind, int64_t iters, const std::optional<at::Tensor>& buf
 }
 
 }  // namespace
-}  // namespace kquant::cpu
+}  // namespace kquant::bench
 
-TORCH_LIBRARY_FRAGMENT(kquant, m) {
-  m.def("_ceiling_cpu(int kind, int iters, Tensor? buf=None) -> float", &kquant::cpu::ceiling);
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("ceiling", &kquant::bench::ceiling, py::arg("kind"), py::arg("iters"), py::arg("buf") = py::none(),
+        "kind 0-3, 5-7: int8 GMAC/s of an instruction sequence on all threads; kind 4: GB/s reading buf");
 }
