@@ -223,7 +223,7 @@ CEILINGS = {
 AMX_CEILINGS = {
     "amx_tdpbssd": 5,        # AMX int8 peak: full-width tdpbssd (16 x 16 C tiles) alone on register tiles
     "amx_kernel_seq": 6,     # the per-channel W8A8 kernel's tile sequence (C, A, B loads/stores) from L1
-    "amx_tdpbssd_n8": 7,     # tdpbssd on 8-channel tiles (the grouped W8A8 / W4A8 path): half the MACs
+    "amx_tdpbssd_n8": 7,     # tdpbssd on 8-channel tiles: half the MACs per instruction of full width
 }
 HAVE_AMX = HAVE_CPU and "AMX" in cpu.available()[1]
 

@@ -67,9 +67,9 @@ double peak_loop(int kind, int64_t iters) {
 
 // AMX. kind 5: tdpbssd alone at full width (C tiles of 16 rows x 16 channels), four
 // independent C chains on register tiles: the machine's int8 peak. kind 7: the same with
-// 8-channel tiles (what the grouped W8A8 / W4A8 path issues; half the MACs per
-// instruction). kind 6: what the per-channel W8A8 kernel issues per 512-k chunk of a
-// 32-row x 32-channel block (task_amx_pc): load the 4 C tiles, 8 steps of {2 A + 2 B
+// 8-channel tiles (half the MACs per instruction: what full-width tiles gain). kind 6: what
+// the per-channel W8A8 kernel issues per 512-k chunk of a 32-row x 32-channel block
+// (task_amx_per_channel in csrc/cpu/amx_int8.cpp): load the 4 C tiles, 8 steps of {2 A + 2 B
 // tile loads, 4 tdpbssd}, store the 4 C tiles, every operand in L1.
 KQ_AMX double amx_loop(int kind, int64_t iters) {
   const int bw = kind == 7 ? 32 : 64;  // B and C bytes per row

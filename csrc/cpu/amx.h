@@ -46,7 +46,7 @@ KQ_AMX inline void amx_zero() {
 // Called right after the next block's tiles are issued, so the vector units convert one
 // block while the AMX unit works on the next.
 template <class T>
-KQ_AMX inline void epi_block(const Problem& p, int64_t m, int64_t m1, int64_t n0, int64_t n1, const T* t) {
+KQ_AMX inline void amx_epilogue(const Problem& p, int64_t m, int64_t m1, int64_t n0, int64_t n1, const T* t) {
   constexpr bool grouped = std::is_same<T, float>::value;
   for (int j = 0; j < 2; ++j) {
     const int64_t c0 = n0 + 16 * j, nv = std::min<int64_t>(16, n1 - c0);

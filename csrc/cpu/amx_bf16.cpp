@@ -108,7 +108,7 @@ KQ_AMXBF void block_to_bf16(const Problem& p, bool int4, int64_t nb, int64_t k0,
 
 // 32 k per step; B tiles: 16 pair rows x 16 channels (512 elements per step)
 template <bool A2, bool B2>
-KQ_AMXBF inline void amxbf_steps(const uint16_t* a, int64_t ab, int64_t part, const uint16_t* b0, const uint16_t* b1,
+KQ_AMXBF inline void amx_bf16_steps(const uint16_t* a, int64_t ab, int64_t part, const uint16_t* b0, const uint16_t* b1,
                                  int64_t s0, int64_t s1) {
   for (int64_t s = s0; s < s1; ++s) {
     _tile_loadd(6, b0 + s * 512, 64);
@@ -125,12 +125,12 @@ KQ_AMXBF inline void amxbf_steps(const uint16_t* a, int64_t ab, int64_t part, co
   }
 }
 
-KQ_AMXBF inline void amxbf_run(bool a2, bool b2, const uint16_t* a, int64_t ab, int64_t part, const uint16_t* b0,
+KQ_AMXBF inline void amx_bf16_run(bool a2, bool b2, const uint16_t* a, int64_t ab, int64_t part, const uint16_t* b0,
                                const uint16_t* b1, int64_t s0, int64_t s1) {
-  if (a2 && b2) amxbf_steps<true, true>(a, ab, part, b0, b1, s0, s1);
-  else if (a2) amxbf_steps<true, false>(a, ab, part, b0, b1, s0, s1);
-  else if (b2) amxbf_steps<false, true>(a, ab, part, b0, b1, s0, s1);
-  else amxbf_steps<false, false>(a, ab, part, b0, b1, s0, s1);
+  if (a2 && b2) amx_bf16_steps<true, true>(a, ab, part, b0, b1, s0, s1);
+  else if (a2) amx_bf16_steps<true, false>(a, ab, part, b0, b1, s0, s1);
+  else if (b2) amx_bf16_steps<false, true>(a, ab, part, b0, b1, s0, s1);
+  else amx_bf16_steps<false, false>(a, ab, part, b0, b1, s0, s1);
 }
 
 inline float zero_of(const Problem& p, int64_t n, int64_t g) {
@@ -182,7 +182,7 @@ KQ_AMXBF void task_amx_bf16(const Problem& p, int64_t m0, int64_t m1, int64_t nb
         const bool b2 = 2 * j + 1 < n16;
         const uint16_t* b0 = wb + 2 * j * kc * 16;
         amx_zero();
-        amxbf_run(a2, b2, a, ab, part, b0, b2 ? b0 + kc * 16 : b0, 0, kc / 32);
+        amx_bf16_run(a2, b2, a, ab, part, b0, b2 ? b0 + kc * 16 : b0, 0, kc / 32);
         _tile_stored(0, c[0], 64);
         _tile_stored(1, c[1], 64);
         _tile_stored(2, c[2], 64);
@@ -215,7 +215,7 @@ KQ_AMXBF void task_amx_bf16(const Problem& p, int64_t m0, int64_t m1, int64_t nb
     }
   }
   for (int64_t mb = 0; mb < nmb; ++mb)
-    for (int64_t j = 0; j < n32; ++j) epi_block<float>(p, m0 + 32 * mb, m1, (nb0 + 4 * j) * kBlockN, n1, fb(mb, j));
+    for (int64_t j = 0; j < n32; ++j) amx_epilogue<float>(p, m0 + 32 * mb, m1, (nb0 + 4 * j) * kBlockN, n1, fb(mb, j));
   _tile_release();
 }
 

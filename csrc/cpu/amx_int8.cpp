@@ -55,8 +55,9 @@ KQ_AMX inline void amx_run(bool a2, bool b2, const int8_t* a, int64_t ab, const 
   else amx_steps<false, false>(a, ab, b0, b1, q0, q1);
 }
 
-// layout-2 blocks nb, nb + 1 (no octets each; nb + 1 only if < nb1) -> int8 (u - 8) as one
-// 16-channel block of layout 1 (2 * no k-quad rows of 64 bytes; a missing block gives 0)
+// layout-2 blocks nb, nb + 1 (p.kblocks octets each; nb + 1 only if < nb1) -> int8 (u - 8)
+// as one 16-channel block of layout 1 (2 * p.kblocks k-quad rows of 64 bytes; a missing
+// block gives 0)
 KQ_AMX inline void unpack_int4_pair(const Problem& p, int64_t nb, int64_t nb1, int8_t* dst) {
   const __m256i lo = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
   const uint8_t* w0 = p.w4 + nb * p.kblocks * 32;
@@ -82,7 +83,7 @@ KQ_AMX inline void unpack_int4_pair(const Problem& p, int64_t nb, int64_t nb1, i
 // int32 tiles wait in a buffer between chunks (exact).
 constexpr int64_t kAmxKQ = 128;  // k-quads per chunk (512 k)
 
-KQ_AMX void task_amx_pc(const Problem& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+KQ_AMX void task_amx_per_channel(const Problem& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
   const int64_t n16 = cdiv(nb1 - nb0, 2), n32 = cdiv(n16, 2), nmb = cdiv(m1 - m0, 32);
   const int64_t ab = p.lda * 16;  // bytes per 16-row block of tiled activations
   const int64_t n1 = std::min(p.N, nb1 * kBlockN);
@@ -101,14 +102,14 @@ KQ_AMX void task_amx_pc(const Problem& p, int64_t m0, int64_t m1, int64_t nb0, i
         else amx_load(acc(mb, j));
         amx_run(m + 16 < m1, 2 * j + 1 < n16, a, ab, b0, b0 + p.kblocks * kW8Row, q0, q1);
         amx_store(acc(mb, j));
-        if (last && j >= 1) epi_block<int32_t>(p, m, m1, (nb0 + 4 * (j - 1)) * kBlockN, n1, acc(mb, j - 1));
+        if (last && j >= 1) amx_epilogue<int32_t>(p, m, m1, (nb0 + 4 * (j - 1)) * kBlockN, n1, acc(mb, j - 1));
       }
-      if (last) epi_block<int32_t>(p, m, m1, (nb0 + 4 * (n32 - 1)) * kBlockN, n1, acc(mb, n32 - 1));
+      if (last) amx_epilogue<int32_t>(p, m, m1, (nb0 + 4 * (n32 - 1)) * kBlockN, n1, acc(mb, n32 - 1));
     }
   }
 }
 
-// f += float(acc) * s for a 32 x 32 tile block (tiles as in epi_block) of rows rows (<= 32
+// f += float(acc) * s for a 32 x 32 tile block (tiles as in amx_epilogue) of rows rows (<= 32
 // valid) and one or two 16-channel halves; s: the 32 channels' scales
 KQ_AMX inline void fold_block(const int32_t* acc, const float* s, int64_t rows, bool b2, float* f) {
   for (int j = 0; j < (b2 ? 2 : 1); ++j) {
@@ -163,7 +164,7 @@ KQ_AMX void task_amx_grouped(const Problem& p, bool int4, int64_t m0, int64_t m1
         amx_zero();
       }
       fold_block(acc[(p.G - 1) & 1][0], st + (p.G - 1) * 32, m1 - m, b2, f[0]);
-      epi_block<float>(p, m, m1, c0, n1, f[0]);
+      amx_epilogue<float>(p, m, m1, c0, n1, f[0]);
     }
   }
 }
@@ -175,7 +176,7 @@ KQ_AMX void task_amx_grouped(const Problem& p, bool int4, int64_t m0, int64_t m1
 KQ_AMX void task_amx_int8(const Problem& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
   const bool int4 = p.int4;
   amx_config();
-  if (!int4 && p.G == 1) task_amx_pc(p, m0, m1, nb0, nb1);  // per-channel W8A8 and int8_mm
+  if (!int4 && p.G == 1) task_amx_per_channel(p, m0, m1, nb0, nb1);  // per-channel W8A8 and int8_mm
   else task_amx_grouped(p, int4, m0, m1, nb0, nb1);
   _tile_release();
 }

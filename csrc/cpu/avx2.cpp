@@ -20,18 +20,19 @@ KQ_AVX2 void quant_rows_avx2(const QuantArgs& a, int64_t m0, int64_t m1) {
     float amax = 0.0f;
     bool nonfinite = false;
     if (!a.is_static) {
-      __m256 vm = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+      // max of |x| as int32 bits: for non-negative floats the same order as fp32, and a NaN
+      // or Inf (bits >= 0x7F800000, above every finite value) becomes the maximum
+      __m256i vm = _mm256_setzero_si256();
       int64_t k = 0;
-      for (; k + 8 <= a.K; k += 8) {
-        const __m256 ax = _mm256_and_ps(load8(a.x, a.xt, off + k), absmask);
-        vm = _mm256_max_ps(vm, ax);
-        bad = _mm256_or_ps(bad, _mm256_cmp_ps(ax, inf, _CMP_NLT_UQ));  // |x| >= inf or NaN
-      }
-      alignas(32) float t[8];
-      _mm256_store_ps(t, vm);
-      for (int c = 0; c < 8; ++c) amax = std::max(amax, t[c]);
-      nonfinite = amax_tail(a, off, k, &amax);
-      nonfinite |= _mm256_movemask_ps(bad) != 0;
+      for (; k + 8 <= a.K; k += 8)
+        vm = _mm256_max_epi32(vm, _mm256_castps_si256(_mm256_and_ps(load8(a.x, a.xt, off + k), absmask)));
+      alignas(32) int32_t t[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(t), vm);
+      int32_t bits = 0;
+      for (int c = 0; c < 8; ++c) bits = std::max(bits, t[c]);
+      nonfinite = bits >= 0x7F800000;
+      std::memcpy(&amax, &bits, sizeof(amax));
+      nonfinite |= amax_tail(a, off, k, &amax);
     }
     if (!plain_row(a, amax, nonfinite)) {
       quant_row_scalar(a, m, amax, nonfinite);

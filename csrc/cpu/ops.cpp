@@ -59,13 +59,14 @@ at::Tensor setup_weight(Problem& p, const at::Tensor& x, const at::Tensor& w, co
   return b;
 }
 
-// The buffers behind the prepared activations of one call
-struct Held {
-  at::Tensor a, b, c, d;
+// Buffers behind the prepared activations of one call (the Problem points into them)
+struct ActBuffers {
+  at::Tensor scales, codes, abs_codes, group_sums;  // int8 forms
+  at::Tensor x, x_sums;                             // float forms
 };
 
 // x quantized into the int8 forms pl.acts names (per token, or with the static act_scale)
-Held quantize_acts(const Plan& pl, Problem& p, const at::Tensor& x, const std::optional<at::Tensor>& act_scale) {
+ActBuffers quantize_acts(const Plan& pl, Problem& p, const at::Tensor& x, const std::optional<at::Tensor>& act_scale) {
   QuantArgs qa{x.data_ptr(), p.yt, p.Kp, false, 1.f, 1.f, nullptr, nullptr, nullptr, p.lda, nullptr, nullptr,
                p.G, p.gsz};
   if (act_scale.has_value() && act_scale->defined()) {
@@ -75,27 +76,27 @@ Held quantize_acts(const Plan& pl, Problem& p, const at::Tensor& x, const std::o
     qa.s_scale = s;
     qa.s_inv = 1.0f / s;
   }
-  Held h;
-  h.a = at::empty({p.M}, x.options().dtype(at::kFloat));
-  qa.sx = h.a.data_ptr<float>();
+  ActBuffers h;
+  h.scales = at::empty({p.M}, x.options().dtype(at::kFloat));
+  qa.sx = h.scales.data_ptr<float>();
   if (pl.acts == Acts::Int16) {
-    h.b = at::empty({p.M, p.lda}, x.options().dtype(at::kShort));
-    qa.q16 = h.b.data_ptr<int16_t>();
+    h.codes = at::empty({p.M, p.lda}, x.options().dtype(at::kShort));
+    qa.q16 = h.codes.data_ptr<int16_t>();
   } else {
     // AMX reads whole 16-row tiles: the rows past M are zeros
     qa.tiled = pl.acts == Acts::Int8Tiles;
     const int64_t rows = qa.tiled ? cdiv(p.M, 16) * 16 : p.M;
-    h.b = at::empty({rows, p.lda}, x.options().dtype(at::kChar));
-    if (rows > p.M) h.b.narrow(0, rows - 16, 16).zero_();  // the last 16-row tile block
-    qa.q8 = h.b.data_ptr<int8_t>();
+    h.codes = at::empty({rows, p.lda}, x.options().dtype(at::kChar));
+    if (rows > p.M) h.codes.narrow(0, rows - 16, 16).zero_();  // the last 16-row tile block
+    qa.q8 = h.codes.data_ptr<int8_t>();
   }
   if (pl.acts == Acts::Int8AndAbs) {
-    h.c = at::empty({p.M, p.lda}, x.options().dtype(at::kByte));
-    qa.qabs = h.c.data_ptr<uint8_t>();
+    h.abs_codes = at::empty({p.M, p.lda}, x.options().dtype(at::kByte));
+    qa.qabs = h.abs_codes.data_ptr<uint8_t>();
   }
   if (pl.acts == Acts::Int8AndSums) {
-    h.d = at::empty({p.M, p.G}, x.options().dtype(at::kInt));
-    qa.asum = h.d.data_ptr<int32_t>();
+    h.group_sums = at::empty({p.M, p.G}, x.options().dtype(at::kInt));
+    qa.asum = h.group_sums.data_ptr<int32_t>();
   }
   quantize(qa, p.M, pl.isa);
   p.a8 = qa.q8;
@@ -107,26 +108,26 @@ Held quantize_acts(const Plan& pl, Problem& p, const at::Tensor& x, const std::o
 }
 
 // x (the rows of q) in the float form pl.acts names
-Held float_acts(const Plan& pl, Problem& q, const at::Tensor& x) {
+ActBuffers float_acts(const Plan& pl, Problem& q, const at::Tensor& x) {
   const int64_t padded = q.kblocks * (q.int4 ? 8 : 4);  // K padded to 64
-  Held h;
+  ActBuffers h;
   switch (pl.acts) {
 #if KQ_X86
     case Acts::Bf16Split:
       q.ldx = padded;
-      std::tie(h.a, h.b) = split_x_bf16(q, x.data_ptr(), q.yt);
+      std::tie(h.x, h.x_sums) = split_x_bf16(q, x.data_ptr(), q.yt);
       return h;
 #endif
     case Acts::Fp32:
-      h.a = x.to(at::kFloat);
-      q.xf = h.a.data_ptr<float>();
+      h.x = x.to(at::kFloat);
+      q.xf = h.x.data_ptr<float>();
       q.ldx = q.Kp;
       return h;
     default:  // Fp32Padded
       q.ldx = padded;
-      h.a = at::zeros({q.M, q.ldx}, x.options().dtype(at::kFloat));
-      h.a.narrow(1, 0, q.Kp).copy_(x);
-      q.xf = h.a.data_ptr<float>();
+      h.x = at::zeros({q.M, q.ldx}, x.options().dtype(at::kFloat));
+      h.x.narrow(1, 0, q.Kp).copy_(x);
+      q.xf = h.x.data_ptr<float>();
       return h;
   }
 }
@@ -145,7 +146,7 @@ at::Tensor act_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tenso
   p.yt = out_type(x.scalar_type());
   p.lda = p.kblocks * (int4 ? 8 : 4);
   const Plan pl = plan(Op::QuantActLinear, p, active_isa());
-  const Held acts = quantize_acts(pl, p, x, act_scale);
+  const ActBuffers acts = quantize_acts(pl, p, x, act_scale);
   run(pl, p);
   return y;
 }
@@ -185,7 +186,7 @@ at::Tensor wo_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
     Problem q = p;
     q.M = std::min(pl.rows_per_call, p.M - r0);
     q.y = static_cast<char*>(p.y) + r0 * p.N * y.element_size();
-    const Held acts = float_acts(pl, q, x.narrow(0, r0, q.M));
+    const ActBuffers acts = float_acts(pl, q, x.narrow(0, r0, q.M));
     run(pl, q);
   }
   return y;
