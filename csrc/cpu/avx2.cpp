@@ -6,67 +6,68 @@
 
 namespace kquant::cpu {
 
-// Rows [m0, m1): an amax pass (dynamic mode), then 16 values per step through fp32
-// multiply, nearest-even rounding and clamp, the reference's operations. Rows holding NaN
-// or Inf and rows to lift go to quant_row_scalar; in static mode (no amax pass) a
-// non-finite x found while quantizing turns the row into the poisoned row afterwards.
-KQ_AVX2 void quant_rows_avx2(const QuantArgs& a, int64_t m0, int64_t m1) {
+// max |x| of the row at x offset off into *amax; returns whether the row holds NaN or Inf.
+// The max is taken over the int32 bits of |x|: for non-negative floats they order as the
+// values do, and a NaN or Inf (bits >= 0x7F800000, above every finite value) becomes the
+// maximum, so the pass needs no extra operation to find them.
+KQ_AVX2 inline bool amax_avx2(const QuantArgs& a, int64_t off, __m256 absmask, float* amax) {
+  __m256i vm = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k + 8 <= a.K; k += 8)
+    vm = _mm256_max_epi32(vm, _mm256_castps_si256(_mm256_and_ps(load8(a.x, a.xt, off + k), absmask)));
+  alignas(32) int32_t t[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), vm);
+  int32_t bits = 0;
+  for (int c = 0; c < 8; ++c) bits = std::max(bits, t[c]);
+  std::memcpy(amax, &bits, sizeof(float));
+  const bool nonfinite = amax_tail(a, off, k, amax);
+  return nonfinite || bits >= 0x7F800000;
+}
+
+// The codes of row m (x at offset off) for k < K16, 16 at a time: fp32 multiply by inv,
+// nearest-even rounding and clamp, the reference's operations. CheckFinite (static mode,
+// which has no amax pass): returns whether an x was NaN or Inf.
+template <bool CheckFinite>
+KQ_AVX2 inline bool codes_avx2(const QuantArgs& a, int64_t m, int64_t off, int64_t K16, float inv) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 inf = _mm256_set1_ps(INFINITY);
   const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  const __m256 vinv = _mm256_set1_ps(inv);
+  int16_t* q16 = a.q16 ? a.q16 + m * a.lda : nullptr;
+  __m256 bad = _mm256_setzero_ps();  // lanes that saw NaN or Inf
+  for (int64_t k = 0; k < K16; k += 16) {
+    const __m256 x0 = load8(a.x, a.xt, off + k), x1 = load8(a.x, a.xt, off + k + 8);
+    if constexpr (CheckFinite)
+      bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(_mm256_and_ps(x0, absmask), inf, _CMP_NLT_UQ),
+                                           _mm256_cmp_ps(_mm256_and_ps(x1, absmask), inf, _CMP_NLT_UQ)));
+    __m256 f0 = _mm256_mul_ps(x0, vinv);
+    __m256 f1 = _mm256_mul_ps(x1, vinv);
+    f0 = _mm256_round_ps(f0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    f1 = _mm256_round_ps(f1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    f0 = _mm256_min_ps(_mm256_max_ps(f0, lo), hi);
+    f1 = _mm256_min_ps(_mm256_max_ps(f1, lo), hi);
+    __m256i w = _mm256_permute4x64_epi64(
+        _mm256_packs_epi32(_mm256_cvtps_epi32(f0), _mm256_cvtps_epi32(f1)), 0xD8);
+    if (q16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(q16 + k), w);
+    if (a.q8 || a.qabs)
+      store_q8x16(a, m, k, _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packs_epi16(w, w), 0x08)));
+  }
+  return _mm256_movemask_ps(bad) != 0;
+}
+
+// Rows [m0, m1): an amax pass (dynamic mode), then the codes. Rows holding NaN or Inf and
+// rows to lift go to quant_row_scalar; in static mode a non-finite x found while
+// quantizing turns the row into the poisoned row afterwards.
+KQ_AVX2 void quant_rows_avx2(const QuantArgs& a, int64_t m0, int64_t m1) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const int64_t K16 = a.K & ~int64_t(15);
   for (int64_t m = m0; m < m1; ++m) {
     const int64_t off = m * a.K;
-    float amax = 0.0f;
-    bool nonfinite = false;
-    if (!a.is_static) {
-      // max of |x| as int32 bits: for non-negative floats the same order as fp32, and a NaN
-      // or Inf (bits >= 0x7F800000, above every finite value) becomes the maximum
-      __m256i vm = _mm256_setzero_si256();
-      int64_t k = 0;
-      for (; k + 8 <= a.K; k += 8)
-        vm = _mm256_max_epi32(vm, _mm256_castps_si256(_mm256_and_ps(load8(a.x, a.xt, off + k), absmask)));
-      alignas(32) int32_t t[8];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(t), vm);
-      int32_t bits = 0;
-      for (int c = 0; c < 8; ++c) bits = std::max(bits, t[c]);
-      nonfinite = bits >= 0x7F800000;
-      std::memcpy(&amax, &bits, sizeof(amax));
-      nonfinite |= amax_tail(a, off, k, &amax);
-    }
-    if (!plain_row(a, amax, nonfinite)) {
-      quant_row_scalar(a, m, amax, nonfinite);
-      continue;
-    }
-    const RowScale rs = row_scale(a, amax);
-    a.sx[m] = rs.scale;
-    const __m256 vinv = _mm256_set1_ps(rs.inv);
-    int16_t* q16 = a.q16 ? a.q16 + m * a.lda : nullptr;
-    __m256 bad = _mm256_setzero_ps();  // static mode: lanes that saw NaN or Inf
-    int64_t k = 0;
-    for (; k < K16; k += 16) {
-      const __m256 x0 = load8(a.x, a.xt, off + k), x1 = load8(a.x, a.xt, off + k + 8);
-      if (a.is_static)
-        bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(_mm256_and_ps(x0, absmask), inf, _CMP_NLT_UQ),
-                                             _mm256_cmp_ps(_mm256_and_ps(x1, absmask), inf, _CMP_NLT_UQ)));
-      __m256 f0 = _mm256_mul_ps(x0, vinv);
-      __m256 f1 = _mm256_mul_ps(x1, vinv);
-      f0 = _mm256_round_ps(f0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      f1 = _mm256_round_ps(f1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      f0 = _mm256_min_ps(_mm256_max_ps(f0, lo), hi);
-      f1 = _mm256_min_ps(_mm256_max_ps(f1, lo), hi);
-      __m256i w = _mm256_permute4x64_epi64(
-          _mm256_packs_epi32(_mm256_cvtps_epi32(f0), _mm256_cvtps_epi32(f1)), 0xD8);
-      if (q16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(q16 + k), w);
-      if (a.q8 || a.qabs)
-        store_q8x16(a, m, k, _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packs_epi16(w, w), 0x08)));
-    }
-    const bool tail_nonfinite = quant_tail(a, m, k, rs.inv);
-    if (a.is_static && (tail_nonfinite || _mm256_movemask_ps(bad) != 0)) {
-      poison_row(a, m);
-      continue;
-    }
-    finish_row(a, m);
+    float amax = 0.0f, inv;
+    const bool nonfinite = !a.is_static && amax_avx2(a, off, absmask, &amax);
+    if (!begin_row(a, m, amax, nonfinite, &inv)) continue;
+    const bool bad = a.is_static ? codes_avx2<true>(a, m, off, K16, inv) : codes_avx2<false>(a, m, off, K16, inv);
+    end_row(a, m, K16, inv, 1.0f, bad);
   }
 }
 

@@ -267,6 +267,13 @@ KQ_AVX2 inline __m256 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
   return _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
+// per-channel int32 z[8] in the lanes (channel pair, k mod 4) of reduce4's four inputs
+KQ_AVX2 inline void pair_lanes(const int32_t* z, __m256i* zv) {
+  for (int j = 0; j < 4; ++j)
+    zv[j] = _mm256_setr_epi32(z[2 * j], z[2 * j], z[2 * j], z[2 * j], z[2 * j + 1], z[2 * j + 1], z[2 * j + 1],
+                              z[2 * j + 1]);
+}
+
 // fp32 sums of MR rows of x (row stride ldx) x one 8-channel half w of layout 1 over
 // k-quads [q0, q1): out[8 r + c] = sum_k x[r][k] * (q - z[c]) (HasZero: z applied in int32)
 template <int MR, bool HasZero>
@@ -275,11 +282,8 @@ KQ_AVX2 inline void wo_gemm_i8(const float* x, int64_t ldx, const int8_t* w, int
   __m256 acc[MR][4];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
-  __m256i zv[4];
-  for (int j = 0; j < 4; ++j)
-    zv[j] = HasZero ? _mm256_setr_epi32(z[2 * j], z[2 * j], z[2 * j], z[2 * j], z[2 * j + 1], z[2 * j + 1],
-                                        z[2 * j + 1], z[2 * j + 1])
-                    : _mm256_setzero_si256();
+  __m256i zv[4] = {};
+  if (HasZero) pair_lanes(z, zv);
   for (int64_t q = q0; q < q1; ++q) {
     const __m128i wl = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kW8Row * q));
     const __m128i wh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kW8Row * q + 16));
@@ -303,9 +307,7 @@ KQ_AVX2 inline void wo_gemm_i4(const float* x, int64_t ldx, const uint8_t* w, in
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
   __m256i zv[4];
-  for (int j = 0; j < 4; ++j)
-    zv[j] = _mm256_setr_epi32(z[2 * j], z[2 * j], z[2 * j], z[2 * j], z[2 * j + 1], z[2 * j + 1], z[2 * j + 1],
-                              z[2 * j + 1]);
+  pair_lanes(z, zv);
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   for (int64_t o = o0; o < o1; ++o) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * o));

@@ -280,11 +280,12 @@ template <OutT T>
 KQ_AVX512F void quant_rows_avx512_t(const QuantArgs& a, int64_t m0, int64_t m1) {
   const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
   const int64_t K16 = a.K & ~int64_t(15);
+  const bool is_static = a.is_static;  // a local: the loops below may test it without reloading
   for (int64_t m = m0; m < m1; ++m) {
     const int64_t off = m * a.K;
     float amax = 0.0f;
     bool nonfinite = false;
-    if (!a.is_static) {
+    if (!is_static) {
       __m512 v[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       __mmask16 bad = 0;
       int64_t k = 0;
@@ -303,31 +304,22 @@ KQ_AVX512F void quant_rows_avx512_t(const QuantArgs& a, int64_t m0, int64_t m1) 
       nonfinite = amax_tail(a, off, k, &amax);
       nonfinite |= bad != 0;
     }
-    if (!plain_row(a, amax, nonfinite)) {
-      quant_row_scalar(a, m, amax, nonfinite);
-      continue;
-    }
-    const RowScale rs = row_scale(a, amax);
-    a.sx[m] = rs.scale;
-    const __m512 vinv = _mm512_set1_ps(rs.inv);
+    float inv;
+    if (!begin_row(a, m, amax, nonfinite, &inv)) continue;
+    const __m512 vinv = _mm512_set1_ps(inv);
     int16_t* q16 = a.q16 ? a.q16 + m * a.lda : nullptr;
     __mmask16 bad = 0;  // static mode: lanes that saw NaN or Inf
     int64_t k = 0;
     for (; k < K16; k += 16) {
       const __m512 xv = load16t<T>(a.x, off + k);
-      if (a.is_static) bad |= nonfinite16(_mm512_abs_ps(xv));
+      if (is_static) bad |= nonfinite16(_mm512_abs_ps(xv));
       __m512 f = _mm512_mul_ps(xv, vinv);
       f = _mm512_roundscale_ps(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       const __m512i i = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(f, lo), hi));
       if (q16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(q16 + k), _mm512_cvtepi32_epi16(i));
       store_q8x16(a, m, k, _mm512_cvtepi32_epi8(i));  // values already in [-127, 127]
     }
-    const bool tail_nonfinite = quant_tail(a, m, k, rs.inv);
-    if (a.is_static && (tail_nonfinite || bad != 0)) {
-      poison_row(a, m);
-      continue;
-    }
-    finish_row(a, m);
+    end_row(a, m, k, inv, 1.0f, bad != 0);
   }
 }
 

@@ -274,16 +274,39 @@ inline void poison_row(const QuantArgs& a, int64_t m) {
   a.sx[m] = NAN;
 }
 
+// any row after the amax pass (dynamic; amax, nonfinite unused in static mode), in scalar.cpp
+void quant_row_scalar(const QuantArgs& a, int64_t m, float amax, bool nonfinite);
+
+// Row m of a vector level after its amax pass: a row the vector loop does not take (NaN or
+// Inf, or to lift) goes to quant_row_scalar (returns false); otherwise sets sx[m] and *inv
+inline bool begin_row(const QuantArgs& a, int64_t m, float amax, bool nonfinite, float* inv) {
+  if (!plain_row(a, amax, nonfinite)) {
+    quant_row_scalar(a, m, amax, nonfinite);
+    return false;
+  }
+  const RowScale rs = row_scale(a, amax);
+  a.sx[m] = rs.scale;
+  *inv = rs.inv;
+  return true;
+}
+
+// Row m after a loop wrote its codes for k < k0 (vector_nonfinite: whether that loop saw NaN
+// or Inf; it looks only in static mode): the codes from k0 on, then the group sums, or the
+// poisoned row for a static row that held NaN or Inf (dynamic rows here are finite)
+inline void end_row(const QuantArgs& a, int64_t m, int64_t k0, float inv, float lift, bool vector_nonfinite) {
+  const bool nonfinite = quant_tail(a, m, k0, inv, lift) || vector_nonfinite;
+  if (a.is_static && nonfinite) poison_row(a, m);
+  else finish_row(a, m);
+}
+
 // ----------------------------------------------------------------------------- level entry points
 // Task functions: rows [m0, m1) x 8-channel blocks [nb0, nb1) of p with a kernel of `kind`
 // (the runner in plan.cpp calls them; each output element is written by one task).
 // Quantizers: rows [m0, m1) of a. Dequantizers: 8-channel block nb (nv valid channels) to
 // fp32, k-major: dst[k * ld + c] = (q - z) * s, every k of the padded K.
 
-// scalar.cpp
+// scalar.cpp (and quant_row_scalar above)
 void quant_rows_scalar(const QuantArgs& a, int64_t m0, int64_t m1);
-// one row after the amax pass (dynamic; amax, nonfinite unused in static mode): any row
-void quant_row_scalar(const QuantArgs& a, int64_t m, float amax, bool nonfinite);
 void dequant_block_scalar(const Problem& p, int64_t nb, int nv, float* dst, int64_t ld);
 void task_scalar(const Problem& p, Kind kind, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);
 

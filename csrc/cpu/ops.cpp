@@ -26,9 +26,19 @@ void check_x(const at::Tensor& x) {
   out_type(x.scalar_type());
 }
 
-// Fills p's shapes, weights, scales, groups and bias; returns the fp32 bias p.bias points into
-at::Tensor setup_weight(Problem& p, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                        const std::optional<at::Tensor>& bias, bool int4) {
+// The tensors of a linear op that p points into
+struct LinearTensors {
+  at::Tensor x, scales, bias_f32, y;
+};
+
+// Checks a linear op's tensors against each other and fills p's shapes, weights, scales,
+// groups, bias and output (y: [M, N] in x's dtype)
+LinearTensors setup_linear(Problem& p, const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales_,
+                           const std::optional<at::Tensor>& bias, bool int4) {
+  check_x(x_);
+  LinearTensors t{x_.contiguous(), scales_.contiguous()};
+  const at::Tensor& x = t.x;
+  const at::Tensor& scales = t.scales;
   p.M = x.size(0);
   p.Kp = x.size(1);
   p.int4 = int4;
@@ -50,13 +60,15 @@ at::Tensor setup_weight(Problem& p, const at::Tensor& x, const at::Tensor& w, co
   if (int4) p.w4 = w.data_ptr<uint8_t>();
   else p.w8 = w.data_ptr<int8_t>();
   p.sw = scales.data_ptr<float>();
-  at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == p.N, "kquant cpu: bias must have N=", p.N, " elements, got ", bias->numel());
-    b = bias->to(at::kFloat).contiguous();
-    p.bias = b.data_ptr<float>();
+    t.bias_f32 = bias->to(at::kFloat).contiguous();
+    p.bias = t.bias_f32.data_ptr<float>();
   }
-  return b;
+  t.y = at::empty({p.M, p.N}, x.options());
+  p.y = t.y.data_ptr();
+  p.yt = out_type(x.scalar_type());
+  return t;
 }
 
 // Buffers behind the prepared activations of one call (the Problem points into them)
@@ -132,23 +144,20 @@ ActBuffers float_acts(const Plan& pl, Problem& q, const at::Tensor& x) {
   }
 }
 
-// W8A8 / W4A8
+// W8A8 (Int4 = false) and W4A8. group_size is the schema's: the groups are the scales' columns.
+template <bool Int4>
 at::Tensor act_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales_,
-                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale, bool int4) {
-  check_x(x_);
-  const at::Tensor x = x_.contiguous();
-  const at::Tensor scales = scales_.contiguous();
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale,
+                      int64_t group_size) {
+  (void)group_size;
   Problem p;
-  const at::Tensor bias_f32 = setup_weight(p, x, w, scales, bias, int4);
-  at::Tensor y = at::empty({p.M, p.N}, x.options());
-  if (p.M == 0 || p.N == 0) return y;
-  p.y = y.data_ptr();
-  p.yt = out_type(x.scalar_type());
-  p.lda = p.kblocks * (int4 ? 8 : 4);
+  const LinearTensors t = setup_linear(p, x_, w, scales_, bias, Int4);
+  if (p.M == 0 || p.N == 0) return t.y;
+  p.lda = p.kblocks * (Int4 ? 8 : 4);
   const Plan pl = plan(Op::QuantActLinear, p, active_isa());
-  const ActBuffers acts = quantize_acts(pl, p, x, act_scale);
+  const ActBuffers acts = quantize_acts(pl, p, t.x, act_scale);
   run(pl, p);
-  return y;
+  return t.y;
 }
 
 // Zero points that are all whole numbers: WoFused subtracts them in int32, and AMX-BF16 puts
@@ -159,65 +168,34 @@ bool whole_numbers(const float* z, int64_t n) {
   return true;
 }
 
-// W8A16 / W4A16
+// W8A16 (Int4 = false) and W4A16; group_size as in act_linear
+template <bool Int4>
 at::Tensor wo_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales_,
-                     const std::optional<at::Tensor>& zeros_, const std::optional<at::Tensor>& bias, bool int4) {
-  check_x(x_);
-  const at::Tensor x = x_.contiguous();
-  const at::Tensor scales = scales_.contiguous();
+                     const std::optional<at::Tensor>& zeros_, const std::optional<at::Tensor>& bias,
+                     int64_t group_size) {
+  (void)group_size;
   Problem p;
-  const at::Tensor bias_f32 = setup_weight(p, x, w, scales, bias, int4);
+  const LinearTensors t = setup_linear(p, x_, w, scales_, bias, Int4);
   at::Tensor zeros;
   if (zeros_.has_value() && zeros_->defined()) {
     zeros = zeros_->contiguous();
-    TORCH_CHECK(zeros.sizes() == scales.sizes() && zeros.scalar_type() == at::kFloat,
-                "kquant cpu: zeros must be float32 like scales ", scales.sizes(), ", got ", zeros.scalar_type(), " ",
-                zeros.sizes());
+    TORCH_CHECK(zeros.sizes() == t.scales.sizes() && zeros.scalar_type() == at::kFloat,
+                "kquant cpu: zeros must be float32 like scales ", t.scales.sizes(), ", got ", zeros.scalar_type(),
+                " ", zeros.sizes());
     p.zeros = zeros.data_ptr<float>();
   }
-  p.wo_zero = int4 ? 8 : 0;
+  p.wo_zero = Int4 ? 8 : 0;
   p.whole_zeros = !zeros.defined() || whole_numbers(p.zeros, zeros.numel());
-  at::Tensor y = at::empty({p.M, p.N}, x.options());
-  if (p.M == 0 || p.N == 0) return y;
-  p.y = y.data_ptr();
-  p.yt = out_type(x.scalar_type());
+  if (p.M == 0 || p.N == 0) return t.y;
   const Plan pl = plan(Op::WeightOnlyLinear, p, active_isa());
   for (int64_t r0 = 0; r0 < p.M; r0 += pl.rows_per_call) {
     Problem q = p;
     q.M = std::min(pl.rows_per_call, p.M - r0);
-    q.y = static_cast<char*>(p.y) + r0 * p.N * y.element_size();
-    const ActBuffers acts = float_acts(pl, q, x.narrow(0, r0, q.M));
+    q.y = static_cast<char*>(p.y) + r0 * p.N * t.y.element_size();
+    const ActBuffers acts = float_acts(pl, q, t.x.narrow(0, r0, q.M));
     run(pl, q);
   }
-  return y;
-}
-
-at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale,
-                       int64_t group_size) {
-  (void)group_size;  // the groups are scales' columns
-  return act_linear(x, w, scales, bias, act_scale, false);
-}
-
-at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale,
-                       int64_t group_size) {
-  (void)group_size;
-  return act_linear(x, w, scales, bias, act_scale, true);
-}
-
-at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                        const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
-                        int64_t group_size) {
-  (void)group_size;
-  return wo_linear(x, w, scales, zeros, bias, false);
-}
-
-at::Tensor w4a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                        const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
-                        int64_t group_size) {
-  (void)group_size;
-  return wo_linear(x, w, scales, zeros, bias, true);
+  return t.y;
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x_) {
@@ -288,8 +266,8 @@ TORCH_LIBRARY_FRAGMENT(kquant, m) {
 TORCH_LIBRARY_IMPL(kquant, CPU, m) {
   m.impl("_quantize_per_token_cpu", &kquant::cpu::quantize_per_token);
   m.impl("_int8_mm_cpu", &kquant::cpu::int8_mm);
-  m.impl("_w8a8_linear_cpu", &kquant::cpu::w8a8_linear);
-  m.impl("_w4a8_linear_cpu", &kquant::cpu::w4a8_linear);
-  m.impl("_w8a16_linear_cpu", &kquant::cpu::w8a16_linear);
-  m.impl("_w4a16_linear_cpu", &kquant::cpu::w4a16_linear);
+  m.impl("_w8a8_linear_cpu", &kquant::cpu::act_linear<false>);
+  m.impl("_w4a8_linear_cpu", &kquant::cpu::act_linear<true>);
+  m.impl("_w8a16_linear_cpu", &kquant::cpu::wo_linear<false>);
+  m.impl("_w4a16_linear_cpu", &kquant::cpu::wo_linear<true>);
 }

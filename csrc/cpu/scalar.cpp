@@ -15,12 +15,7 @@ void quant_row_scalar(const QuantArgs& a, int64_t m, float amax, bool nonfinite)
   }
   const RowScale rs = row_scale(a, amax);
   a.sx[m] = rs.scale;
-  // static mode has no amax pass: non-finite x shows up while quantizing
-  if (quant_tail(a, m, 0, rs.inv, rs.lift)) {
-    poison_row(a, m);
-    return;
-  }
-  finish_row(a, m);
+  end_row(a, m, 0, rs.inv, rs.lift, false);  // static mode finds NaN / Inf here
 }
 
 void quant_rows_scalar(const QuantArgs& a, int64_t m0, int64_t m1) {
