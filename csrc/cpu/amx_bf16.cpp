@@ -1,11 +1,12 @@
-// AMX-BF16 level: W8A16 and W4A16 on tiles (plan.cpp picks it from 16 rows where the CPU
-// has AMX-BF16; the activations come prepared by split_x_bf16 below).
+// AMX-BF16 level: W8A16 and W4A16 on tiles, for the weight-only calls plan.cpp gives it on
+// CPUs with AMX-BF16; the activations come prepared by split_x_bf16 below.
 //
 // tdpbf16ps: bf16 x bf16 products, exact in fp32, fp32 accumulation. The weights enter as
-// their integer codes, exact in bf16; x is split exactly into three bf16 parts, x = hi + mid + lo (8 + 8 + 8
-// significant bits), so every product x_k * q_k is the exact fp32 one and only the order
-// of the fp32 sums differs from the reference. Per group the zero point and the scale are
-// applied in fp32: f += s[n, g] * (sum_k x_k q_k - z[n, g] * sum_k x_k).
+// their integer codes, exact in bf16; x is split exactly into three bf16 parts, x = hi +
+// mid + lo (8 + 8 + 8 significant bits), so every product x_k * q_k is the exact fp32 one
+// and only the order of the fp32 sums differs from the reference. Per group the zero point
+// and the scale are applied in fp32: f += s[n, g] * (sum_k x_k q_k - z[n, g] * sum_k x_k);
+// whole zero points (Problem::whole_zeros) go into the codes as q - z instead.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -67,9 +68,9 @@ KQ_AMXBF void split_rows(const Problem& p, const void* x, OutT xt, uint16_t* a3,
   }
 }
 
-// one quad row of int8 codes (8 channels x 4 k) -> two bf16 pair rows (8 channels x 2 k each,
-// rs elements apart) of q - z (z: the zero point of each lane's channel, a whole number, so q - z in [-255, 255]
-// is exact in bf16)
+// one quad row of int8 codes (8 channels x 4 k) -> two bf16 pair rows (8 channels x 2 k
+// each, rs elements apart) of q - z (z: the zero point of each lane's channel, a whole
+// number, so q - z in [-255, 255] is exact in bf16)
 KQ_AMXBF inline void quad_to_pairs(__m256i v, __m512 z, uint16_t* dst, int64_t rs) {
   const __m256i sel = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
                                        0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);

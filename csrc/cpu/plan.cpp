@@ -92,9 +92,8 @@ Isa parse_isa(const std::string& raw) {
                  isa_name(best), "): running ", isa_name(best));
     return best;
   }
-  TORCH_CHECK(false, "kquant cpu: KQUANT_CPU_ISA='", raw,
-              "' is not an ISA level; accepted: scalar, avx2, avx512, amx (any case), or unset for the best this CPU has (",
-              isa_name(best), ")");
+  TORCH_CHECK(false, "kquant cpu: KQUANT_CPU_ISA='", raw, "' is not an ISA level; accepted: scalar, avx2, ",
+              "avx512, amx (any case), or unset for the best this CPU has (", isa_name(best), ")");
   return best;
 }
 

@@ -41,11 +41,12 @@
 // Weight-only GEMMs (tile_wo_fused, tile_wo_dequant; x is p.xf, fp32):
 //   wo_sums(p, has_zero, mr, m, nb, b0, b1, z, out)   fp32 out[8 r + c] = sum over k in
 //       [b0, b1) of x[m + r][k] * (q - z[c]), lanes summed as (k mod 4) partials then
-//       pairwise; has_zero: whether any z is nonzero (z is int32 [8])
+//       pairwise; z: int32 [8]; has_zero false: every z is 0 (the subtraction may be skipped)
 //   wo_gemv4(p, m, nb, nv4, f) -> bool   row m, 4 blocks, all groups: f[8 j + c] = sum_g
 //       s[n][g] * sum over k in g of x[k] * (q - z). false: no such kernel
 //   fold_float(mr, acc, s, f)   f = fma(acc, s[c], f)
-//   dequant_block(p, nb, nv, dst, ld)   block nb as fp32 (q - z) * s, k-major (dst[k ld + c])
+//   dequant_block(p, nb, nv, dst, ld)   block nb as fp32 (q - z) * s for every k of the
+//       padded K, k-major (dst[k ld + c])
 //   fgemm(mr, x, ldx, wq, K, out)   out[8 r + c] = fma chain over k in order of
 //       x[r][k] * wq[8 k + c], from 0
 #pragma once
