@@ -192,7 +192,7 @@ at::Tensor wo_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
     Problem q = p;
     q.M = std::min(pl.rows_per_call, p.M - r0);
     q.y = static_cast<char*>(p.y) + r0 * p.N * t.y.element_size();
-    const ActBuffers acts = float_acts(pl, q, t.x.narrow(0, r0, q.M));
+    const ActBuffers acts = float_acts(pl, q, q.M == p.M ? t.x : t.x.narrow(0, r0, q.M));
     run(pl, q);
   }
   return t.y;
