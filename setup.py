@@ -1,8 +1,9 @@
 """Build kquant's native extensions.
 
-kquant._C       C++ CPU kernels (csrc/module.cpp + csrc/cpu/*.cpp). AVX2/FMA code is
-                compiled per function with target attributes and chosen at run time,
-                so the library also loads on CPUs without AVX2.
+kquant._C       C++ CPU kernels (csrc/module.cpp + csrc/cpu/*.cpp, one file per ISA level).
+                The AVX2+FMA, AVX-512 and AMX code is compiled per function with target
+                attributes and the level chosen at run time (csrc/cpu/plan.cpp), so the
+                library also loads on CPUs without AVX2 (portable scalar level).
 kquant._C_cuda  CUDA kernels (csrc/cuda/*.cu), only when torch is a CUDA build and nvcc
                 is found (never decided by whether a GPU is visible). Targets come from
                 KQUANT_CUDA_ARCHS (default "80;90a").
@@ -70,7 +71,7 @@ def get_extensions():
     cxx = ["-O3", "-std=c++20", "-fno-math-errno"] + os.environ.get("KQUANT_CXXFLAGS", "").split()
     machine = platform.machine().lower()
     if machine not in ("x86_64", "amd64"):
-        _say(f"{machine} is not x86-64: AVX2 kernels are not compiled, scalar fallback only")
+        _say(f"{machine} is not x86-64: the AVX2/AVX-512/AMX kernels are not compiled, scalar level only")
     sources = [os.path.relpath(p, ROOT) for p in
                sorted(glob.glob(os.path.join(ROOT, "csrc", "module.cpp")) +
                       glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]

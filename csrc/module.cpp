@@ -1,5 +1,5 @@
 // kquant._C: build and CPU-feature information for `kquant info`. Ops are not bound
-// here: each kernel file registers its own private ops (TORCH_LIBRARY_FRAGMENT/IMPL).
+// here: csrc/cpu/ops.cpp registers the CPU kernels' private ops (TORCH_LIBRARY_FRAGMENT/IMPL).
 #include <torch/extension.h>
 
 #include "cpu_features.h"

@@ -150,6 +150,44 @@ def test_int8_mm_large_k_and_noncontiguous(isa):
     assert torch.equal(cpu.int8_mm(a, b), ref.int8_mm(a, b.contiguous()))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [5, 64, 100])
+def test_quantize_nonfinite_and_tiny_rows(isa, dtype, k):
+    # rows 0-2 hold NaN, +Inf, -Inf among ordinary values: q = 0 and scale NaN, so every
+    # output of theirs is NaN; rows 3-6 are subnormal or tiny (amax < 2^-64: x and amax are
+    # lifted by 2^64 before the reciprocal, which would overflow); rows 7-8 are ordinary
+    x = torch.randn(9, k)
+    x[0, k // 2] = float("nan")
+    x[1, 0] = float("inf")
+    x[2, k - 1] = -float("inf")
+    for i, size in zip(range(3, 7), (1e-40, 1e-38, 1e-30, 3e-37)):
+        x[i] = torch.randn(k) * size
+    x = x.to(dtype)
+    bad = torch.arange(9) < 3
+    rq, rs = ref.quantize_per_token(x)
+    assert (rq[bad] == 0).all() and rs[bad].isnan().all() and not rs[~bad].isnan().any()
+    for q, s in (cpu.quantize_per_token(x), cpu.OPS["quantize_per_token"](x)):
+        assert torch.equal(q, rq)
+        torch.testing.assert_close(s, rs, rtol=0, atol=0, equal_nan=True)
+    # through W8A8 / W4A8, per token and with a static scale (which has no amax pass), on
+    # the int16 GEMM (9 rows), the sign-trick GEMM (3 rows) and one row
+    clean = x.clone()
+    clean[bad] = torch.randn(3, k).to(dtype)
+    for bits in (8, 4):
+        pw = quantize_weight(torch.randn(40, k), bits, -1)
+        kp = padded_k(k, bits, -1)
+        xp, cp = (torch.nn.functional.pad(t, (0, kp - k)) for t in (x, clean))
+        b = torch.randn(40).to(dtype)
+        for act in (None, torch.tensor([0.02])):
+            for rows in (slice(0, 9), slice(0, 3), slice(1, 2)):
+                y, r = run_act(pw, xp[rows], b, act)
+                yc, _ = run_act(pw, cp[rows], b, act)
+                nan = bad[rows]
+                assert y[nan].isnan().all() and not y[~nan].isnan().any(), (bits, act, rows)
+                assert torch.equal(y[~nan], yc[~nan]), (bits, act, rows)  # the other rows are unchanged
+                torch.testing.assert_close(y, r, rtol=0, atol=0, equal_nan=True)
+
+
 # ----------------------------------------------------------------------------- W8A8 / W4A8
 @given(m=st.integers(0, 14), n=st.integers(1, 40), k=st.integers(1, 300), gs=st.sampled_from([-1, 32, 64, 128]),
        bits=st.sampled_from([8, 4]), static=st.booleans())
@@ -398,22 +436,26 @@ def test_env_forced_scalar_reports_in_backends(monkeypatch):
     assert cpu.isa() == BEST and "scalar" not in kquant.backends()["cpu"]["reason"] or BEST == "scalar"
 
 
-# ----------------------------------------------------------------------------- bench ceilings
-@pytest.mark.skipif(not HAS_AVX2, reason="the ceilings need AVX2")
-def test_ceiling_loops_run_and_order():
-    # the AMX peak is far above any AVX2 sequence, and the kernel's tile sequence (with its
-    # loads and stores) cannot beat the bare tdpbssd loop by much
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        avx2 = torch.ops.kquant._ceiling_cpu(0, 200_000)
-        assert 1.0 < avx2 < 1e4
-        if HAS_AMX:
-            peak = max(torch.ops.kquant._ceiling_cpu(5, 100_000) for _ in range(2))
-            seq = torch.ops.kquant._ceiling_cpu(6, 100_000)
-            n8 = torch.ops.kquant._ceiling_cpu(7, 100_000)  # 8-channel tiles (a rate, not asserted)
-            assert peak > 3 * avx2 and 0 < seq < 1.5 * peak and 0 < n8 < 1e6
-        with pytest.raises(RuntimeError, match="unknown kind 9"):
-            torch.ops.kquant._ceiling_cpu(9, 10)
-    finally:
-        torch.set_num_threads(old)
+def test_env_isa_values(monkeypatch, capfd):
+    best = torch.ops.kquant._cpu_isa_best()
+    assert best == max(ISA_IDS[n] for n in ISAS)
+    monkeypatch.setenv("KQUANT_CPU_ISA", "avx3")
+    with pytest.raises(RuntimeError, match=r"KQUANT_CPU_ISA='avx3'.*scalar, avx2, avx512, amx"):
+        torch.ops.kquant._cpu_isa()
+    monkeypatch.setenv("KQUANT_CPU_ISA", " Scalar ")
+    assert torch.ops.kquant._cpu_isa() == 0
+    monkeypatch.setenv("KQUANT_CPU_ISA", "amx")
+    assert torch.ops.kquant._cpu_isa() == best  # capped at the best level there is
+    if best >= ISA_IDS["avx512"]:
+        return
+    # below AVX-512 (an AVX2 machine): avx512 warns once and runs the best level (the
+    # weight-only decode GEMV would sum in another order at the AVX-512 level)
+    xp, pw, b = make(1, 256, 40, 8, -1)
+    monkeypatch.setenv("KQUANT_CPU_ISA", "avx2" if best == 1 else "scalar")
+    y_best = run_wo(pw, xp, b)[0]
+    capfd.readouterr()
+    monkeypatch.setenv("KQUANT_CPU_ISA", "AVX512")
+    assert torch.ops.kquant._cpu_isa() == best
+    assert torch.equal(run_wo(pw, xp, b)[0], y_best)
+    err = capfd.readouterr().err
+    assert err.count("KQUANT_CPU_ISA='AVX512' asks for avx512, above this CPU's best level") == 1, err

@@ -1,23 +1,22 @@
-// Machine ceilings for bench/: the int8 multiply-add peak of each exact AVX2 instruction
-// sequence the kernels use (register-only loops, no memory traffic), the AMX peak (tdpbssd
-// alone) and the AMX kernel's own tile sequence from L1, and the read bandwidth of a
-// buffer larger than the last-level cache. The empty asm statements keep
-// the compiler from hoisting loop-invariant multiplies out of the loops.
+// Machine ceilings for bench/ (not part of the kquant package: bench/ceilings.py builds
+// this file on demand as its own extension): the int8 multiply-add peak of each exact AVX2
+// instruction sequence the kernels use (register-only loops, no memory traffic), the AMX
+// peak (tdpbssd alone) and the AMX kernel's own tile sequence from L1, and the read
+// bandwidth of a buffer. The empty asm statements keep the compiler from hoisting
+// loop-invariant multiplies out of the loops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 
 #include <chrono>
 #include <cstring>
 
-#include "kq_cpu.h"
+#include "cpu/amx.h"
 
-#if KQ_X86
-#include <immintrin.h>
-#endif
-
-namespace kquant::cpu {
+namespace kquant::bench {
 namespace {
+
+using namespace kquant::cpu;
 
 #if KQ_X86
 #define KQ_OPAQUE(v) asm volatile("" : "+x"(v))
@@ -68,9 +67,9 @@ double peak_loop(int kind, int64_t iters) {
 
 // AMX. kind 5: tdpbssd alone at full width (C tiles of 16 rows x 16 channels), four
 // independent C chains on register tiles: the machine's int8 peak. kind 7: the same with
-// 8-channel tiles (what the grouped W8A8 / W4A8 path issues; half the MACs per
-// instruction). kind 6: what the per-channel W8A8 kernel issues per 512-k chunk of a
-// 32-row x 32-channel block (task_amx_pc): load the 4 C tiles, 8 steps of {2 A + 2 B
+// 8-channel tiles (half the MACs per instruction: what full-width tiles gain). kind 6: what
+// the per-channel W8A8 kernel issues per 512-k chunk of a 32-row x 32-channel block
+// (task_amx_per_channel in csrc/cpu/amx_int8.cpp): load the 4 C tiles, 8 steps of {2 A + 2 B
 // tile loads, 4 tdpbssd}, store the 4 C tiles, every operand in L1.
 KQ_AMX double amx_loop(int kind, int64_t iters) {
   const int bw = kind == 7 ? 32 : 64;  // B and C bytes per row
@@ -182,8 +181,9 @@ double ceiling(int64_t kind, int64_t iters, const std::optional<at::Tensor>& buf
 }
 
 }  // namespace
-}  // namespace kquant::cpu
+}  // namespace kquant::bench
 
-TORCH_LIBRARY_FRAGMENT(kquant, m) {
-  m.def("_ceiling_cpu(int kind, int iters, Tensor? buf=None) -> float", &kquant::cpu::ceiling);
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("ceiling", &kquant::bench::ceiling, py::arg("kind"), py::arg("iters"), py::arg("buf") = py::none(),
+        "kind 0-3, 5-7: int8 GMAC/s of an instruction sequence on all threads; kind 4: GB/s reading buf");
 }

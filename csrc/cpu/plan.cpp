@@ -1,0 +1,242 @@
+// The choice of ISA level, kernel kind and work split for an op call (plan), and the
+// runner that executes it (run, quantize). See plan.h.
+#include "plan.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <cctype>
+#include <cstdlib>
+#include <mutex>
+#include <set>
+#include <string>
+
+namespace kquant::cpu {
+
+namespace {
+
+// ----------------------------------------------------------------------------- thresholds
+// W8A8 rows up to which the sign-trick GEMM runs: it needs the fewest weight bytes per MAC,
+// what few rows are bound by; with more rows the int16 GEMM's higher MAC rate wins.
+constexpr int64_t kSignMaxM = 3;
+// Rows from which the int8 GEMMs use AMX tiles: AMX streams the weights at about the same
+// speed for 2 rows as for 16, while the vector kernels slow down with every row; one row
+// stays on the vector GEMV. W4A8 first unpacks its nibbles per task, which only pays off
+// from 4 rows.
+constexpr int64_t kAmxMinM = 2;
+constexpr int64_t kAmxMinMW4 = 4;
+// Weight-only strategy by M: fused dequant-FMA kernels while no dequantized copy pays off;
+// then per-block dequantization and an fp32 GEMM over the task's rows; above, one
+// dequantized W^T slab at a time and at::mm (multi-threaded, the best fp32 GEMM on the
+// machine). With AMX-BF16, tiles from kAmxBf16MinM rows.
+constexpr int64_t kWoFusedMaxM = 2;
+constexpr int64_t kWoBlockMaxM = 128;
+constexpr int64_t kAmxBf16MinM = 16;
+// AMX-BF16 splits x into three bf16 parts (6 bytes per element): this many rows at a time
+// keep that copy bounded
+constexpr int64_t kAmxBf16RowsPerCall = 1024;
+
+// ----------------------------------------------------------------------------- work split
+// Vector tasks: 48 rows x 8 blocks (64 channels); AMX tasks: 256 rows x 32 blocks (256
+// channels), sized for the AMX kernels' K chunks (amx_int8.cpp, amx_bf16.cpp).
+constexpr int64_t kTaskRows = 48, kTaskBlocks = 8;
+constexpr int64_t kAmxTaskRows = 256, kAmxTaskBlocks = 32;
+// Problems under ~2M MACs stay on the calling thread: waking a second thread costs
+// microseconds, more than such a call takes. AMX work counts as kAmxSpeedup times less.
+constexpr int64_t kSerialMacs = int64_t(1) << 21;
+constexpr int64_t kAmxSpeedup = 8;
+// WoDequantMm: fp32 elements of one dequantized W^T slab (8 MiB)
+constexpr int64_t kSlabFloats = int64_t(1) << 21;
+
+Acts acts_for(Kind kind) {
+  switch (kind) {
+    case Kind::SignGemm: return Acts::Int8AndAbs;
+    case Kind::Int16Gemm: return Acts::Int16;
+    case Kind::W4A8Gemm: return Acts::Int8AndSums;
+    case Kind::AmxInt8: return Acts::Int8Tiles;
+    case Kind::WoFused:
+    case Kind::WoBlock: return Acts::Fp32Padded;
+    case Kind::WoAmxBf16: return Acts::Bf16Split;
+    case Kind::WoDequantMm: return Acts::Fp32;
+  }
+  return Acts::Int16;
+}
+
+// ----------------------------------------------------------------------------- KQUANT_CPU_ISA
+constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512", "amx"};
+
+const char* isa_name(Isa isa) { return kIsaNames[static_cast<int>(isa)]; }
+
+// KQUANT_CPU_ISA's value -> the level to run
+Isa parse_isa(const std::string& raw) {
+  const Isa best = best_isa();
+  const size_t b = raw.find_first_not_of(" \t\n\r\f\v"), e = raw.find_last_not_of(" \t\n\r\f\v");
+  std::string v = b == std::string::npos ? std::string() : raw.substr(b, e - b + 1);
+  for (char& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (v.empty()) return best;
+  for (int i = 0; i < 4; ++i) {
+    if (v != kIsaNames[i]) continue;
+    const Isa want = static_cast<Isa>(i);
+    if (want <= best) return want;
+    // once per distinct value in the process (every thread parses it once)
+    static std::mutex mu;
+    static std::set<std::string> warned;
+    bool first;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      first = warned.insert(raw).second;
+    }
+    if (first)
+      TORCH_WARN("kquant cpu: KQUANT_CPU_ISA='", raw, "' asks for ", kIsaNames[i], ", above this CPU's best level (",
+                 isa_name(best), "): running ", isa_name(best));
+    return best;
+  }
+  TORCH_CHECK(false, "kquant cpu: KQUANT_CPU_ISA='", raw, "' is not an ISA level; accepted: scalar, avx2, ",
+              "avx512, amx (any case), or unset for the best this CPU has (", isa_name(best), ")");
+  return best;
+}
+
+}  // namespace
+
+Isa best_isa() {
+  static const Isa best = kquant::cpu_has_amx_int8()      ? Isa::Amx
+                          : kquant::cpu_has_avx512_vnni() ? Isa::Avx512
+                          : kquant::cpu_has_avx2_fma()    ? Isa::Avx2
+                                                          : Isa::Scalar;
+  return best;
+}
+
+Isa active_isa() {
+  // read on every op call (so tests and users can switch levels between calls), parsed only
+  // when the value changed; each thread keeps the last value it parsed
+  const char* env = std::getenv("KQUANT_CPU_ISA");
+  const char* value = env ? env : "";
+  thread_local std::string last;
+  thread_local Isa isa = Isa::Scalar;
+  thread_local bool parsed = false;
+  if (!parsed || last != value) {
+    isa = parse_isa(value);  // raises for an unknown value: nothing is kept
+    last = value;
+    parsed = true;
+  }
+  return isa;
+}
+
+// ----------------------------------------------------------------------------- plan
+Plan plan(Op op, const Problem& p, Isa isa) {
+  Plan pl;
+  switch (op) {
+    case Op::Int8Mm:  // operands may hold -128: the int16 GEMM or AMX (both exact for all int8)
+      pl.kind = isa == Isa::Amx && p.M >= kAmxMinM ? Kind::AmxInt8 : Kind::Int16Gemm;
+      break;
+    case Op::QuantActLinear: {
+      const bool amx = isa == Isa::Amx && p.M >= (p.int4 ? kAmxMinMW4 : kAmxMinM) && p.lda % 64 == 0 &&
+                       (p.G == 1 || p.gsz % 64 == 0);
+      pl.kind = amx ? Kind::AmxInt8 : p.int4 ? Kind::W4A8Gemm : p.M <= kSignMaxM ? Kind::SignGemm : Kind::Int16Gemm;
+      break;
+    }
+    case Op::WeightOnlyLinear:
+      if (isa == Isa::Amx && kquant::cpu_has_amx_bf16() && p.M >= kAmxBf16MinM) pl.kind = Kind::WoAmxBf16;
+      else if (p.M > kWoBlockMaxM) pl.kind = Kind::WoDequantMm;
+      else pl.kind = p.M <= kWoFusedMaxM && p.whole_zeros ? Kind::WoFused : Kind::WoBlock;
+      break;
+  }
+  const bool amx = pl.kind == Kind::AmxInt8 || pl.kind == Kind::WoAmxBf16;
+  // the AMX level adds only the AMX kinds: the other kinds run the AVX-512 level's kernels
+  pl.isa = amx ? Isa::Amx : std::min(isa, Isa::Avx512);
+  pl.acts = acts_for(pl.kind);
+  pl.rows_per_call = pl.kind == Kind::WoAmxBf16 ? kAmxBf16RowsPerCall : p.M;
+  if (pl.kind == Kind::WoDequantMm) {
+    const int64_t kb = p.kblocks * (p.int4 ? 8 : 4);
+    pl.rows_per_task = p.M;
+    pl.blocks_per_task = std::max<int64_t>(1, kSlabFloats / (kb * kBlockN));
+    return pl;
+  }
+  pl.rows_per_task = std::min(std::min(p.M, pl.rows_per_call), amx ? kAmxTaskRows : kTaskRows);
+  pl.blocks_per_task = amx ? kAmxTaskBlocks : kTaskBlocks;
+  const int64_t work = pl.rows_per_task * pl.blocks_per_task * kBlockN * p.Kp / (amx ? kAmxSpeedup : 1);
+  pl.grain = std::max<int64_t>(1, kSerialMacs / std::max<int64_t>(1, work));
+  return pl;
+}
+
+// ----------------------------------------------------------------------------- run
+namespace {
+
+void run_task(const Plan& pl, const Problem& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+#if KQ_X86
+  if (pl.kind == Kind::AmxInt8) return task_amx_int8(p, m0, m1, nb0, nb1);
+  if (pl.kind == Kind::WoAmxBf16) return task_amx_bf16(p, m0, m1, nb0, nb1);
+  if (pl.isa >= Isa::Avx512) return task_avx512(p, pl.kind, m0, m1, nb0, nb1);
+  if (pl.isa == Isa::Avx2) return task_avx2(p, pl.kind, m0, m1, nb0, nb1);
+#endif
+  task_scalar(p, pl.kind, m0, m1, nb0, nb1);
+}
+
+at::ScalarType float_type(OutT t) {
+  return t == OutT::F16 ? at::kHalf : t == OutT::BF16 ? at::kBFloat16 : at::kFloat;
+}
+
+// WoDequantMm: y = x . W^T + bias with W^T dequantized a slab of pl.blocks_per_task channel
+// blocks at a time (in parallel over blocks) and multiplied by at::mm, in fp32 and rounded
+// to y's dtype at the end
+void dequant_mm(const Plan& pl, const Problem& p) {
+  const at::Tensor xf = at::from_blob(const_cast<float*>(p.xf), {p.M, p.Kp}, {p.ldx, 1}, at::kFloat);
+  at::Tensor res = p.yt == OutT::F32 ? at::from_blob(p.y, {p.M, p.N}, at::kFloat) : at::empty({p.M, p.N}, xf.options());
+  const int64_t kb = p.kblocks * (p.int4 ? 8 : 4);
+  const int64_t nbt = cdiv(p.N, kBlockN);
+  const int64_t blk = pl.blocks_per_task;
+  at::Tensor wt = at::empty({kb, std::min(nbt, blk) * kBlockN}, xf.options());
+  float* wd = wt.data_ptr<float>();
+  const int64_t ld = wt.size(1);
+  for (int64_t b0 = 0; b0 < nbt; b0 += blk) {
+    const int64_t b1 = std::min(nbt, b0 + blk);
+    const int64_t n0 = b0 * kBlockN, n1 = std::min(p.N, b1 * kBlockN);
+    at::parallel_for(b0, b1, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t nb = r0; nb < r1; ++nb) {
+        const int nv = static_cast<int>(std::min<int64_t>(kBlockN, p.N - nb * kBlockN));
+#if KQ_X86
+        if (pl.isa != Isa::Scalar) {
+          dequant_block_avx2(p, nb, nv, wd + (nb - b0) * kBlockN, ld);
+          continue;
+        }
+#endif
+        dequant_block_scalar(p, nb, nv, wd + (nb - b0) * kBlockN, ld);
+      }
+    });
+    res.narrow(1, n0, n1 - n0).copy_(at::mm(xf, wt.narrow(0, 0, p.Kp).narrow(1, 0, n1 - n0)));
+  }
+  if (p.bias) res.add_(at::from_blob(const_cast<float*>(p.bias), {p.N}, at::kFloat));
+  if (p.yt != OutT::F32) at::from_blob(p.y, {p.M, p.N}, float_type(p.yt)).copy_(res);
+}
+
+}  // namespace
+
+void run(const Plan& pl, const Problem& p) {
+  if (p.M == 0 || p.N == 0) return;
+  if (pl.kind == Kind::WoDequantMm) return dequant_mm(pl, p);
+  const int64_t nbt = cdiv(p.N, kBlockN);
+  const int64_t mc = std::min(pl.rows_per_task, p.M), ncb = pl.blocks_per_task;
+  const int64_t tn = cdiv(nbt, ncb), nt = cdiv(p.M, mc) * tn;
+  at::parallel_for(0, nt, pl.grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t mi = t / tn, ni = t % tn;
+      const int64_t m0 = mi * mc, m1 = std::min(p.M, m0 + mc);
+      const int64_t b0 = ni * ncb, b1 = std::min(nbt, b0 + ncb);
+      run_task(pl, p, m0, m1, b0, b1);
+    }
+  });
+}
+
+void quantize(const QuantArgs& a, int64_t rows, Isa isa) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, a.K));  // ~16k values per thread
+  at::parallel_for(0, rows, grain, [&](int64_t m0, int64_t m1) {
+#if KQ_X86
+    if (isa >= Isa::Avx512) return quant_rows_avx512(a, m0, m1);
+    if (isa != Isa::Scalar) return quant_rows_avx2(a, m0, m1);
+#endif
+    quant_rows_scalar(a, m0, m1);
+  });
+}
+
+}  // namespace kquant::cpu

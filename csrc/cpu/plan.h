@@ -1,0 +1,68 @@
+// The plan of one op call: which ISA level and kernel kind run it, in what form the
+// activations must be prepared, and how the work splits into tasks; and the runner that
+// executes a plan. The op drivers (ops.cpp) fill a Problem, ask plan() for a Plan, prepare
+// the activations it names and call run().
+//
+// Work split of run() (every kind but WoDequantMm):
+//
+//                 N channels, in 8-channel blocks
+//            |<- blocks_per_task ->|
+//          --+---------------------+---------------------+--
+//   M rows   |  task 0             |  task 1             |  ...   one task: rows_per_task
+//   rows_per |  (level's task fn:  |                     |         rows x blocks_per_task
+//   _task    |   tiles.h / AMX)    |                     |         blocks, all of K
+//          --+---------------------+---------------------+--
+//            |  task tn            |  ...
+//
+// Each output element belongs to one task and is computed in a fixed order, so any thread
+// count gives the same bits. at::parallel_for hands each thread at least `grain` tasks.
+#pragma once
+
+#include "common.h"
+
+namespace kquant::cpu {
+
+// The best level this CPU has (KQUANT_CPU_ISA ignored)
+Isa best_isa();
+// The level to run: best_isa(), or KQUANT_CPU_ISA=scalar|avx2|avx512|amx (any case, spaces
+// around ignored) capped at best_isa() with a warning. An unknown value raises.
+Isa active_isa();
+
+enum class Op {
+  Int8Mm,            // int8 [M, K] x int8 [N, K] -> int32
+  QuantActLinear,    // W8A8, W4A8: activations quantized per token (or a static scale)
+  WeightOnlyLinear,  // W8A16, W4A16
+};
+
+// The form the activations must be in before run()
+enum class Acts {
+  Int8AndAbs,   // SignGemm: int8 codes [M][lda] (p.a8) and their absolute values (p.aabs)
+  Int16,        // Int16Gemm: codes as int16 [M][lda] (p.a16)
+  Int8AndSums,  // W4A8Gemm: int8 codes and their sums per row and weight group (p.asum)
+  Int8Tiles,    // AmxInt8: int8 codes in 16-row x 64-k tiles, rows padded to 16 with zeros
+  Fp32Padded,   // WoFused, WoBlock: x as fp32 [M][ldx], K zero-padded to whole k-blocks (p.xf)
+  Fp32,         // WoDequantMm: x as fp32 [M][Kp] (p.xf, ldx = Kp)
+  Bf16Split,    // WoAmxBf16: x as three bf16 parts in tiles and its group sums (split_x_bf16)
+};
+
+struct Plan {
+  Isa isa = Isa::Scalar;  // the level whose kernels run (and quantize the activations)
+  Kind kind = Kind::Int16Gemm;
+  Acts acts = Acts::Int16;
+  int64_t rows_per_call = 0;    // rows prepared and run at once (AMX-BF16 bounds its copy of x)
+  int64_t rows_per_task = 0;    // WoDequantMm: all rows (at::mm)
+  int64_t blocks_per_task = 0;  // 8-channel blocks; WoDequantMm: blocks per dequantized slab
+  int64_t grain = 1;            // tasks per thread at least: small problems stay on the caller
+};
+
+// The plan for op on p (M, N, Kp, G, gsz, int4, lda, whole_zeros set) at level isa
+Plan plan(Op op, const Problem& p, Isa isa);
+
+// Runs plan pl on p, whose activations are prepared as pl.acts names
+void run(const Plan& pl, const Problem& p);
+
+// Quantizes rows [0, rows) of a with the level's row routine (quantize_per_token and the
+// int8-activation linears)
+void quantize(const QuantArgs& a, int64_t rows, Isa isa);
+
+}  // namespace kquant::cpu
