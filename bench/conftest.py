@@ -47,7 +47,7 @@ def git_dirty() -> bool:
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    from kquant.backends import cpu as kcpu  # noqa: WPS433 (only when benchmarks run)
+    import kquant  # only when benchmarks run
     machine_info["kquant"] = {
         "cpu_model": cpu_model(),
         "logical_cpus": os.cpu_count(),
@@ -59,7 +59,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "fbgemm_isa": os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "default (best the CPU has)"),
         "mkl_isa": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "default"),
         "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default"),
-        "kquant_cpu": kcpu.available()[1],
+        "kquant_cpu": kquant.backends()["cpu"]["reason"],
     }
 
 

@@ -27,7 +27,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
 
 cpu = pytest.importorskip("kquant.backends.cpu")
-HAVE_CPU = cpu.available()[0]
+HAVE_CPU = cpu.BACKEND.available()[0]
 
 QUICK = os.environ.get("KQUANT_BENCH_QUICK") == "1"
 SHAPES = [(384, 1536)] if QUICK else [(4096, 4096), (4096, 11008), (11008, 4096), (384, 1536)]  # (K, N)
@@ -225,10 +225,10 @@ AMX_CEILINGS = {
     "amx_kernel_seq": 6,     # the per-channel W8A8 kernel's tile sequence (C, A, B loads/stores) from L1
     "amx_tdpbssd_n8": 7,     # tdpbssd on 8-channel tiles: half the MACs per instruction of full width
 }
-HAVE_AMX = HAVE_CPU and "AMX" in cpu.available()[1]
+HAVE_AMX = HAVE_CPU and cpu.best_isa() == "amx"
 
 
-@pytest.mark.skipif(not HAVE_CPU or "AVX2" not in cpu.available()[1], reason="needs the AVX2 kernels")
+@pytest.mark.skipif(not HAVE_CPU or cpu.isa() == "scalar", reason="needs the AVX2 kernels")
 @pytest.mark.parametrize("name", list(CEILINGS) + list(AMX_CEILINGS) + ["read_dram_2GiB", "read_16MiB"])
 def test_ceiling(benchmark, name):
     benchmark.group = "ceiling"

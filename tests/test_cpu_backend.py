@@ -1,4 +1,4 @@
-"""CPU backend (csrc/cpu AVX2 kernels + scalar path) against the reference oracle.
+"""CPU backend (csrc/cpu: scalar, AVX2, AVX-512 and AMX levels) against the reference oracle.
 
 The reference functions are called directly. Integer results must be identical; float
 results are bit-identical where the kernels mirror the reference's operation order
@@ -166,7 +166,7 @@ def test_quantize_nonfinite_and_tiny_rows(isa, dtype, k):
     bad = torch.arange(9) < 3
     rq, rs = ref.quantize_per_token(x)
     assert (rq[bad] == 0).all() and rs[bad].isnan().all() and not rs[~bad].isnan().any()
-    for q, s in (cpu.quantize_per_token(x), cpu.OPS["quantize_per_token"](x)):
+    for q, s in (cpu.quantize_per_token(x), cpu.BACKEND.quantize_per_token(x)):
         assert torch.equal(q, rq)
         torch.testing.assert_close(s, rs, rtol=0, atol=0, equal_nan=True)
     # through W8A8 / W4A8, per token and with a static scale (which has no amax pass), on
