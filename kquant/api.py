@@ -142,7 +142,8 @@ def quantize_(model: nn.Module, config: Union[str, QuantConfig] = "w8a8", *, cal
     if kept:
         _warn_kept_float(kept)
     if not targets:
-        warnings.warn("quantize_: no nn.Linear layer to convert (none present, or all skipped or kept in float)", stacklevel=2)
+        warnings.warn("quantize_: no nn.Linear layer to convert (none present, or all skipped or kept in float)",
+                      stacklevel=2)
         return model
     for name, mod, _ in targets:  # before any work: what cannot be quantized at all
         w = linear_weight(mod, name)

@@ -127,7 +127,8 @@ def test_multihead_attention_and_encoder_layer_keep_working():
     x = torch.randn(2, 5, 32)
     model.eval()
     ref = model(x)
-    with pytest.warns(UserWarning, match=r"0.self_attn.out_proj.*MultiheadAttention.*; 0.linear1, 0.linear2.*fast path"):
+    kept = r"0.self_attn.out_proj.*MultiheadAttention.*; 0.linear1, 0.linear2.*fast path"
+    with pytest.warns(UserWarning, match=kept):
         kquant.quantize_(model, "w8a8", progress=False)
     assert isinstance(model[1], QuantLinear) and isinstance(model[0].linear1, nn.Linear)
     assert type(model[0].self_attn.out_proj).__name__ == "NonDynamicallyQuantizableLinear"

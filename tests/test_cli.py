@@ -80,6 +80,30 @@ def test_info_in_process(capsys):
     assert all(name in BACKEND_NAMES for name in route.values()), route
 
 
+def test_info_reports_the_cpu_level_and_a_bad_kquant_cpu_isa(monkeypatch, capsys):
+    if not kquant.backends()["cpu"]["available"]:
+        pytest.skip("no CPU kernels")
+    from kquant.backends import cpu
+    levels = ["scalar", "avx2", "avx512", "amx"]
+    best = cpu.best_isa()
+    monkeypatch.setenv("KQUANT_CPU_ISA", "amx")  # at least the best: runs the best
+    assert main(["info", "--json"]) == 0
+    lv = json.loads(capsys.readouterr().out)["native"]["isa"]
+    assert lv == {"requested": "amx", "best": best, "running": best}
+    monkeypatch.setenv("KQUANT_CPU_ISA", "scalar")
+    assert main(["info"]) == 0
+    assert f"running scalar (the best this CPU has: {best})" in capsys.readouterr().out
+    if best != "amx":  # a level the CPU lacks is named in the table
+        monkeypatch.setenv("KQUANT_CPU_ISA", levels[levels.index(best) + 1])
+        assert main(["info"]) == 0
+        assert "asks for a level this CPU does not have" in capsys.readouterr().out
+    monkeypatch.setenv("KQUANT_CPU_ISA", "bogus")
+    assert main(["info", "--json"]) == 0  # reported, not raised
+    info = json.loads(capsys.readouterr().out)
+    assert info["native"]["isa"]["running"] is None and "bogus" in info["native"]["isa"]["error"]
+    assert "bogus" in info["backends"]["cpu"]["reason"]
+
+
 def test_info_subprocess():
     # `python -m kquant.cli` and, when installed, the console script
     cmds = [[sys.executable, "-m", "kquant.cli", "info", "--json"]]

@@ -198,7 +198,7 @@ KQ_AVX512 inline __m512 reduce_quads(__m512 a, __m512 b, __m512 c, __m512 d) {
 
 // k-quad rows ahead that wo8 prefetches (into L2) in each of its two 16-channel blocks.
 // The blocks are long streams, but the FMA-bound loop leaves the hardware prefetcher behind
-// on weights that come from DRAM (bench/kernel_notes.md has the distance sweep).
+// on weights that come from DRAM (bench/RESULTS.md, "Kernel notes", has the distance sweep).
 constexpr int64_t kWo8Ahead = 64;
 
 template <bool Z>
