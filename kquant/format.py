@@ -161,11 +161,11 @@ class PackedWeight:
         check_group_size(self.group_size, where)
         if not isinstance(self.qweight, torch.Tensor) or self.qweight.dim() != 2:
             raise ValueError(f"{where}qweight must be a 2-D tensor, got {getattr(self.qweight, 'shape', None)}")
-        spec = LinearSpec(self.bits, self.group_size, self.symmetric, False, max(self.in_features, 1),
-                          max(self.out_features, 1), self.qweight.device)
         if self.in_features < 1 or self.out_features < 1:
             raise ValueError(f"{where}a packed weight needs in_features and out_features >= 1, got "
                              f"[{self.out_features}, {self.in_features}]")
+        spec = LinearSpec(self.bits, self.group_size, self.symmetric, False, self.in_features, self.out_features,
+                          self.qweight.device)
         try:
             check_weight(spec, self.qweight, self.scales, self.zeros, where)
         except TypeError as e:  # a wrong dtype is a malformed packed weight like any other
