@@ -10,7 +10,7 @@ from torch import nn
 
 from .calibration import make_observer, weight_qparams
 from .config import QuantConfig, resolve
-from .nn import QuantLinear, is_conv1d, linear_weight
+from .nn import QuantLinear, check_has_values, is_conv1d, linear_weight
 
 
 def _progress(iterable, **kwargs):
@@ -145,11 +145,8 @@ def quantize_(model: nn.Module, config: Union[str, QuantConfig] = "w8a8", *, cal
         warnings.warn("quantize_: no nn.Linear layer to convert (none present, or all skipped or kept in float)",
                       stacklevel=2)
         return model
-    for name, mod, _ in targets:  # before any work: what cannot be quantized at all
-        w = linear_weight(mod, name)
-        if w.device.type == "meta":
-            raise ValueError(f"{name}: the weight is on the meta device (no values to quantize); load the model's "
-                             f"weights first, or rebuild quantized layers with kquant.load_quantized")
+    for name, mod, _ in targets:  # before calibration runs the model: weights with no values
+        check_has_values(linear_weight(mod, name), name)
     static = {name: (mod, c) for name, mod, c in targets if c.activations == "static"}
     act_scales: Dict[str, torch.Tensor] = {}
     if static:

@@ -106,13 +106,7 @@ def routing(devices: List[str]) -> Dict[str, Dict[str, str]]:
         x = torch.zeros(1, 64, device=device)
         a = torch.zeros(1, 64, dtype=torch.int8, device=device)
         for op, args in (("quantize_per_token", (x,)), ("int8_mm", (a, a))):
-            try:
-                out[dev][op] = next(n for n in router.order(dev) if router.status(n)[0]
-                                    and router.get(n).can_run_op(op, *args)[0])
-            except StopIteration:
-                out[dev][op] = "none"
-            except ValueError as e:  # a bad KQUANT_BACKEND value
-                out[dev][op] = f"none ({e})"
+            out[dev][op] = router.choose_op(op, *args)
     return out
 
 

@@ -69,9 +69,7 @@ class QuantLinear(nn.Module):
         cfg = resolve(config)
         if cfg.activations == "static" and act_scale is None:
             raise ValueError(f"{name}: activations='static' needs an act_scale from calibration data")
-        if w.device.type == "meta":
-            raise ValueError(f"{name}: the weight is on the meta device (no values to quantize); load the "
-                             f"model's weights first, or rebuild quantized layers with kquant.load_quantized")
+        check_has_values(w, name)
         if w.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}: {w.dtype} weights are not supported; kquant runs float32, float16 and "
                             f"bfloat16 layers (convert the model first, e.g. model.float())")
@@ -224,6 +222,12 @@ def linear_weight(module: nn.Module, name: str = "") -> torch.Tensor:
         return module.weight.t()
     raise TypeError(f"{name or 'from_linear'}: expected nn.Linear (or transformers' Conv1D), got "
                     f"{type(module).__name__}")
+
+
+def check_has_values(weight: torch.Tensor, name: str) -> None:
+    if weight.device.type == "meta":
+        raise ValueError(f"{name}: the weight is on the meta device (no values to quantize); load the model's "
+                         f"weights first, or rebuild quantized layers with kquant.load_quantized")
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -80,20 +80,26 @@ def linear(bits: int, int8_activations: bool, x, qweight, scales, zeros=None, bi
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], spec.out_features)
 
 
-def _dequantized(qweight, scales, zeros, bits, group_size, layout, kp) -> Tensor:
-    """fp32 weight [N, Kp] of any layout (the backward's operand)."""
-    return reference.dequantize(qweight, scales, zeros, group_size, layout, bits, scales.shape[0], kp)
+def _save_for_grad(ctx, x, qweight, scales, zeros, bias, bits, group_size, layout, kp, n_inputs, bias_pos):
+    """What the backward of a linear op needs: y = x @ W.T + bias, W dequantized from any layout."""
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.meta = (bits, group_size, layout, kp, x.shape, x.dtype, bias.dtype if bias is not None else None,
+                n_inputs, bias_pos)
+    ctx.needs_x, ctx.needs_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[bias_pos]
 
 
-def _input_grads(ctx, grad: Tensor, w: Tensor, x_shape, x_dtype, bias_dtype):
-    """(grad of x [x_shape], grad of bias) for y = x @ w.T + bias."""
-    gx = gb = None
+def _linear_backward(ctx, grad):
+    """Gradients of x (through the dequantized weight) and bias; None for every other input."""
+    qweight, scales, zeros = ctx.saved_tensors
+    bits, group_size, layout, kp, x_shape, x_dtype, bias_dtype, n_inputs, bias_pos = ctx.meta
+    w = reference.dequantize(qweight, scales, zeros, group_size, layout, bits, scales.shape[0], kp)
+    grads = [None] * n_inputs
     g2 = grad.reshape(-1, grad.shape[-1]).float()
     if ctx.needs_x:
-        gx = (g2 @ w[:, :x_shape[-1]]).to(x_dtype).reshape(x_shape)
+        grads[0] = (g2 @ w[:, :x_shape[-1]]).to(x_dtype).reshape(x_shape)
     if ctx.needs_bias:
-        gb = g2.sum(0).to(bias_dtype)
-    return gx, gb
+        grads[bias_pos] = g2.sum(0).to(bias_dtype)
+    return tuple(grads)
 
 
 def _fake_linear(bits, int8_activations, x, qweight, scales, zeros, bias, act_scale, group_size) -> Tensor:
@@ -128,20 +134,10 @@ def _define_linear_op(bits: int, int8_activations: bool):
 
     def setup_context(ctx, inputs, output):
         x, qweight, scales, zeros, bias, _, group_size = with_schema_args(lambda *a: a)(*inputs)
-        ctx.save_for_backward(qweight, scales, zeros)
-        ctx.meta = (group_size, x.shape, x.dtype, bias.dtype if bias is not None else None, len(inputs))
-        ctx.needs_x, ctx.needs_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[bias_pos]
+        kp = LinearSpec(bits, group_size, zeros is None, False, x.shape[-1], scales.shape[0]).padded_in_features
+        _save_for_grad(ctx, x, qweight, scales, zeros, bias, bits, group_size, CANONICAL, kp, len(inputs), bias_pos)
 
-    def backward(ctx, grad):
-        qweight, scales, zeros = ctx.saved_tensors
-        group_size, x_shape, x_dtype, bias_dtype, n_inputs = ctx.meta
-        kp = LinearSpec(bits, group_size, zeros is None, False, x_shape[-1], scales.shape[0]).padded_in_features
-        w = _dequantized(qweight, scales, zeros, bits, group_size, CANONICAL, kp)
-        grads = [None] * n_inputs
-        grads[0], grads[bias_pos] = _input_grads(ctx, grad, w, x_shape, x_dtype, bias_dtype)
-        return tuple(grads)
-
-    op.register_autograd(backward, setup_context=setup_context)
+    op.register_autograd(_linear_backward, setup_context=setup_context)
     return op
 
 
@@ -169,17 +165,7 @@ def _(x, qweight, scales, zeros, bias, act_scale, bits, group_size, in_features,
 
 def _prepared_setup(ctx, inputs, output):
     x, qweight, scales, zeros, bias, act_scale, bits, group_size, in_features, int8_activations, layout = inputs
-    ctx.save_for_backward(qweight, scales, zeros)
-    ctx.meta = (bits, group_size, layout, x.shape, x.dtype, bias.dtype if bias is not None else None)
-    ctx.needs_x, ctx.needs_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+    _save_for_grad(ctx, x, qweight, scales, zeros, bias, bits, group_size, layout, x.shape[-1], len(inputs), 4)
 
 
-def _prepared_backward(ctx, grad):
-    qweight, scales, zeros = ctx.saved_tensors
-    bits, group_size, layout, x_shape, x_dtype, bias_dtype = ctx.meta
-    w = _dequantized(qweight, scales, zeros, bits, group_size, layout, x_shape[-1])
-    gx, gb = _input_grads(ctx, grad, w, x_shape, x_dtype, bias_dtype)
-    return gx, None, None, None, gb, None, None, None, None, None, None
-
-
-linear_prepared.register_autograd(_prepared_backward, setup_context=_prepared_setup)
+linear_prepared.register_autograd(_linear_backward, setup_context=_prepared_setup)

@@ -11,14 +11,12 @@ tensor version: a tensor that was checked and not modified since is not read aga
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .format import (CANONICAL, PER_CHANNEL, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, check_bits, check_group_size,
-                     padded_k, qrange)
+from .format import PER_CHANNEL, check_bits, check_group_size, padded_k, qrange
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -187,13 +185,10 @@ def check_act_scale(act_scale, where: str = "", values: bool = True) -> None:
         raise ValueError(f"{where}act_scale must be a float32 tensor with one element, got "
                          f"{act_scale.dtype} {list(act_scale.shape)}")
 
-    def ok(a):  # the kernels multiply by the fp32 reciprocal: it must be finite too
-        v = float(a.reshape(()).item())
-        return math.isfinite(v) and v > 0 and bool(torch.isfinite(torch.reciprocal(a.float())).all())
-    if values and not _values_checked(act_scale) and not ok(act_scale):
-        raise ValueError(f"{where}act_scale must be finite and > 0 (with a finite reciprocal), got "
-                         f"{act_scale.reshape(()).item()}")
-    _mark_checked(act_scale)
+    if values:  # the kernels multiply by the fp32 reciprocal: it must be finite too
+        _check_values(act_scale, lambda a: (torch.isfinite(a) & (a > 0) & torch.isfinite(torch.reciprocal(a))).all(),
+                      lambda: f"{where}act_scale must be finite and > 0 (with a finite reciprocal), got "
+                              f"{act_scale.reshape(()).item()}")
 
 
 def check_bias(bias, n: int, where: str = "") -> None:
@@ -255,5 +250,4 @@ def check_int8_mm(a, b) -> None:
 
 
 __all__ = ["LinearSpec", "LINEAR_OPS", "FLOAT_DTYPES", "MAX_K_PER_SUM", "MAX_K_INT8_MM", "check_weight",
-           "check_linear_call", "check_act_scale", "check_bias", "check_x", "check_int8_mm", "CANONICAL",
-           "SUPPORTED_BITS", "SUPPORTED_GROUP_SIZES"]
+           "check_linear_call", "check_act_scale", "check_bias", "check_x", "check_int8_mm"]

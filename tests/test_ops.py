@@ -378,3 +378,14 @@ def test_value_checks_run_once_per_tensor_version():
         p.scales[0, 0] = -1.0  # an in-place change is seen: the tensor's version moved
     with pytest.raises(ValueError, match="scales must be finite and > 0"):
         ops.w8a8_linear(x, p.qweight, p.scales, None, None, -1)
+
+
+@pytest.mark.parametrize("op,bits,group", MODES)
+def test_public_ops_have_input_and_bias_gradients(op, bits, group):
+    p = quantize_weight(torch.randn(12, 100), bits, group)
+    x = torch.randn(2, 3, 100, requires_grad=True)
+    b = torch.randn(12, requires_grad=True)
+    g = torch.randn(2, 3, 12)
+    call_linear(op, x, p, b).backward(g)
+    torch.testing.assert_close(x.grad, g @ p.dequantize(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, g.sum((0, 1)))

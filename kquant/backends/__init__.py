@@ -130,19 +130,15 @@ def order(device_type: str, op: Optional[str] = None, m: Optional[int] = None) -
         # KQUANT_BACKEND=cuda runs them on request
         names.remove("cuda")
     if device_type == "cuda" and op is not None and m is not None:
-        first = _preferred_gpu(op, m)
-        if first in names:
-            names.remove(first)
-            names.insert(0, first)
+        names = _measured_first(names, op, m)
     return names
 
 
-def _by_measured_speed(op: str):
-    """Reorders a layer's prepared GPU candidates for a call's M (gpu_prefs.json)."""
-    def reorder(choices, m):
-        first = _preferred_gpu(op, m)
-        return sorted(choices, key=lambda c: c[0].name != first)
-    return reorder
+def _measured_first(items: list, op: str, m: int, name=lambda item: item) -> list:
+    """``items`` with the backend bench/gpu_check.py measured faster for ``op`` at this M first
+    (gpu_prefs.json); ``name(item)`` is an item's backend name."""
+    first = _preferred_gpu(op, m)
+    return sorted(items, key=lambda item: name(item) != first)
 
 
 # ----------------------------------------------------------------------------- linear layers
@@ -167,8 +163,8 @@ def _candidates(spec: LinearSpec, layout: Optional[int]):
     return chosen, skipped
 
 
-def _no_backend(spec: LinearSpec, skipped: List[str]) -> BackendError:
-    where = f"kquant.{spec.op} on {spec.device.type}"
+def _no_backend(op: str, device_type: str, skipped: List[str]) -> BackendError:
+    where = f"kquant.{op} on {device_type}"
     if forced():
         return BackendError(f"{ENV}={forced()} cannot run {where}: {skipped[-1].split(': ', 1)[-1]}")
     return BackendError(f"no backend can run {where}: {'; '.join(skipped)}")
@@ -184,10 +180,13 @@ def prepare_linear(spec: LinearSpec, qweight: Tensor) -> Tuple[Tensor, PreparedL
     env = os.environ.get(ENV)
     chosen, skipped = _candidates(spec, None)
     if not chosen:
-        return qweight, PreparedLinear(spec, CANONICAL, [], env, error=_no_backend(spec, skipped))
+        return qweight, PreparedLinear(spec, CANONICAL, [], env, error=_no_backend(spec.op, spec.device.type, skipped))
     data, layout = chosen[0].prepare(spec, qweight)
     chosen = [b for b in chosen if b.reads(layout)]
-    reorder = _by_measured_speed(spec.op) if spec.device.type == "cuda" and not forced() else None
+    reorder = None
+    if spec.device.type == "cuda" and not forced():
+        def reorder(choices, m):
+            return _measured_first(choices, spec.op, m, lambda choice: choice[0].name)
     return data, PreparedLinear(spec, layout, [(b, b.kernel(spec, layout)) for b in chosen], env, order=reorder)
 
 
@@ -196,8 +195,7 @@ def run_linear(spec: LinearSpec, layout: int, x: Tensor, qweight: Tensor, scales
     """One call whose tensors arrive as they are (public ops, the compiled QuantLinear)."""
     chosen, skipped = _candidates(spec, layout)
     if spec.device.type == "cuda" and not forced():
-        first = _preferred_gpu(spec.op, x.shape[0])
-        chosen.sort(key=lambda b: b.name != first)
+        chosen = _measured_first(chosen, spec.op, x.shape[0], lambda backend: backend.name)
     for backend in chosen:
         if backend.per_call_checks:
             ok, why = backend.can_run(spec, x)
@@ -205,7 +203,7 @@ def run_linear(spec: LinearSpec, layout: int, x: Tensor, qweight: Tensor, scales
                 skipped.append(f"{backend.name}: {why}")
                 continue
         return backend.linear(spec, x, qweight, layout, scales, zeros, bias, act_scale)
-    raise _no_backend(spec, skipped)
+    raise _no_backend(spec.op, spec.device.type, skipped)
 
 
 def choose(spec: LinearSpec) -> str:
@@ -214,24 +212,39 @@ def choose(spec: LinearSpec) -> str:
         chosen, skipped = _candidates(spec, None)
     except ValueError as e:  # a bad KQUANT_BACKEND value
         return f"none ({e})"
-    return chosen[0].name if chosen else f"none ({_no_backend(spec, skipped)})"
+    return chosen[0].name if chosen else f"none ({_no_backend(spec.op, spec.device.type, skipped)})"
 
 
 # ----------------------------------------------------------------------------- other ops
-def run_op(op: str, *args):
-    """quantize_per_token(x) or int8_mm(a, b) on the first backend that can run it."""
-    device_type = args[0].device.type
+def _op_backend(op: str, *args) -> Tuple[Optional[Backend], List[str]]:
+    """The first backend that can run quantize_per_token(x) or int8_mm(a, b) on these
+    tensors, and the reasons the others were passed over."""
     skipped = []
-    for name in order(device_type, op, args[0].shape[0] if args[0].dim() == 2 else None):
+    for name in order(args[0].device.type, op, args[0].shape[0] if args[0].dim() == 2 else None):
         ok, why = status(name)
         if ok:
             ok, why = get(name).can_run_op(op, *args)
         if ok:
-            return getattr(get(name), op)(*args)
+            return get(name), skipped
         skipped.append(f"{name}: {why}")
-    if forced():
-        raise BackendError(f"{ENV}={forced()} cannot run kquant.{op} on {device_type}: {skipped[-1]}")
-    raise BackendError(f"no backend can run kquant.{op} on {device_type}: {'; '.join(skipped)}")
+    return None, skipped
+
+
+def run_op(op: str, *args):
+    """quantize_per_token(x) or int8_mm(a, b) on the first backend that can run it."""
+    backend, skipped = _op_backend(op, *args)
+    if backend is None:
+        raise _no_backend(op, args[0].device.type, skipped)
+    return getattr(backend, op)(*args)
+
+
+def choose_op(op: str, *args) -> str:
+    """The backend run_op would use for these tensors (for reports), or ``none (reason)``."""
+    try:
+        backend, skipped = _op_backend(op, *args)
+    except ValueError as e:  # a bad KQUANT_BACKEND value
+        return f"none ({e})"
+    return backend.name if backend else f"none ({_no_backend(op, args[0].device.type, skipped)})"
 
 
 class _CallableModule(type(os)):
@@ -246,4 +259,4 @@ import sys as _sys  # noqa: E402
 _sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["Backend", "BackendError", "PreparedLinear", "backends", "choose", "forced", "get", "gpu_prefs", "order",
-           "prepare_linear", "run_linear", "run_op", "status", "ENV", "PREFS_ENV"]
+           "prepare_linear", "run_linear", "run_op", "choose_op", "status", "ENV", "PREFS_ENV"]

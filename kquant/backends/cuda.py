@@ -30,7 +30,6 @@ from ..format import PER_CHANNEL
 from .base import Backend
 
 GEMV_MAX_M = 16  # weight-only kernels are decode GEMVs; larger M goes to Triton
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _GROUPS = (32, 64, 128, PER_CHANNEL)
 
 
