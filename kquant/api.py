@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from .calibration import make_observer, weight_qparams
+from .calibration.methods import Method, parse_methods
+from .calibration.sequential import Calibrator, set_module
 from .config import QuantConfig, resolve
 from .nn import QuantLinear, check_has_values, is_conv1d, linear_weight
 
@@ -26,12 +28,6 @@ _WEIGHT_READERS = {
     nn.TransformerEncoderLayer: (("linear1", "linear2"), "nn.TransformerEncoderLayer's fast path passes "
                                                          "linear1/linear2 weights to a fused kernel"),
 }
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def run_model(model: nn.Module, batch) -> object:
@@ -117,14 +113,23 @@ def calibrate_activations(model: nn.Module, layers: Dict[str, Tuple[nn.Linear, Q
 
 
 def quantize_(model: nn.Module, config: Union[str, QuantConfig] = "w8a8", *, calib_data: Optional[Iterable] = None,
+              method: Union[str, Method, Sequence[Union[str, Method]]] = "rtn",
               skip: Optional[Union[str, Sequence[str]]] = None, progress: bool = True) -> nn.Module:
     """Convert every ``nn.Linear`` (and transformers ``Conv1D``) in ``model`` to
     :class:`QuantLinear`, in place; returns ``model``.
 
     config: a preset name ("w8a8", "w8a16", "w4a16", "w4a8") or a QuantConfig (whose
     ``overrides`` set per-layer configs by module-name pattern). skip: module-name
-    patterns (fnmatch) to leave in float. calib_data: an iterable of model inputs, needed
-    when any layer uses static activations.
+    patterns (fnmatch) to leave in float. calib_data: an iterable of model inputs (a dict
+    of keyword arguments, a tuple of positional arguments or a tensor per batch), needed
+    when any layer uses static activations and by every method but "rtn".
+
+    method: "rtn" (round to nearest, the default), "gptq", "awq", "smoothquant", a method
+    object from :mod:`kquant.calibration` carrying its parameters, or a list applied in order
+    (an equalization method, then a weight method: ``["awq", "gptq"]``). Every method but
+    "rtn" calibrates layer by layer in the order the model runs them, each on inputs that
+    come from the already-quantized layers before it; padding tokens (``attention_mask``
+    of a dict batch) are left out.
 
     Every layer is quantized before any is swapped in: on an error (naming the layer) the
     model is left as it was. Layers that cannot be swapped (a Linear subclass with its own
@@ -147,6 +152,9 @@ def quantize_(model: nn.Module, config: Union[str, QuantConfig] = "w8a8", *, cal
         return model
     for name, mod, _ in targets:  # before calibration runs the model: weights with no values
         check_has_values(linear_weight(mod, name), name)
+    equalize, weight_method = parse_methods(method)
+    if equalize is not None or weight_method.name != "rtn":
+        return _calibrated(model, targets, cfg, calib_data, equalize, weight_method, progress)
     static = {name: (mod, c) for name, mod, c in targets if c.activations == "static"}
     act_scales: Dict[str, torch.Tensor] = {}
     if static:
@@ -164,5 +172,30 @@ def quantize_(model: nn.Module, config: Union[str, QuantConfig] = "w8a8", *, cal
         built.append((name, QuantLinear.from_linear(mod, c, name=name, weight_qparams=qparams,
                                                     act_scale=act_scales.get(name))))
     for name, q in built:
-        _set_module(model, name, q)
+        set_module(model, name, q)
+    return model
+
+
+def _calibrated(model, targets, cfg, calib_data, equalize, weight_method, progress) -> nn.Module:
+    """quantize_ with a calibration method: check what it needs, then run it layer by layer."""
+    name = "+".join(m.name for m in (equalize, weight_method) if m is not None)
+    if equalize is not None and equalize.name == "smoothquant" and not any(c.int8_activations for _, _, c in targets):
+        raise ValueError(f"method {name}: SmoothQuant moves int8 activation outliers into the weights, but "
+                         f"{cfg.mode} keeps activations in float; use it with w8a8 or w4a8 (for weight-only "
+                         f"presets use awq)")
+    if calib_data is None:
+        raise ValueError(f"method {name} needs calib_data: an iterable of model inputs (e.g. 128 tokenized "
+                         f"sentences in batches)")
+    if isinstance(calib_data, (torch.Tensor, dict)):
+        raise TypeError("calib_data must be an iterable of batches (a list of tensors or of dicts), not a single "
+                        f"{type(calib_data).__name__}; wrap one batch in a list")
+    batches = list(calib_data)
+    if not batches:
+        raise ValueError(f"method {name}: calib_data is empty; it needs at least one batch of model inputs")
+    training = model.training
+    model.eval()
+    try:
+        Calibrator(model, targets, batches, equalize, weight_method, progress, run_model).run()
+    finally:
+        model.train(training)
     return model

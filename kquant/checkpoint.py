@@ -159,7 +159,8 @@ def _quant_layers(model: nn.Module) -> List[Tuple[str, QuantLinear]]:
 def _layer_config(name: str, m: QuantLinear) -> Dict[str, object]:
     return {"name": name, "bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric,
             "activations": m.activations, "in_features": m.in_features, "out_features": m.out_features,
-            "bias": m.bias is not None, "bias_dtype": str(m.bias.dtype) if m.bias is not None else None}
+            "bias": m.bias is not None, "bias_dtype": str(m.bias.dtype) if m.bias is not None else None,
+            "input_scale": m.input_scale is not None, "calibration": m.calibration}
 
 
 # ----------------------------------------------------------------------------- save
@@ -190,7 +191,7 @@ def save_quantized(model: nn.Module, path: PathLike, *, key: Key = None) -> str:
         packed = m.packed_weight()
         layers.append(_layer_config(name, m))
         parts = {"qweight": packed.qweight, "scales": packed.scales, "zeros": packed.zeros,
-                 "bias": m.bias, "act_scale": m.act_scale}
+                 "bias": m.bias, "act_scale": m.act_scale, "input_scale": m.input_scale}
         for k, t in parts.items():
             key = f"{name}.{k}"
             ql_keys.add(key)
@@ -393,6 +394,7 @@ def _build_layer(path: str, model: nn.Module, cfg: dict, tensors: Dict[str, torc
     zeros = get("zeros", not qcfg.symmetric)
     bias = get("bias", has_bias)
     act_scale = get("act_scale", qcfg.activations == "static")
+    input_scale = get("input_scale", bool(cfg.get("input_scale", False)))
     try:
         mod = QuantLinear(in_f, out_f, has_bias, qcfg, name=name, device=device, dtype=dtype)
         mod.load_packed(PackedWeight(q, scales, zeros, qcfg.weight_bits, qcfg.group_size, in_f))
@@ -409,6 +411,15 @@ def _build_layer(path: str, model: nn.Module, cfg: dict, tensors: Dict[str, torc
             raise CheckpointError(f"{where}: act_scale must be a finite float32 [1] > 0, got {act_scale.dtype} "
                                   f"{list(act_scale.shape)}")
         mod.act_scale = act_scale.to(device)
+    if input_scale is not None:
+        try:
+            mod.set_input_scale(input_scale)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{where}: {e}") from None
+    calibration = cfg.get("calibration")
+    if calibration is not None and not isinstance(calibration, dict):
+        raise CheckpointError(f"{where}: 'calibration' must be a JSON object, got {type(calibration).__name__}")
+    mod.calibration = calibration
     return mod
 
 

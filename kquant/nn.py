@@ -10,10 +10,10 @@ from torch import nn
 from . import backends
 from .config import QuantConfig, resolve
 from .format import CANONICAL, PER_CHANNEL, PackedWeight, quantize_weight, to_canonical
-from .ops import flatten
-from .spec import FLOAT_DTYPES, LinearSpec
+from .ops import flatten, scale_input
+from .spec import FLOAT_DTYPES, LinearSpec, check_input_scale
 
-_FLOAT_BUFFERS = ("scales", "zeros", "act_scale")
+_FLOAT_BUFFERS = ("scales", "zeros", "act_scale", "input_scale")
 
 
 class QuantLinear(nn.Module):
@@ -24,6 +24,12 @@ class QuantLinear(nn.Module):
     may re-lay the weight out once for its kernels; ``state_dict`` and :meth:`packed_weight`
     always return the canonical form. Inputs get a gradient (the dequantized weight's); the
     packed weight is frozen.
+
+    A layer calibrated with AWQ or SmoothQuant may hold ``input_scale`` (fp32 ``[in_features]``):
+    its input is multiplied by it per channel before the packed weight is applied (saved and
+    loaded with the layer). When the equalization scale was folded into the module feeding the
+    layer instead, ``folded_scale`` records it (informational: ``dequantize_weight() *
+    folded_scale`` is comparable to the original float weight); it is not saved.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -51,6 +57,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, spec.groups, device=device))
         self.register_buffer("zeros", None if self.symmetric else torch.zeros(out_features, spec.groups, device=device))
         self.register_buffer("act_scale", torch.ones(1, device=device) if self.activations == "static" else None)
+        self.register_buffer("input_scale", None)
+        self.folded_scale: Optional[torch.Tensor] = None
+        self.calibration: Optional[dict] = None  # method and parameters, recorded in checkpoints
         self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
                                                      requires_grad=False) if bias else None)
         self.layout = CANONICAL
@@ -60,24 +69,30 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, config: Union[QuantConfig, str] = "w8a8", *, name: str = "",
                     weight_qparams: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
-                    act_scale: Optional[torch.Tensor] = None) -> "QuantLinear":
+                    act_scale: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                    input_scale: Optional[torch.Tensor] = None) -> "QuantLinear":
         """Quantize ``linear``'s weight (an ``nn.Linear``, or a transformers ``Conv1D``, whose
         weight is stored transposed). ``weight_qparams`` = (scales, zeros) from an observer;
-        ``act_scale`` is the static activation scale (required when activations="static")."""
+        ``act_scale`` is the static activation scale (required when activations="static").
+        ``weight`` replaces the weight to quantize (a calibration method's result, [out, in]);
+        ``input_scale`` is the per-input-channel scale the layer applies to its input."""
         name = name or "QuantLinear"
-        w = linear_weight(linear, name)
+        orig = linear_weight(linear, name)
+        w = orig if weight is None else weight
+        if tuple(w.shape) != tuple(orig.shape):
+            raise ValueError(f"{name}: weight {list(w.shape)} does not match the layer's {list(orig.shape)}")
         cfg = resolve(config)
         if cfg.activations == "static" and act_scale is None:
             raise ValueError(f"{name}: activations='static' needs an act_scale from calibration data")
         check_has_values(w, name)
-        if w.dtype not in FLOAT_DTYPES:
+        if orig.dtype not in FLOAT_DTYPES or w.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}: {w.dtype} weights are not supported; kquant runs float32, float16 and "
                             f"bfloat16 layers (convert the model first, e.g. model.float())")
         out_features, in_features = w.shape
         scales, zeros = weight_qparams if weight_qparams is not None else (None, None)
         packed = quantize_weight(w, cfg.weight_bits, cfg.group_size, cfg.symmetric, scales, zeros, name=name)
         bias = linear.bias
-        mod = cls(in_features, out_features, bias is not None, cfg, name=name, device=w.device, dtype=w.dtype)
+        mod = cls(in_features, out_features, bias is not None, cfg, name=name, device=w.device, dtype=orig.dtype)
         mod.load_packed(packed)
         if bias is not None:
             if not torch.isfinite(bias).all():
@@ -88,7 +103,16 @@ class QuantLinear(nn.Module):
             if not (torch.isfinite(a).all() and a.item() > 0 and torch.isfinite(1.0 / a).all()):
                 raise ValueError(f"{name}: act_scale must be finite and > 0, got {a.item()}")
             mod.act_scale = a
+        if input_scale is not None:
+            mod.set_input_scale(input_scale)
         return mod
+
+    def set_input_scale(self, input_scale: Optional[torch.Tensor]) -> None:
+        """Install (or with None, remove) the per-input-channel scale applied to the input."""
+        if input_scale is not None:
+            input_scale = torch.as_tensor(input_scale).to(self.scales.device, torch.float32).contiguous()
+            check_input_scale(input_scale, self.in_features, self.name)
+        self.input_scale = input_scale
 
     def load_packed(self, packed: PackedWeight) -> None:
         """Install a canonical PackedWeight (validated against this layer's shape)."""
@@ -136,13 +160,16 @@ class QuantLinear(nn.Module):
                             self.in_features)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float weight [out_features, in_features] this layer computes with."""
-        return self.packed_weight().dequantize(dtype)
+        """The float weight [out_features, in_features] this layer computes with (its
+        ``input_scale``, if any, multiplied in)."""
+        w = self.packed_weight().dequantize(torch.float32)
+        return (w if self.input_scale is None else w * self.input_scale).to(dtype)
 
     @property
     def weight_nbytes(self) -> int:
-        """Bytes of the packed weight: codes + scales (+ zeros)."""
-        return self.packed_weight().nbytes
+        """Bytes of the packed weight: codes + scales (+ zeros, + input_scale)."""
+        extra = 0 if self.input_scale is None else self.input_scale.numel() * 4
+        return self.packed_weight().nbytes + extra
 
     @property
     def mode(self) -> str:
@@ -160,7 +187,7 @@ class QuantLinear(nn.Module):
         buffers, bias = self._buffers, self._parameters["bias"]
         if x.device != buffers["scales"].device:
             raise ValueError(f"{self.name}: input is on {x.device} but the layer is on {buffers['scales'].device}")
-        x2 = flatten(x, self.in_features, self.padded_in_features)
+        x2 = flatten(scale_input(x, buffers["input_scale"]), self.in_features, self.padded_in_features)
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
                 x.requires_grad or (bias is not None and bias.requires_grad))):
             # the registered op: traced by torch.compile (fake impl), differentiable for x and bias

@@ -19,6 +19,9 @@ Semantics (the reference backend is the definition; weights in the canonical for
   returned in ``x.dtype``. 4-bit weights must be symmetric.
 * ``w8a16_linear`` / ``w4a16_linear(x, qweight, scales, zeros, bias, group_size)``:
   ``y = x @ dequant(W).T + bias`` in ``x.dtype``.
+* Every linear op takes an optional ``input_scale`` (fp32 ``[K]``, > 0): the input is
+  multiplied by it per channel before anything else (the equalization scale of a layer
+  calibrated with AWQ or SmoothQuant whose scale could not be folded upstream).
 """
 from __future__ import annotations
 
@@ -72,17 +75,26 @@ def _(a, b):
 
 # ----------------------------------------------------------------------------- linear
 def linear(bits: int, int8_activations: bool, x, qweight, scales, zeros=None, bias=None, act_scale=None,
-           group_size: int = -1) -> Tensor:
+           group_size: int = -1, input_scale=None) -> Tensor:
     """The body of every public linear op: validate, flatten, route, restore the shape."""
-    spec = check_linear_call(bits, int8_activations, x, qweight, scales, zeros, bias, act_scale, group_size)
-    y = backends.run_linear(spec, CANONICAL, flatten(x, spec.in_features, spec.padded_in_features), qweight,
-                            scales, zeros, bias, act_scale)
+    spec = check_linear_call(bits, int8_activations, x, qweight, scales, zeros, bias, act_scale, group_size,
+                             input_scale)
+    y = backends.run_linear(spec, CANONICAL, flatten(scale_input(x, input_scale), spec.in_features,
+                                                     spec.padded_in_features), qweight, scales, zeros, bias,
+                            act_scale)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], spec.out_features)
 
 
-def _save_for_grad(ctx, x, qweight, scales, zeros, bias, bits, group_size, layout, kp, n_inputs, bias_pos):
-    """What the backward of a linear op needs: y = x @ W.T + bias, W dequantized from any layout."""
-    ctx.save_for_backward(qweight, scales, zeros)
+def scale_input(x: Tensor, input_scale: Optional[Tensor]) -> Tensor:
+    """x times the per-input-channel scale of an equalized layer (in x's dtype)."""
+    return x if input_scale is None else x * input_scale.to(x.dtype)
+
+
+def _save_for_grad(ctx, x, qweight, scales, zeros, bias, bits, group_size, layout, kp, n_inputs, bias_pos,
+                   input_scale=None):
+    """What the backward of a linear op needs: y = (x * input_scale) @ W.T + bias, W dequantized from any
+    layout."""
+    ctx.save_for_backward(qweight, scales, zeros, input_scale)
     ctx.meta = (bits, group_size, layout, kp, x.shape, x.dtype, bias.dtype if bias is not None else None,
                 n_inputs, bias_pos)
     ctx.needs_x, ctx.needs_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[bias_pos]
@@ -90,21 +102,23 @@ def _save_for_grad(ctx, x, qweight, scales, zeros, bias, bits, group_size, layou
 
 def _linear_backward(ctx, grad):
     """Gradients of x (through the dequantized weight) and bias; None for every other input."""
-    qweight, scales, zeros = ctx.saved_tensors
+    qweight, scales, zeros, input_scale = ctx.saved_tensors
     bits, group_size, layout, kp, x_shape, x_dtype, bias_dtype, n_inputs, bias_pos = ctx.meta
     w = reference.dequantize(qweight, scales, zeros, group_size, layout, bits, scales.shape[0], kp)
     grads = [None] * n_inputs
     g2 = grad.reshape(-1, grad.shape[-1]).float()
     if ctx.needs_x:
-        grads[0] = (g2 @ w[:, :x_shape[-1]]).to(x_dtype).reshape(x_shape)
+        gx = g2 @ w[:, :x_shape[-1]]
+        grads[0] = (gx if input_scale is None else gx * input_scale).to(x_dtype).reshape(x_shape)
     if ctx.needs_bias:
         grads[bias_pos] = g2.sum(0).to(bias_dtype)
     return tuple(grads)
 
 
-def _fake_linear(bits, int8_activations, x, qweight, scales, zeros, bias, act_scale, group_size) -> Tensor:
+def _fake_linear(bits, int8_activations, x, qweight, scales, zeros, bias, act_scale, group_size,
+                 input_scale=None) -> Tensor:
     spec = check_linear_call(bits, int8_activations, x, qweight, scales, zeros, bias, act_scale, group_size,
-                             values=False)
+                             input_scale, values=False)
     return x.new_empty(*x.shape[:-1], spec.out_features)
 
 
@@ -114,17 +128,18 @@ def _define_linear_op(bits: int, int8_activations: bool):
     gs = -1 if bits == 8 else 128  # the default group size of the op
     tensors = ("Tensor? bias=None, Tensor? act_scale=None" if int8_activations
                else "Tensor? zeros=None, Tensor? bias=None")
-    schema = f"(Tensor x, Tensor qweight, Tensor scales, {tensors}, int group_size={gs}) -> Tensor"
+    schema = (f"(Tensor x, Tensor qweight, Tensor scales, {tensors}, int group_size={gs}, "
+              f"Tensor? input_scale=None) -> Tensor")
     bias_pos = 3 if int8_activations else 4
 
     def with_schema_args(fn):
-        """fn(x, qweight, scales, zeros, bias, act_scale, group_size) taking this op's arguments."""
+        """fn(x, qweight, scales, zeros, bias, act_scale, group_size, input_scale) taking this op's arguments."""
         if int8_activations:
-            def f(x, qweight, scales, bias=None, act_scale=None, group_size=gs):
-                return fn(x, qweight, scales, None, bias, act_scale, group_size)
+            def f(x, qweight, scales, bias=None, act_scale=None, group_size=gs, input_scale=None):
+                return fn(x, qweight, scales, None, bias, act_scale, group_size, input_scale)
         else:
-            def f(x, qweight, scales, zeros=None, bias=None, group_size=gs):
-                return fn(x, qweight, scales, zeros, bias, None, group_size)
+            def f(x, qweight, scales, zeros=None, bias=None, group_size=gs, input_scale=None):
+                return fn(x, qweight, scales, zeros, bias, None, group_size, input_scale)
         return f
 
     op = torch.library.custom_op(f"kquant::{name}", with_schema_args(lambda *a: linear(bits, int8_activations, *a)),
@@ -133,9 +148,10 @@ def _define_linear_op(bits: int, int8_activations: bool):
     op.register_fake(with_schema_args(lambda *a: _fake_linear(bits, int8_activations, *a)))
 
     def setup_context(ctx, inputs, output):
-        x, qweight, scales, zeros, bias, _, group_size = with_schema_args(lambda *a: a)(*inputs)
+        x, qweight, scales, zeros, bias, _, group_size, input_scale = with_schema_args(lambda *a: a)(*inputs)
         kp = LinearSpec(bits, group_size, zeros is None, False, x.shape[-1], scales.shape[0]).padded_in_features
-        _save_for_grad(ctx, x, qweight, scales, zeros, bias, bits, group_size, CANONICAL, kp, len(inputs), bias_pos)
+        _save_for_grad(ctx, x, qweight, scales, zeros, bias, bits, group_size, CANONICAL, kp, len(inputs), bias_pos,
+                       input_scale)
 
     op.register_autograd(_linear_backward, setup_context=setup_context)
     return op

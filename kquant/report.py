@@ -359,6 +359,8 @@ def error_report(fp_model: nn.Module, q_model: nn.Module, inputs) -> ErrorReport
     rows = []
     for name, (f, q) in pairs.items():
         wq = q.dequantize_weight(torch.float32)
+        if q.folded_scale is not None:  # equalization folded upstream: back to the float model's basis
+            wq = wq * q.folded_scale
         w_sqnr = sqnr_db(f.weight.float(), wq)
         acc = accs[name]
         o_sqnr, rel = _stats_to_metrics(acc.signal, acc.noise) if acc.calls else (None, None)

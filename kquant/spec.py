@@ -191,6 +191,20 @@ def check_act_scale(act_scale, where: str = "", values: bool = True) -> None:
                               f"{act_scale.reshape(()).item()}")
 
 
+def check_input_scale(input_scale, k: int, where: str = "", values: bool = True) -> None:
+    """The per-input-channel scale a layer multiplies its input by (from equalization)."""
+    where = _where(where)
+    if input_scale is None:
+        return
+    _is_tensor(input_scale, "input_scale", where)
+    if input_scale.dtype != torch.float32 or list(input_scale.shape) != [k]:
+        raise ValueError(f"{where}input_scale must be a float32 tensor of shape [{k}] (one per input channel), "
+                         f"got {input_scale.dtype} {list(input_scale.shape)}")
+    if values:
+        _check_values(input_scale, lambda a: (torch.isfinite(a) & (a > 0)).all(),
+                      lambda: f"{where}input_scale must be finite and > 0 in every channel")
+
+
 def check_bias(bias, n: int, where: str = "") -> None:
     where = _where(where)
     if bias is None:
@@ -216,7 +230,7 @@ def check_same_device(ref: Tensor, **tensors: Optional[Tensor]) -> None:
 
 
 def check_linear_call(bits: int, int8_activations: bool, x, qweight, scales, zeros, bias, act_scale,
-                      group_size, values: bool = True) -> LinearSpec:
+                      group_size, input_scale=None, values: bool = True) -> LinearSpec:
     """Every argument of a public linear op; returns the call's spec (device from x).
     ``values=False`` (fake tensors while tracing) checks dtypes and shapes only."""
     check_x(x)
@@ -226,12 +240,13 @@ def check_linear_call(bits: int, int8_activations: bool, x, qweight, scales, zer
                          f"format, got {list(qweight.shape)}")
     check_group_size(group_size, "group_size: ")
     check_same_device(x, qweight=qweight, scales=scales if isinstance(scales, Tensor) else None, zeros=zeros,
-                      bias=bias, act_scale=act_scale)
+                      bias=bias, act_scale=act_scale, input_scale=input_scale)
     spec = LinearSpec(bits, group_size, zeros is None, int8_activations, x.shape[-1], max(qweight.shape[0], 1),
                       x.device)
     check_weight(spec, qweight, scales, zeros, values=values)
     check_bias(bias, spec.out_features)
     check_act_scale(act_scale, values=values)
+    check_input_scale(input_scale, spec.in_features, values=values)
     return spec
 
 
@@ -250,4 +265,4 @@ def check_int8_mm(a, b) -> None:
 
 
 __all__ = ["LinearSpec", "LINEAR_OPS", "FLOAT_DTYPES", "MAX_K_PER_SUM", "MAX_K_INT8_MM", "check_weight",
-           "check_linear_call", "check_act_scale", "check_bias", "check_x", "check_int8_mm"]
+           "check_linear_call", "check_act_scale", "check_input_scale", "check_bias", "check_x", "check_int8_mm"]

@@ -340,8 +340,8 @@ def test_direct_ops_check_values_and_types():
     x = torch.randn(3, 64)
     p = quantize_weight(torch.randn(16, 64), 8)
     p4 = quantize_weight(torch.randn(16, 64), 4, 32, symmetric=False)
-    with pytest.raises(RuntimeError, match="expected at most 6 argument"):  # canonical format only: no layout
-        ops.w8a8_linear(x, p.qweight, p.scales, None, None, -1, 1)
+    with pytest.raises(RuntimeError, match="expected at most 7 argument"):  # canonical format only: no layout
+        ops.w8a8_linear(x, p.qweight, p.scales, None, None, -1, None, 1)
     from kquant.backends.cpu import int8_to_blocked
     with pytest.raises(ValueError, match=r"qweight must be 2-D .* canonical format, got \[1, 16, 16, 4\]"):
         ops.w8a8_linear(torch.randn(3, 1), int8_to_blocked(p.qweight), p.scales, None, None, -1)

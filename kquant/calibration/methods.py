@@ -1,0 +1,138 @@
+"""Calibration methods chosen with ``kquant.quantize_(model, config, method=...)``.
+
+A method is a name (``"rtn"``, ``"gptq"``, ``"awq"``, ``"smoothquant"``) or one of these
+objects, which carry its parameters; a list applies them in order. Equalization methods
+(AWQ, SmoothQuant: a per-input-channel scale) come first, then at most one weight method
+(RTN or GPTQ; RTN when none is given).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+
+@dataclasses.dataclass(frozen=True)
+class RTN:
+    """Round to nearest with the config's weight observer (no calibration data needed)."""
+
+    name = "rtn"
+    kind = "weight"
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQ:
+    """GPTQ: columns quantized one by one, each one's rounding error compensated in the
+    columns not yet quantized through the inverse Hessian of the layer's inputs.
+
+    damp: fraction of the mean Hessian diagonal added to its diagonal. block_size: columns
+    per lazy update. act_order: columns in order of decreasing Hessian diagonal, with group
+    scales fixed before the pass (static groups), so the result keeps contiguous groups.
+    clip: search each group's clip ratio for the smallest error (as the ``mse`` observer)."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    clip: bool = True
+    name = "gptq"
+    kind = "weight"
+
+    def __post_init__(self):
+        if not 0.0 <= self.damp < 1.0:
+            raise ValueError(f"gptq: damp must be in [0, 1), got {self.damp}")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"gptq: block_size must be a positive int, got {self.block_size!r}")
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class AWQ:
+    """Activation-aware scaling: per input channel ``s = mean|x| ** alpha`` with ``alpha``
+    searched on a grid of ``grid`` points in [0, 1] to minimise the layers' output error after
+    quantization; the layers sharing an input share the scale. ``max_tokens`` bounds the
+    calibration rows kept for the search."""
+
+    grid: int = 20
+    max_tokens: int = 2048
+    name = "awq"
+    kind = "equalize"
+
+    def __post_init__(self):
+        if not isinstance(self.grid, int) or self.grid < 1:
+            raise ValueError(f"awq: grid must be a positive int, got {self.grid!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 16:
+            raise ValueError(f"awq: max_tokens must be an int >= 16, got {self.max_tokens!r}")
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothQuant:
+    """SmoothQuant for int8 activations: ``s = max|x| ** alpha / max|W| ** (1 - alpha)`` per
+    input channel moves activation outliers into the weights. ``alpha``: the migration
+    strength, or None to search it (grid of ``grid`` points in [0, 1], smallest output error
+    with int8 activations and the layer's weights)."""
+
+    alpha: Optional[float] = None
+    grid: int = 10
+    max_tokens: int = 2048
+    name = "smoothquant"
+    kind = "equalize"
+
+    def __post_init__(self):
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"smoothquant: alpha must be in [0, 1] (or None to search it), got {self.alpha}")
+        if not isinstance(self.grid, int) or self.grid < 1:
+            raise ValueError(f"smoothquant: grid must be a positive int, got {self.grid!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 16:
+            raise ValueError(f"smoothquant: max_tokens must be an int >= 16, got {self.max_tokens!r}")
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+
+Method = Union[RTN, GPTQ, AWQ, SmoothQuant]
+METHODS = {"rtn": RTN, "gptq": GPTQ, "awq": AWQ, "smoothquant": SmoothQuant}
+
+
+def parse_methods(method: Union[str, Method, Sequence[Union[str, Method]], None]
+                  ) -> Tuple[Optional[Method], Method]:
+    """``(equalization or None, weight method)`` from what the user passed to quantize_."""
+    if method is None:
+        method = "rtn"
+    items = [method] if isinstance(method, (str,) + tuple(METHODS.values())) else list(method)
+    if not items:
+        raise ValueError(f"method is an empty list; choose from {list(METHODS)}")
+    parsed: List[Method] = []
+    for m in items:
+        if isinstance(m, str):
+            cls = METHODS.get(m.lower())
+            if cls is None:
+                raise ValueError(f"unknown calibration method {m!r}; methods: {list(METHODS)} "
+                                 f"(or a list such as ['awq', 'gptq'])")
+            m = cls()
+        elif not isinstance(m, tuple(METHODS.values())):
+            raise TypeError(f"method must be a name, a kquant.calibration method object or a list of them, "
+                            f"got {type(m).__name__}")
+        parsed.append(m)
+    eq = [m for m in parsed if m.kind == "equalize"]
+    weight = [m for m in parsed if m.kind == "weight"]
+    if len(eq) > 1:
+        raise ValueError(f"method: at most one equalization method (awq or smoothquant), got "
+                         f"{[m.name for m in eq]}")
+    if len(weight) > 1:
+        raise ValueError(f"method: at most one weight method (rtn or gptq), got {[m.name for m in weight]}")
+    if eq and weight and parsed.index(eq[0]) > parsed.index(weight[0]):
+        raise ValueError(f"method: {eq[0].name} scales the weights, so it must come before {weight[0].name} "
+                         f"(e.g. ['{eq[0].name}', '{weight[0].name}'])")
+    return (eq[0] if eq else None), (weight[0] if weight else RTN())
+
+
+def describe(equalize: Optional[Method], weight: Method) -> str:
+    """'awq+gptq', 'rtn', ... (how tables name a method list)."""
+    return "+".join(m.name for m in (equalize, weight) if m is not None and not (equalize and m.name == "rtn"))
