@@ -29,14 +29,20 @@ def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
     return q.float() * s
 
 
-def _output_error(x: torch.Tensor, weights: Sequence[torch.Tensor], refs: Sequence[torch.Tensor],
-                  cfgs: Sequence[QuantConfig], s: torch.Tensor) -> float:
-    xs = x / s
+def _output_error(x: Optional[torch.Tensor], h: Optional[torch.Tensor], weights: Sequence[torch.Tensor],
+                  refs: Sequence[Optional[torch.Tensor]], cfgs: Sequence[QuantConfig], s: torch.Tensor) -> float:
+    """Summed squared output error of the layers with scale ``s``: on the rows ``x`` when a
+    layer quantizes its activations, else through the Hessian ``h = x^T x`` of all the rows
+    (``tr(D h D^T)`` with ``D`` the weight error in the original basis)."""
     err = 0.0
     for w, ref, cfg in zip(weights, refs, cfgs):
-        xa = fake_quant_act(xs) if cfg.int8_activations else xs
-        out = xa @ fake_quant_weight(w * s, cfg).T
-        err += float(((out - ref) ** 2).sum())
+        wq = fake_quant_weight(w * s, cfg)
+        if cfg.int8_activations:
+            out = fake_quant_act(x / s) @ wq.T
+            err += float(((out - ref) ** 2).sum())
+        else:
+            d = wq / s - w
+            err += float(((d @ h) * d).sum())
     return err
 
 
@@ -46,15 +52,17 @@ def _normalize(s: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def search_scale(method, x: torch.Tensor, abs_mean: torch.Tensor, abs_max: torch.Tensor,
-                 weights: Sequence[torch.Tensor], cfgs: Sequence[QuantConfig]):
+def search_scale(method, x: Optional[torch.Tensor], h: Optional[torch.Tensor], abs_mean: torch.Tensor,
+                 abs_max: torch.Tensor, weights: Sequence[torch.Tensor], cfgs: Sequence[QuantConfig]):
     """``(s [K], alpha, relative error)`` minimising the summed output error of the layers
-    on the calibration rows ``x [T, K]``; ``s = 1`` (no equalization) is always a candidate,
-    so the chosen scale is never worse than none on these rows."""
-    refs = [x @ w.T for w in weights]
-    signal = sum(float((r ** 2).sum()) for r in refs) or 1.0
+    (on the calibration rows ``x [T, K]`` for int8-activation layers, through the Hessian
+    ``h`` of every calibration row for weight-only ones); ``s = 1`` (no equalization) is
+    always a candidate, so the chosen scale is never worse than none on these inputs."""
+    refs = [x @ w.T if c.int8_activations else None for w, c in zip(weights, cfgs)]
+    signal = sum(float((r ** 2).sum()) if r is not None else float(((w @ h) * w).sum())
+                 for r, w in zip(refs, weights)) or 1.0
     ones = torch.ones_like(abs_mean)
-    best = (ones, None, _output_error(x, weights, refs, cfgs, ones))
+    best = (ones, None, _output_error(x, h, weights, refs, cfgs, ones))
     if isinstance(method, AWQ):
         alphas = [i / method.grid for i in range(1, method.grid)]
         candidate: Callable[[float], torch.Tensor] = lambda a: _normalize(abs_mean.clamp_min(1e-5) ** a)
@@ -69,7 +77,7 @@ def search_scale(method, x: torch.Tensor, abs_mean: torch.Tensor, abs_max: torch
         s = candidate(a)
         if not torch.isfinite(s).all():
             continue
-        err = _output_error(x, weights, refs, cfgs, s)
+        err = _output_error(x, h, weights, refs, cfgs, s)
         if err < best[2] or getattr(method, "alpha", None) is not None:  # a given alpha is used as is
             best = (s, a, err)
     s, alpha, err = best

@@ -21,13 +21,14 @@ from ..format import PER_CHANNEL, padded_k, qparams_from_range, qrange
 from .observers import DEFAULT_RATIOS, mse_search, slice_minmax
 
 
-def group_qparams(w: torch.Tensor, bits: int, symmetric: bool, clip: bool
+def group_qparams(w: torch.Tensor, bits: int, symmetric: bool, clip: bool, importance: torch.Tensor
                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Scale (and zero) per row of ``w [N, g]``: min-max, or the clip ratio with the
-    smallest squared error when ``clip``."""
+    """Scale (and zero) per row of ``w [N, g]``: min-max, or with ``clip`` the clip ratio with
+    the smallest squared error, each column weighted by its ``importance [g]`` (the Hessian
+    diagonal: how much the layer's output feels that input channel)."""
     lo, hi = slice_minmax(w)
     if clip:
-        lo, hi = mse_search(w, lo, hi, bits, symmetric, DEFAULT_RATIOS)
+        lo, hi = mse_search(w, lo, hi, bits, symmetric, DEFAULT_RATIOS, importance)
     return qparams_from_range(lo, hi, bits, symmetric)
 
 
@@ -73,6 +74,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = PE
     diag = torch.diagonal(H)
     dead = diag <= 0
     H[dead, dead] = 1.0  # an input never seen (or padding): no error to compensate through it
+    diag = diag.clone()
     qmin, qmax = qrange(bits, symmetric)
 
     static = act_order or group_size == PER_CHANNEL
@@ -81,7 +83,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = PE
     zeros = None if symmetric else torch.empty(n, groups, device=dev)
     if static:
         for g in range(groups):
-            s, z = group_qparams(W[:, g * gs:(g + 1) * gs], bits, symmetric, clip)
+            s, z = group_qparams(W[:, g * gs:(g + 1) * gs], bits, symmetric, clip, diag[g * gs:(g + 1) * gs])
             scales[:, g] = s
             if zeros is not None:
                 zeros[:, g] = z
@@ -104,7 +106,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = PE
             col = i1 + i
             g = col_group[col]
             if not static and col % gs == 0:
-                s, z = group_qparams(W1[:, i:i + gs], bits, symmetric, clip)
+                s, z = group_qparams(W1[:, i:i + gs], bits, symmetric, clip, diag[col:col + gs])
                 scales[:, g] = s
                 if zeros is not None:
                     zeros[:, g] = z

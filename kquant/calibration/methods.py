@@ -30,12 +30,17 @@ class GPTQ:
     damp: fraction of the mean Hessian diagonal added to its diagonal. block_size: columns
     per lazy update. act_order: columns in order of decreasing Hessian diagonal, with group
     scales fixed before the pass (static groups), so the result keeps contiguous groups.
-    clip: search each group's clip ratio for the smallest error (as the ``mse`` observer)."""
+    clip: search each group's clip ratio for the smallest error (as the ``mse`` observer),
+    columns weighted by the Hessian diagonal. float_targets: the target of each layer is the
+    float model's output of that layer, not the float layer applied to the quantized model's
+    inputs, so upstream quantization error is corrected too (keeps a float copy of one block
+    and its float inputs beside the quantized ones)."""
 
-    damp: float = 0.01
+    damp: float = 0.1
     block_size: int = 128
     act_order: bool = True
     clip: bool = True
+    float_targets: bool = True
     name = "gptq"
     kind = "weight"
 
@@ -57,7 +62,7 @@ class AWQ:
     calibration rows kept for the search."""
 
     grid: int = 20
-    max_tokens: int = 2048
+    max_tokens: int = 1024
     name = "awq"
     kind = "equalize"
 
@@ -80,7 +85,7 @@ class SmoothQuant:
 
     alpha: Optional[float] = None
     grid: int = 10
-    max_tokens: int = 2048
+    max_tokens: int = 1024
     name = "smoothquant"
     kind = "equalize"
 

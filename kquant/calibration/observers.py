@@ -62,9 +62,10 @@ def slice_quantile(v: torch.Tensor, q: float) -> torch.Tensor:
     return s[:, i0] + (s[:, i1] - s[:, i0]) * frac
 
 
-def fake_quant_error(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
-                     ) -> torch.Tensor:
-    """Per-slice sum of squared error of quantizing [S, n] with the range [lo, hi] ([S]).
+def fake_quant_error(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
+                     weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-slice sum of squared error of quantizing [S, n] with the range [lo, hi] ([S]),
+    each of the n positions weighted by ``weight [n]`` when given.
 
     Uses exactly the arithmetic of :func:`kquant.format.quantize_weight` +
     ``PackedWeight.dequantize`` (divide by the scale, round half to even, clamp), so the
@@ -79,25 +80,28 @@ def fake_quant_error(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: 
     else:
         z = zero.unsqueeze(-1)
         deq = (torch.clamp(q + z, qmin, qmax) - z) * s
-    return ((deq - v) ** 2).sum(dim=1)
+    err = (deq - v) ** 2
+    return (err if weight is None else err * weight).sum(dim=1)
 
 
 def mse_search(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
-               ratios: Sequence[float] = DEFAULT_RATIOS) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per slice, the clipped range ``r * [lo, hi]`` (r in ``ratios``) with the least error.
+               ratios: Sequence[float] = DEFAULT_RATIOS, weight: Optional[torch.Tensor] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per slice, the clipped range ``r * [lo, hi]`` (r in ``ratios``) with the least error
+    (weighted per position by ``weight [n]``, e.g. a Hessian diagonal, when given).
 
     The full range (r = 1) is the starting point and a smaller ratio must beat it by a
     relative margin, so the result is never worse than min-max, even after float
     summation-order noise.
     """
     best_lo, best_hi = lo.clone(), hi.clone()
-    best_err = fake_quant_error(v, lo, hi, bits, symmetric)
+    best_err = fake_quant_error(v, lo, hi, bits, symmetric, weight)
     for r in sorted(set(float(r) for r in ratios), reverse=True):
         if not 0.0 < r <= 1.0:
             raise ValueError(f"clip ratios must be in (0, 1], got {r}")
         if r == 1.0:
             continue
-        err = fake_quant_error(v, lo * r, hi * r, bits, symmetric)
+        err = fake_quant_error(v, lo * r, hi * r, bits, symmetric, weight)
         better = err < best_err * (1.0 - 1e-6)
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, lo * r, best_lo)

@@ -13,6 +13,7 @@ runs. Padding tokens (``attention_mask == 0`` in a dict batch) are left out of t
 """
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -87,6 +88,7 @@ class Calibrator:
         self.masks = [self._mask(b) for b in batches]
         self.summary: Dict[str, dict] = {}
         self.method_name = describe(equalize, weight_method)
+        self.float_targets = bool(getattr(weight_method, "float_targets", False))
 
     # ------------------------------------------------------------------ inputs
     @staticmethod
@@ -125,7 +127,9 @@ class Calibrator:
                         disable=None if self.progress else True)
         try:
             if not blocks:
-                self._segment(names, lambda i: self._call_model(i))
+                ref = copy.deepcopy(self.model) if self.float_targets else None
+                self._segment(names, lambda i: self._call_model(i), ref,
+                              None if ref is None else (lambda i: self.run_model(ref, self.batches[i])), "")
             else:
                 first = blocks[0][1]
                 seen: List[str] = []
@@ -142,15 +146,24 @@ class Calibrator:
                 if pre:
                     self._segment(pre, lambda i: self._stop_at(first, i))
                 inputs, extra = self._capture_block_inputs([b for _, b in blocks])
+                ref_inputs = inputs  # the float model's inputs to the block (float_targets)
                 for j, (bname, block) in enumerate(blocks):
                     layers = [t for t in names if block_of.get(t) == bname]
                     args_j = [_with_hidden(*extra[j][i], inputs[i]) for i in range(len(inputs))]
+                    ref = copy.deepcopy(block) if self.float_targets and layers else None
+                    ref_args = [_with_hidden(*extra[j][i], ref_inputs[i]) for i in range(len(inputs))]
                     if layers:
-                        self._segment(layers, lambda i: block(*args_j[i][0], **args_j[i][1]))
+                        self._segment(layers, lambda i: block(*args_j[i][0], **args_j[i][1]), ref,
+                                      None if ref is None else (lambda i: ref(*ref_args[i][0], **ref_args[i][1])),
+                                      bname + ".")
                     if j + 1 < len(blocks):
                         with torch.no_grad():
                             inputs = [_first_tensor(block(*a, **k)) for a, k in args_j]
-                del inputs
+                            if ref is not None:
+                                ref_inputs = [_first_tensor(ref(*a, **k)) for a, k in ref_args]
+                            else:
+                                ref_inputs = inputs
+                del inputs, ref_inputs
                 post = [t for t in outside if t not in pre]
                 if post:
                     self._segment(post, lambda i: self._call_model(i))
@@ -212,10 +225,15 @@ class Calibrator:
         return inputs, extra
 
     # ------------------------------------------------------------------ one segment
-    def _segment(self, layers: List[str], run_one: Callable[[int], object]) -> None:
+    def _segment(self, layers: List[str], run_one: Callable[[int], object], ref: Optional[nn.Module] = None,
+                 ref_run: Optional[Callable[[int], object]] = None, prefix: str = "") -> None:
+        """Calibrate ``layers``, run by ``run_one(i)`` on batch i; ``ref`` is a float copy of
+        the segment's module (names relative to ``prefix``) run by ``ref_run`` on the float
+        model's inputs, whose layer inputs become the targets (float_targets)."""
         groups, producer = self._discover(layers, run_one)
         for group in groups:
-            self._group(group, producer.get(group[0]), run_one)
+            ref_layer = None if ref is None else ref.get_submodule(group[0][len(prefix):])
+            self._group(group, producer.get(group[0]), run_one, ref_layer, ref_run)
         for t in layers:  # never reached in calibration: plain round-to-nearest, and say so
             if t not in self.summary:
                 warnings.warn(f"quantize_: layer {t} never ran on calib_data; quantized with round-to-nearest",
@@ -274,11 +292,13 @@ class Calibrator:
         keep.clear()
         return groups, producer
 
-    def _collect(self, group: List[str], run_one, stats: bool, transform: Optional[torch.Tensor] = None):
-        """One pass stopped at the group: Hessian, |x| statistics and sampled rows."""
+    def _collect(self, group: List[str], run_one, stats: bool, transform: Optional[torch.Tensor] = None,
+                 ref_layer: Optional[nn.Module] = None, ref_run=None):
+        """One pass stopped at the group: Hessian, |x| statistics and sampled rows; with a
+        float reference layer also ``cross = sum(x^T x_float)``."""
         mod0 = self.targets[group[0]][0]
         k = linear_weight(mod0, group[0]).shape[1]
-        acc = {"h": None, "n": 0, "mean": None, "max": None, "rows": []}
+        acc = {"h": None, "n": 0, "mean": None, "max": None, "rows": [], "cross": None, "ref": None}
         cfgs = [self.targets[t][1] for t in group]
         static = [t for t, c in zip(group, cfgs) if c.activations == "static"]
         obs = make_observer(cfgs[0].act_observer, "per_tensor") if static else None
@@ -293,15 +313,18 @@ class Calibrator:
             if x.shape[0]:
                 if not torch.isfinite(x).all():
                     raise CalibrationError(f"{group[0]}: calibration input holds NaN or Inf")
-                if self.weight_method.name == "gptq":
+                if self.weight_method.name == "gptq" or stats:
                     h = x.T @ x
                     acc["h"] = h if acc["h"] is None else acc["h"].add_(h)
+                if acc["ref"] is not None:
+                    c = x.T @ acc["ref"]
+                    acc["cross"] = c if acc["cross"] is None else acc["cross"].add_(c)
                 ax = x.abs()
                 s, m = ax.sum(0), ax.amax(0)
                 acc["mean"] = s if acc["mean"] is None else acc["mean"] + s
                 acc["max"] = m if acc["max"] is None else torch.maximum(acc["max"], m)
                 acc["n"] += x.shape[0]
-                if stats and max_rows:
+                if stats and max_rows and any(c.int8_activations for c in cfgs):
                     acc["rows"].append(x.cpu())
                     if sum(r.shape[0] for r in acc["rows"]) > 2 * max_rows:
                         allr = torch.cat(acc["rows"])
@@ -310,13 +333,23 @@ class Calibrator:
                     obs.observe(x)
             raise _Stop
 
+        def fref(mod, args):
+            acc["ref"] = self._rows(args[0].detach(), cur["i"]).float()
+            raise _Stop
+
         h = mod0.register_forward_pre_hook(f)
+        hr = ref_layer.register_forward_pre_hook(fref) if ref_layer is not None else None
         try:
             for i in range(len(self.batches)):
                 cur["i"] = i
+                if ref_layer is not None:
+                    acc["ref"] = None
+                    self._try_stop(lambda: ref_run(i))
                 self._try_stop(lambda: run_one(i))
         finally:
             h.remove()
+            if hr is not None:
+                hr.remove()
         if acc["n"] == 0:
             return None
         rows = None
@@ -325,30 +358,33 @@ class Calibrator:
             if rows.shape[0] > max_rows:
                 rows = rows[torch.randperm(rows.shape[0], generator=gen)[:max_rows]]
         return {"h": acc["h"], "n": acc["n"], "mean": acc["mean"] / acc["n"], "max": acc["max"], "rows": rows,
-                "k": k, "obs": obs}
+                "k": k, "obs": obs, "cross": acc["cross"]}
 
-    def _group(self, group: List[str], producer: Optional[nn.Module], run_one) -> None:
+    def _group(self, group: List[str], producer: Optional[nn.Module], run_one, ref_layer=None, ref_run=None) -> None:
         t0 = time.perf_counter()
         cfgs = [self.targets[t][1] for t in group]
         eq = self.equalize
         if eq is not None and eq.name == "smoothquant" and not any(c.int8_activations for c in cfgs):
             eq = None  # SmoothQuant only moves int8 activation outliers
-        st = self._collect(group, run_one, stats=eq is not None)
+        st = self._collect(group, run_one, stats=eq is not None, ref_layer=ref_layer, ref_run=ref_run)
         if st is None:
             return  # never ran: _segment quantizes it with RTN
         weights = [linear_weight(self.targets[t][0], t).detach().float() for t in group]
+        if st["cross"] is not None:
+            weights = float_targets(weights, st["h"], st["cross"], self.weight_method.damp)
         s, info = None, {}
         held = None
         if eq is not None:
-            s, alpha, rel = search_scale(eq, st["rows"].to(weights[0].device), st["mean"], st["max"], weights, cfgs)
+            rows = None if st["rows"] is None else st["rows"].to(weights[0].device)
+            s, alpha, rel = search_scale(eq, rows, st["h"], st["mean"], st["max"], weights, cfgs)
             info = {eq.name: {**eq.to_dict(), "alpha": alpha, "rel_error": rel}}
             if alpha is None:
                 s = None  # no scaling beat none
-            elif self._fold(group, producer, s, run_one):
-                info[eq.name]["folded_into"] = type(producer).__name__
-                weights = [linear_weight(self.targets[t][0], t).detach().float() for t in group]
             else:
-                held = s
+                if self._fold(group, producer, s, run_one):
+                    info[eq.name]["folded_into"] = type(producer).__name__
+                else:
+                    held = s
                 weights = [w * s for w in weights]
         h = st["h"]
         if s is not None and st["obs"] is not None:  # static scales must see the scaled input
@@ -416,6 +452,18 @@ class Calibrator:
         self.undo.append(lambda: set_module(self.model, name, mod))
         self.summary[name] = record
         return q
+
+
+def float_targets(weights: List[torch.Tensor], h: torch.Tensor, cross: torch.Tensor, damp: float
+                  ) -> List[torch.Tensor]:
+    """The weights whose outputs on the quantized model's inputs ``x`` best match the float
+    layer's outputs on the float model's inputs ``xf``, regularized toward the float weights:
+    ``W + W (xf^T x - x^T x) (x^T x + damping)^-1``, so quantizing them also corrects the
+    error upstream layers put into ``x``."""
+    lam = max(damp, 1e-6) * torch.diagonal(h).mean().clamp_min(1e-12)
+    hd = h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    gap = cross.T - h  # xf^T x - x^T x
+    return [(w + torch.linalg.solve(hd, (w @ gap).T).T).contiguous() for w in weights]
 
 
 def scale_output_columns(linear: nn.Module, s: torch.Tensor) -> torch.Tensor:
