@@ -60,7 +60,7 @@ from .nn import QuantLinear
 __all__ = ["save_quantized", "load_quantized", "CheckpointError", "read_metadata", "check_save_path", "KEY_ENV"]
 
 FORMAT_NAME = "kquant"
-_QL_TENSORS = ("qweight", "scales", "zeros", "bias", "act_scale")
+_QL_TENSORS = ("qweight", "scales", "zeros", "bias", "act_scale", "input_scale")
 _MAX_HEADER = 100 << 20  # a header larger than this is corrupt, not big
 _ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
               "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}

@@ -8,13 +8,21 @@
     scales, zeros = weight_qparams(linear.weight, bits=4, group_size=128,
                                    symmetric=True, method="mse")
 
+Calibration methods for ``kquant.quantize_(model, config, calib_data=..., method=...)``:
+``RTN``, ``GPTQ``, ``AWQ``, ``SmoothQuant`` (names or these objects with their parameters);
+:func:`gptq` quantizes one weight matrix given its Hessian.
+
 Pure PyTorch; calibration never calls a kernel directly.
 """
 from .observers import (DEFAULT_RATIOS, GRANULARITIES, OBSERVERS, WEIGHT_METHODS, MinMaxObserver,
                         MovingAverageObserver, MSEObserver, Observer, PercentileObserver,
                         fake_quant_error, make_observer, mse_search, weight_qparams)
 
+from .gptq import gptq
+from .methods import AWQ, GPTQ, METHODS, RTN, SmoothQuant
+
 __all__ = [
+    "RTN", "GPTQ", "AWQ", "SmoothQuant", "METHODS", "gptq",
     "make_observer", "weight_qparams", "Observer", "MinMaxObserver", "PercentileObserver", "MSEObserver",
     "MovingAverageObserver", "GRANULARITIES", "OBSERVERS", "WEIGHT_METHODS", "DEFAULT_RATIOS",
     "fake_quant_error", "mse_search",

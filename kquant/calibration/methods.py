@@ -34,19 +34,24 @@ class GPTQ:
     columns weighted by the Hessian diagonal. float_targets: the target of each layer is the
     float model's output of that layer, not the float layer applied to the quantized model's
     inputs, so upstream quantization error is corrected too (keeps a float copy of one block
-    and its float inputs beside the quantized ones)."""
+    and its float inputs beside the quantized ones). target_damp: the damping of that
+    correction, as a fraction of the mean Hessian diagonal (it pulls the corrected weights
+    toward the float ones, so a few hundred sentences do not over-fit it)."""
 
     damp: float = 0.1
     block_size: int = 128
     act_order: bool = True
     clip: bool = True
     float_targets: bool = True
+    target_damp: float = 1.0
     name = "gptq"
     kind = "weight"
 
     def __post_init__(self):
         if not 0.0 <= self.damp < 1.0:
             raise ValueError(f"gptq: damp must be in [0, 1), got {self.damp}")
+        if not self.target_damp > 0.0:
+            raise ValueError(f"gptq: target_damp must be > 0, got {self.target_damp}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"gptq: block_size must be a positive int, got {self.block_size!r}")
 
@@ -110,7 +115,13 @@ def parse_methods(method: Union[str, Method, Sequence[Union[str, Method]], None]
     """``(equalization or None, weight method)`` from what the user passed to quantize_."""
     if method is None:
         method = "rtn"
-    items = [method] if isinstance(method, (str,) + tuple(METHODS.values())) else list(method)
+    if isinstance(method, (str,) + tuple(METHODS.values())):
+        items = [method]
+    elif isinstance(method, (list, tuple)):
+        items = list(method)
+    else:
+        raise TypeError(f"method must be a name, a kquant.calibration method object or a list of them, "
+                        f"got {type(method).__name__}")
     if not items:
         raise ValueError(f"method is an empty list; choose from {list(METHODS)}")
     parsed: List[Method] = []

@@ -66,7 +66,8 @@ def find_blocks(model: nn.Module, names: Sequence[str]) -> Tuple[str, List[Tuple
     best, best_n = None, 0
     for lname, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            n = sum(1 for t in names if t.startswith(lname + "."))
+            # blocks hold layers (a list of the layers themselves is no list of blocks)
+            n = sum(1 for t in names if t.startswith(lname + ".") and "." in t[len(lname) + 1:])
             if n > best_n:
                 best, best_n = lname, n
     if best is None:
@@ -369,9 +370,9 @@ class Calibrator:
         st = self._collect(group, run_one, stats=eq is not None, ref_layer=ref_layer, ref_run=ref_run)
         if st is None:
             return  # never ran: _segment quantizes it with RTN
-        weights = [linear_weight(self.targets[t][0], t).detach().float() for t in group]
+        weights = [linear_weight(self.targets[t][0], t).detach().float().clone() for t in group]
         if st["cross"] is not None:
-            weights = float_targets(weights, st["h"], st["cross"], self.weight_method.damp)
+            weights = float_targets(weights, st["h"], st["cross"], self.weight_method.target_damp)
         s, info = None, {}
         held = None
         if eq is not None:
@@ -407,7 +408,7 @@ class Calibrator:
             record = {"method": self.method_name, **info, "weight": wm.to_dict(), "calib_tokens": st["n"]}
             q = self._install(t, mod, cfg, wq, qp, act, record, held)
             if s is not None and held is None:
-                q.folded_scale = s.float().clone()
+                q.folded_scale = (1.0 / s).float()
             self.bar.update(1)
         self.bar.set_postfix_str(f"{group[0]} {time.perf_counter() - t0:.1f}s")
 
