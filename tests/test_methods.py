@@ -318,3 +318,41 @@ def test_bad_calibration_input_is_named_and_leaves_the_model_as_it_was():
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
     for (n, a), (_, b) in zip(fp.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+# ----------------------------------------------------------------------------- backends
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "w4a16"])
+def test_every_backend_runs_a_gptq_layer_with_the_same_int32_sums(preset, monkeypatch):
+    torch.manual_seed(0)
+    lin = nn.Linear(200, 24)
+    x = _inputs(64, 200)
+    cfg = PRESETS[preset]
+    wq, scales, zeros = gptq(lin.weight, x.T @ x, cfg.weight_bits, cfg.group_size, cfg.symmetric)
+    codes = quantize_weight(wq, cfg.weight_bits, cfg.group_size, cfg.symmetric, scales, zeros).codes()
+    qx, _ = torch.ops.kquant.quantize_per_token(torch.nn.functional.pad(x[:5], (0, codes.shape[1] - 200)))
+    sums, outs = {}, {}
+    for backend in [b for b in ("reference", "cpu") if kquant.backends.status(b)[0]]:
+        monkeypatch.setenv("KQUANT_BACKEND", backend)
+        sums[backend] = torch.ops.kquant.int8_mm(qx, codes.to(torch.int8))
+        layer = QuantLinear.from_linear(lin, preset, weight=wq, weight_qparams=(scales, zeros))
+        assert layer.backend() == backend
+        outs[backend] = layer(x[:5])
+    ref = sums.pop("reference")
+    for backend, s in sums.items():
+        assert torch.equal(s, ref), backend
+        torch.testing.assert_close(outs[backend], outs["reference"], rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the real model
+def test_gptq_on_minilm_beats_rtn_on_held_out_sentences():
+    from kquant import demo
+    tok, fp = demo.load_model()
+    corpus = demo.load_corpus()
+    calib, _, _ = demo.make_batches(tok, corpus[-32:], 16)
+    held, order, _ = demo.make_batches(tok, corpus[:96], 32)
+    base = demo.embed(fp, held, order)
+    cos = {}
+    for method in ("rtn", "gptq"):
+        q = kquant.quantize_(copy.deepcopy(fp), "w4a16", calib_data=calib, method=method, progress=False)
+        cos[method] = float((demo.embed(q, held, order) * base).sum(1).mean())
+    assert cos["gptq"] > 0.975 and cos["gptq"] > cos["rtn"] + 0.02, cos

@@ -252,3 +252,19 @@ def test_large_m_path_falls_back_to_fused_kernel(T, monkeypatch):
         y = T.wo_linear(x, pw.qweight, pw.scales, None, None, 32, True, config={"KERNEL": "dequant_mm"})
     close(y, R.weight_only_linear(x, pw.qweight, pw.scales, None, None, 32, 4), torch.float32)
     assert "dequant_mm" in T._BROKEN
+
+
+@pytest.mark.parametrize("bits,g", [(8, PER_CHANNEL), (4, 128)])
+def test_gptq_layer_same_int32_sums_and_outputs_as_reference(T, monkeypatch, bits, g):
+    from kquant.calibration import gptq
+    torch.manual_seed(0)
+    w, x = torch.randn(24, 200), torch.randn(64, 200)
+    wq, scales, _ = gptq(w, x.T @ x, bits, g, True)
+    pw = quantize_weight(wq, bits, g, True, scales)
+    codes = pw.codes().to(torch.int8)
+    xp = torch.nn.functional.pad(x[:5], (0, pw.padded_in_features - 200))
+    qx, _ = R.quantize_per_token(xp)
+    monkeypatch.setenv("KQUANT_BACKEND", "triton")
+    assert torch.equal(torch.ops.kquant.int8_mm(qx, codes), R.int8_mm(qx, codes))
+    close(T.act_linear(xp, pw.qweight, pw.scales, None, None, g, bits == 4),
+          R.act_linear(xp, pw.qweight, pw.scales, None, None, g, bits), torch.float32)
