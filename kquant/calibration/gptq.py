@@ -32,6 +32,16 @@ def group_qparams(w: torch.Tensor, bits: int, symmetric: bool, clip: bool, impor
     return qparams_from_range(lo, hi, bits, symmetric)
 
 
+def weighted_qparams(w: torch.Tensor, importance: torch.Tensor, bits: int, gs: int, symmetric: bool,
+                     clip: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(scales [N, G], zeros [N, G] | None)`` of ``w [N, Kp]`` in groups of ``gs`` columns, each
+    group's clip chosen for the smallest error weighted by ``importance [Kp]``."""
+    parts = [group_qparams(w[:, g:g + gs], bits, symmetric, clip, importance[g:g + gs])
+             for g in range(0, w.shape[1], gs)]
+    scales = torch.stack([p[0] for p in parts], dim=1)
+    return scales, None if symmetric else torch.stack([p[1] for p in parts], dim=1)
+
+
 def _quantize_column(w, scale, zero, qmin, qmax):
     """The canonical format's rounding of one column (format.quantize_weight), dequantized."""
     q = torch.round(w / scale)
@@ -79,14 +89,11 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = PE
 
     static = act_order or group_size == PER_CHANNEL
     groups = kp // gs
-    scales = torch.empty(n, groups, device=dev)
-    zeros = None if symmetric else torch.empty(n, groups, device=dev)
     if static:
-        for g in range(groups):
-            s, z = group_qparams(W[:, g * gs:(g + 1) * gs], bits, symmetric, clip, diag[g * gs:(g + 1) * gs])
-            scales[:, g] = s
-            if zeros is not None:
-                zeros[:, g] = z
+        scales, zeros = weighted_qparams(W, diag, bits, gs, symmetric, clip)
+    else:
+        scales = torch.empty(n, groups, device=dev)
+        zeros = None if symmetric else torch.empty(n, groups, device=dev)
     perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]

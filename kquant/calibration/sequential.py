@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
+from ..format import PER_CHANNEL, padded_k
 from ..nn import QuantLinear, linear_weight
 from .equalize import foldable, restore, scale_output, search_scale
-from .gptq import gptq
+from .gptq import gptq, weighted_qparams
 from .methods import GPTQ, describe
 from .observers import make_observer, weight_qparams
 
@@ -400,6 +401,13 @@ class Calibrator:
                 wq, scales, zeros = gptq(w, h, cfg.weight_bits, cfg.group_size, cfg.symmetric, damp=wm.damp,
                                          block_size=wm.block_size, act_order=wm.act_order, clip=wm.clip)
                 qp = (scales, zeros)
+            elif h is not None and cfg.weight_observer == "minmax":
+                # round to nearest after equalization: clip each group for the smallest output error
+                wq = w
+                kp = padded_k(w.shape[1], cfg.weight_bits, cfg.group_size)
+                diag = torch.nn.functional.pad(torch.diagonal(h), (0, kp - w.shape[1]))
+                qp = weighted_qparams(torch.nn.functional.pad(w, (0, kp - w.shape[1])), diag, cfg.weight_bits,
+                                      kp if cfg.group_size == PER_CHANNEL else cfg.group_size, cfg.symmetric)
             else:
                 wq = w
                 qp = (None if cfg.weight_observer == "minmax" else
