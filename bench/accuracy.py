@@ -77,17 +77,19 @@ def run_minilm(presets: Sequence[str], methods: Optional[Sequence[str]], sentenc
 
 
 def run_digits(presets: Sequence[str], methods: Sequence[str]) -> Optional[Dict[str, object]]:
-    """The digits network check of ``kquant.digits``, or None (with a message) without it."""
+    """The digits network check of ``kquant.digits`` (its report, plus the file it came from), or
+    None (with a message) without it."""
     try:
         from kquant import digits
     except ImportError as e:
         print(f"digits network check skipped: kquant.digits is not available ({e})")
         return None
     try:
-        return digits.run(list(presets), list(methods))
+        report = digits.run(list(presets), list(methods))
     except ImportError as e:  # e.g. its data set's package is missing
         print(f"digits network check skipped: {e}")
         return None
+    return {**report, "module_file": os.path.abspath(digits.__file__)}
 
 
 # ---------------------------------------------------------------------------- output
@@ -122,12 +124,13 @@ def markdown(report: Dict[str, object]) -> str:
     for r in m["results"]:
         lines.append(f"| {r['preset']} | {r['method']} | {r['cos_mean']:.5f} | {r['cos_min']:.5f} | "
                      f"{100 * r['nn_agreement']:.1f}% | {r['calib_s']:.1f} |")
-    for note in m["skipped"]:
-        lines += ["", f"Note: {note}."]
+    if m["skipped"]:
+        lines += ["", "Not run:", ""] + [f"- {note}" for note in m["skipped"]]
     digits = report.get("digits")
     if isinstance(digits, dict):
         lines += ["", "### Digits network (`kquant.digits`)", ""]
-        lines += [f"- {k}: {_cell(v)}" for k, v in digits.items() if isinstance(v, (int, float, str))]
+        lines += [f"- {k}: {_cell(v)}" for k, v in digits.items()
+                  if isinstance(v, (int, float, str)) and k != "module_file"]
         rows = [r for r in digits.get("results", []) if isinstance(r, dict)]
         cols = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, (dict, list))))
         if rows:
@@ -162,7 +165,7 @@ def write_chart(report: Dict[str, object], path: str) -> None:
     ax.set_ylim(max(0.0, lo - (1 - lo) * 0.3 - 1e-4), 1.0 + (1 - lo) * 0.25 + 1e-4)
     ax.set_xticks(range(len(presets)), presets)
     ax.set_ylabel("mean cosine similarity to fp32")
-    ax.legend(title="method", fontsize=8, ncol=min(len(methods), 3), loc="lower left")
+    ax.legend(title="method", fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0))
     env = m["environment"]
     ax.set_title(f"{m['model']}: {m['corpus']['sentences']} evaluation sentences, {m['calibration']['sentences']} "
                  f"calibration sentences\n{env['cpu']}, torch {env['torch']}, commit {env['git_commit'] or 'n/a'}",
