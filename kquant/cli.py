@@ -225,25 +225,32 @@ def quantize_command(args, console) -> int:
 
 # ---------------------------------------------------------------------------- parser
 def _presets(values: List[str]) -> List[str]:
-    # accept both `--presets w8a8 w4a16` and `--presets w8a8,w4a16`
+    # accept both `--presets w8a8 w4a16` and `--presets w8a8,w4a16` (and the same for --method)
     return [p for v in values for p in v.split(",") if p]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import DEFAULT_PRESETS
+    from .demo import ALL_METHODS, CALIB_SENTENCES, DEFAULT_METHODS, DEFAULT_PRESETS
 
     ap = argparse.ArgumentParser(prog="kquant", description="Integer quantization for PyTorch.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 in each preset; table + JSON + PNG",
-                       description="Quantize the pretrained all-MiniLM-L6-v2 in each preset, embed a fixed "
-                                   "English corpus and compare with fp32: size, latency, cosine, NN agreement.")
+    d = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 in each preset and method; table + JSON + PNG",
+                       description="Quantize the pretrained all-MiniLM-L6-v2 in each preset with each calibration "
+                                   "method, embed a fixed English corpus and compare with fp32: size, calibration "
+                                   f"time, latency, cosine, NN agreement. The last {CALIB_SENTENCES} corpus "
+                                   "sentences calibrate; the others are evaluated.")
     d.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), metavar="PRESET",
                    help=f"presets to run (default: {' '.join(DEFAULT_PRESETS)})")
+    d.add_argument("--method", "--methods", dest="methods", nargs="+", default=None, metavar="METHOD",
+                   help=f"calibration methods, comma separated: {', '.join(ALL_METHODS)}, or all (every one that "
+                        f"applies); '+' applies an equalization method before a weight method (default: "
+                        f"{','.join(DEFAULT_METHODS)}; smoothquant only runs on w8a8 and w4a8)")
     d.add_argument("--sentences", type=int, default=None, metavar="N",
-                   help="use only the first N corpus sentences, N >= 2 (default: all)")
+                   help=f"evaluate only the first N corpus sentences, N >= 2 (default: all but the last "
+                        f"{CALIB_SENTENCES}, which calibrate)")
     d.add_argument("--batch-size", type=int, default=64)
-    d.add_argument("--repeats", type=int, default=3, help="timed passes per mode; the median is reported")
+    d.add_argument("--repeats", type=int, default=3, help="timed passes per row; the median is reported")
     d.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     d.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     d.add_argument("--out", default="kquant-demo", help="output directory for results.json and results.png")
@@ -324,7 +331,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         demo_main(presets=_presets(args.presets), sentences=args.sentences, batch_size=args.batch_size,
                   repeats=args.repeats, out=args.out, progress=not args.no_progress, threads=args.threads,
-                  device=args.device, console=console)
+                  device=args.device, console=console,
+                  methods=None if args.methods is None else _presets(args.methods))
     except DemoError as e:
         print(f"kquant demo: error: {e}", file=sys.stderr)
         return 2

