@@ -104,25 +104,32 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = PE
     # without act-order, blocks hold whole groups, so a group's columns are current at its start
     bs = block_size if static else max(1, block_size // gs) * gs
     Q = torch.empty_like(W)
+    threads = torch.get_num_threads()
     for i1 in range(0, kp, bs):
         i2 = min(i1 + bs, kp)
         W1 = W[:, i1:i2].clone()
         E1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = col_group[col]
-            if not static and col % gs == 0:
-                s, z = group_qparams(W1[:, i:i + gs], bits, symmetric, clip, diag[col:col + gs])
-                scales[:, g] = s
-                if zeros is not None:
-                    zeros[:, g] = z
-            wcol = W1[:, i]
-            q = _quantize_column(wcol, scales[:, g], None if zeros is None else zeros[:, g], qmin, qmax)
-            Q[:, col] = q
-            err = (wcol - q) / U1[i, i]
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
-            E1[:, i] = err
+        # the column steps are small: one thread, no barrier per step (a loaded machine
+        # can stall a multi-threaded barrier for a whole time slice)
+        torch.set_num_threads(1)
+        try:
+            for i in range(i2 - i1):
+                col = i1 + i
+                g = col_group[col]
+                if not static and col % gs == 0:
+                    s, z = group_qparams(W1[:, i:i + gs], bits, symmetric, clip, diag[col:col + gs])
+                    scales[:, g] = s
+                    if zeros is not None:
+                        zeros[:, g] = z
+                wcol = W1[:, i]
+                q = _quantize_column(wcol, scales[:, g], None if zeros is None else zeros[:, g], qmin, qmax)
+                Q[:, col] = q
+                err = (wcol - q) / U1[i, i]
+                W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
+                E1[:, i] = err
+        finally:
+            torch.set_num_threads(threads)
         if i2 < kp:
             W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
     if perm is not None:
