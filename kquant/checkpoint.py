@@ -4,14 +4,15 @@ File contents:
 
 * for every ``QuantLinear`` named ``L``: ``L.qweight`` (canonical layout, see
   :mod:`kquant.format`), ``L.scales``, ``L.zeros`` (asymmetric only), ``L.bias`` (if any),
-  ``L.act_scale`` (static activations only), ``L.input_scale`` (equalized layers that hold it);
+  ``L.act_scale`` (static activations only), ``L.input_scale`` (equalized layers holding
+  one);
 * every other entry of the model's ``state_dict`` (float weights of skipped layers,
   embeddings, norms, persistent buffers), under its state-dict name; tensors that share
   storage (tied weights) are stored once and listed under ``aliases``.
 * header metadata (all strings): ``format`` = ``"kquant"``, ``format_version``
   (= :data:`kquant.format.FORMAT_VERSION`), ``kquant_version``, ``layers`` (JSON list of
-  per-layer configs, each with its ``calibration`` record: method, parameters, chosen alpha), ``digests`` (JSON: tensor name -> sha256 of dtype, shape and bytes),
-  ``aliases`` (JSON), ``signature`` (only in signed files, see below) and ``meta_digest``
+  per-layer configs, each with its ``calibration`` record: method, parameters, chosen alpha),
+  ``digests`` (JSON: tensor name -> sha256 of dtype, shape and bytes), ``aliases`` (JSON), ``signature`` (only in signed files, see below) and ``meta_digest``
   (sha256 over all other metadata).
 
 :func:`load_quantized` checks the file (size, header, version, digests, signature) and the

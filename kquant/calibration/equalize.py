@@ -8,7 +8,7 @@ Linear (see :func:`fold_into`); otherwise the quantized layers hold ``input_scal
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -66,12 +66,16 @@ def search_scale(method, x: Optional[torch.Tensor], h: Optional[torch.Tensor], a
     best = (ones, None, _output_error(x, h, weights, refs, cfgs, ones))
     if isinstance(method, AWQ):
         alphas = [i / method.grid for i in range(1, method.grid)]
-        candidate: Callable[[float], torch.Tensor] = lambda a: _normalize(abs_mean.clamp_min(1e-5) ** a)
+
+        def candidate(a: float) -> torch.Tensor:
+            return _normalize(abs_mean.clamp_min(1e-5) ** a)
     elif isinstance(method, SmoothQuant):
         w_max = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0).clamp_min(1e-5)
         alphas = ([method.alpha] if method.alpha is not None
                   else [i / method.grid for i in range(1, method.grid)])
-        candidate = lambda a: (abs_max.clamp_min(1e-5) ** a / w_max ** (1.0 - a)).clamp_min(1e-5)
+
+        def candidate(a: float) -> torch.Tensor:
+            return (abs_max.clamp_min(1e-5) ** a / w_max ** (1.0 - a)).clamp_min(1e-5)
     else:
         raise TypeError(f"not an equalization method: {method!r}")
     for a in alphas:

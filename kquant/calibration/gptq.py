@@ -74,7 +74,8 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = PE
     dequantized (every value on its group's grid) and its quantization parameters."""
     n, k = w.shape
     if hessian.shape != (k, k):
-        raise ValueError(f"gptq: Hessian {list(hessian.shape)} does not match weight {list(w.shape)} (needs [{k}, {k}])")
+        raise ValueError(f"gptq: Hessian {list(hessian.shape)} does not match weight {list(w.shape)} "
+                         f"(needs [{k}, {k}])")
     kp = padded_k(k, bits, group_size)
     gs = kp if group_size == PER_CHANNEL else group_size
     dev = w.device
