@@ -180,7 +180,8 @@ def quantize_command(args, console) -> int:
 
     import kquant
     from .checkpoint import check_save_path, temp_file_beside
-    from .demo import DemoError, encoder_batch, load_corpus, load_model, model_bytes, sentences_text
+    from .demo import (DemoError, encoder_batch, load_corpus, load_model, make_batches, model_bytes, sentences_text,
+                       split_corpus)
 
     if args.report_json is not None:
         check_save_path(args.report_json)
@@ -190,7 +191,12 @@ def quantize_command(args, console) -> int:
         name = args.model or "all-MiniLM-L6-v2"
         tok, fp_model = load_model(args.model)
         batch = encoder_batch(tok, fp_model, sentences, name)
-        q_model = kquant.quantize_(copy.deepcopy(fp_model), args.preset, skip=args.skip or None)
+        method = args.method.split("+")
+        calib = None
+        if method != ["rtn"]:  # calibrate on the corpus sentences the checks never use
+            calib = make_batches(tok, split_corpus()[1], 32)[0]
+        q_model = kquant.quantize_(copy.deepcopy(fp_model), args.preset, skip=args.skip or None, calib_data=calib,
+                                   method=method)
         n_quant = sum(isinstance(m, kquant.QuantLinear) for m in q_model.modules())
         if n_quant == 0:
             raise DemoError("no Linear layer was quantized (check --skip)")
@@ -202,7 +208,7 @@ def quantize_command(args, console) -> int:
             b = reloaded(**batch).last_hidden_state
         diff = (a - b).abs().max().item()
         checked = sentences_text(len(sentences), args.sentences)
-        console.print(f"quantized {n_quant} Linear layers of {name} with {args.preset}: "
+        console.print(f"quantized {n_quant} Linear layers of {name} with {args.preset} ({args.method}): "
                       f"model {model_bytes(fp_model) / 2**20:.2f} MiB -> {model_bytes(q_model) / 2**20:.2f} MiB")
         console.print(f"reload check on {checked}: max |difference| = {diff:.3g}")
         if diff != 0.0:
@@ -266,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "config.json, the weights and the tokenizer's files (tokenizer.json or its vocabulary "
                         "files); AutoModel must load it as a text model whose output has last_hidden_state "
                         "(an encoder such as BERT, or a base model without a head), and the tokenizer must pad")
+    q.add_argument("--method", default="rtn",
+                   help="calibration method: rtn (default), gptq, awq, smoothquant or a +-joined pair such as "
+                        "awq+gptq; calibrated on the last 128 sentences of the shipped corpus")
     q.add_argument("--skip", nargs="+", default=None, metavar="PATTERN", help="module-name patterns kept in float")
     q.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
     q.add_argument("--sentences", type=int, default=16, metavar="N",

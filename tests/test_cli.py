@@ -311,6 +311,20 @@ def test_quantize_one_sentence(tiny_models, tmp_path, capsys):
     assert os.listdir(tmp_path) == ["m.safetensors"]
 
 
+def test_quantize_with_a_calibration_method(tiny_models, tmp_path, capsys):
+    ckpt = tmp_path / "m.safetensors"
+    rc = main(["quantize", "--model", tiny_models["tiny"], "--preset", "w4a16", "--method", "awq+gptq",
+               "--out", str(ckpt), "--sentences", "2"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "with w4a16 (awq+gptq)" in out.out and "max |difference| = 0" in out.out
+    layers = kquant.checkpoint.read_metadata(str(ckpt))["layers"]
+    assert {c["calibration"]["method"] for c in layers} == {"awq+gptq"}
+    assert main(["quantize", "--model", tiny_models["tiny"], "--preset", "w4a16", "--method", "smoothquant",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "SmoothQuant" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
 def test_quantize_more_sentences_than_the_corpus(tiny_models, tmp_path, capsys):
     n = len(demo.load_corpus())
     rc = main(["quantize", "--model", tiny_models["tiny"], "--out", str(tmp_path / "m.safetensors"),

@@ -12,7 +12,8 @@ Calibration methods for ``kquant.quantize_(model, config, calib_data=..., method
 ``RTN``, ``GPTQ``, ``AWQ``, ``SmoothQuant`` (names or these objects with their parameters);
 :func:`gptq` quantizes one weight matrix given its Hessian.
 
-Pure PyTorch; calibration never calls a kernel directly.
+The math is pure PyTorch and calls no kernel directly; the sequential methods run the model,
+whose already-quantized layers run on their kernels.
 """
 from .observers import (DEFAULT_RATIOS, GRANULARITIES, OBSERVERS, WEIGHT_METHODS, MinMaxObserver,
                         MovingAverageObserver, MSEObserver, Observer, PercentileObserver,
