@@ -116,7 +116,8 @@ def markdown(report: Dict[str, object]) -> str:
         f"Machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']} ({env['torch_threads']} "
         f"thread{'' if env['torch_threads'] == 1 else 's'}), "
         f"commit {env['git_commit'] or 'n/a'}, load average {env['load_avg_1m_before']} -> "
-        f"{env['load_avg_1m_after']} (other jobs shared the cores: calibration seconds are indicative).",
+        f"{env['load_avg_1m_after']} (a load above the thread count means other jobs shared the cores, and "
+        f"calibration seconds grow with it).",
         "",
         "| preset | method | mean cosine | min cosine | NN agreement | calib s |",
         "|---|---|---:|---:|---:|---:|",
