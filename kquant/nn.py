@@ -237,7 +237,8 @@ class QuantLinear(nn.Module):
         group = "per-channel" if self.group_size == PER_CHANNEL else str(self.group_size)
         return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, "
                 f"bits={self.bits}, group_size={group}, symmetric={self.symmetric}, "
-                f"activations={self.activations}, bias={self.bias is not None}, backend={self.backend()}")
+                f"activations={self.activations}, bias={self.bias is not None}, "
+                f"{'input_scale=True, ' if self.input_scale is not None else ''}backend={self.backend()}")
 
 
 def linear_weight(module: nn.Module, name: str = "") -> torch.Tensor:

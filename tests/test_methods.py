@@ -360,3 +360,15 @@ def test_gptq_on_minilm_beats_rtn_on_held_out_sentences():
         q = kquant.quantize_(copy.deepcopy(fp), "w4a16", calib_data=calib, method=method, progress=False)
         cos[method] = float((demo.embed(q, held, order) * base).sum(1).mean())
     assert cos["gptq"] > 0.975 and cos["gptq"] > cos["rtn"] + 0.02, cos
+
+
+def test_a_skipped_block_keeps_the_float_chain():
+    fp = _outlier_model(PreNorm)
+    data = _data()
+    q = kquant.quantize_(copy.deepcopy(fp), "w4a16", calib_data=data, method="gptq", skip=["layers.0.*"],
+                         progress=False)
+    assert type(q.layers[0].fc1) is nn.Linear and isinstance(q.layers[1].fc1, QuantLinear)
+    assert "input_scale" not in repr(q.layers[1].fc1)
+    with torch.no_grad():
+        x = data[0]
+        assert float((q(x) - fp(x)).norm() / fp(x).norm()) < 0.1

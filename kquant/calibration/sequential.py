@@ -161,8 +161,9 @@ class Calibrator:
                     if j + 1 < len(blocks):
                         with torch.no_grad():
                             inputs = [_first_tensor(block(*a, **k)) for a, k in args_j]
-                            if ref is not None:
-                                ref_inputs = [_first_tensor(ref(*a, **k)) for a, k in ref_args]
+                            if self.float_targets:  # a block without layers to quantize is its own float copy
+                                fblock = ref if ref is not None else block
+                                ref_inputs = [_first_tensor(fblock(*a, **k)) for a, k in ref_args]
                             else:
                                 ref_inputs = inputs
                 del inputs, ref_inputs
