@@ -372,3 +372,20 @@ def test_a_skipped_block_keeps_the_float_chain():
     with torch.no_grad():
         x = data[0]
         assert float((q(x) - fp(x)).norm() / fp(x).norm()) < 0.1
+
+
+def test_gpt2_conv1d_layers_fold_into_their_layernorm():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    fp = transformers.GPT2Model(cfg).eval()
+    data = [{"input_ids": torch.randint(0, 100, (4, 16)), "attention_mask": torch.ones(4, 16, dtype=torch.long)}
+            for _ in range(3)]
+    q = kquant.quantize_(copy.deepcopy(fp), "w4a16", calib_data=data, method=["awq", "gptq"], progress=False)
+    fc = q.h[0].mlp.c_fc
+    assert isinstance(fc, QuantLinear) and fc.calibration["awq"]["folded_into"] == "LayerNorm"
+    assert fc.input_scale is None and q.h[0].mlp.c_proj.input_scale is not None  # after GELU: held
+    with torch.no_grad():
+        a, b = fp(**data[0]).last_hidden_state, q(**data[0]).last_hidden_state
+    assert float((a - b).norm() / a.norm()) < 0.1
