@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from .calibration import make_observer, weight_qparams
-from .calibration.methods import Method, parse_methods
-from .calibration.sequential import Calibrator, set_module
+from .calibration.methods import Method, describe, parse_methods
+from .calibration.sequential import Calibrator
 from .config import QuantConfig, resolve
-from .nn import QuantLinear, check_has_values, is_conv1d, linear_weight
+from .nn import QuantLinear, check_has_values, is_conv1d, linear_weight, set_module
 
 
 def _progress(iterable, **kwargs):
@@ -178,7 +178,7 @@ def quantize_(model: nn.Module, config: Union[str, QuantConfig] = "w8a8", *, cal
 
 def _calibrated(model, targets, cfg, calib_data, equalize, weight_method, progress) -> nn.Module:
     """quantize_ with a calibration method: check what it needs, then run it layer by layer."""
-    name = "+".join(m.name for m in (equalize, weight_method) if m is not None)
+    name = describe(equalize, weight_method)
     if equalize is not None and equalize.name == "smoothquant" and not any(c.int8_activations for _, _, c in targets):
         raise ValueError(f"method {name}: SmoothQuant moves int8 activation outliers into the weights, but "
                          f"{cfg.mode} keeps activations in float; use it with w8a8 or w4a8 (for weight-only "

@@ -12,8 +12,9 @@ File contents:
 * header metadata (all strings): ``format`` = ``"kquant"``, ``format_version``
   (= :data:`kquant.format.FORMAT_VERSION`), ``kquant_version``, ``layers`` (JSON list of
   per-layer configs, each with its ``calibration`` record: method, parameters, chosen alpha),
-  ``digests`` (JSON: tensor name -> sha256 of dtype, shape and bytes), ``aliases`` (JSON), ``signature`` (only in signed files, see below) and ``meta_digest``
-  (sha256 over all other metadata).
+  ``digests`` (JSON: tensor name -> sha256 of dtype, shape and bytes), ``aliases`` (JSON),
+  ``signature`` (only in signed files, see below) and ``meta_digest`` (sha256 over all other
+  metadata).
 
 :func:`load_quantized` checks the file (size, header, version, digests, signature) and the
 target model (every layer present with the right shape, no tensor on the meta device) before
@@ -56,7 +57,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .format import FORMAT_VERSION, PackedWeight
-from .nn import QuantLinear
+from .nn import QuantLinear, set_module
 
 __all__ = ["save_quantized", "load_quantized", "CheckpointError", "read_metadata", "check_save_path", "KEY_ENV"]
 
@@ -493,9 +494,7 @@ def load_quantized(model: nn.Module, path: PathLike, strict: bool = True, *, key
         warnings.warn(msg + " (strict=False: ignored)", stacklevel=2)
     # phase 2: swap layers in, copy the other tensors
     for name, mod in new_layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, mod)
+        set_module(model, name, mod)
     for key in sorted(set(rest) & set(model_sd)):
         model_sd[key].copy_(rest[key])
     return model

@@ -141,17 +141,12 @@ def method_name(spec: str) -> str:
         raise DemoError(f"method {spec!r}: {e}") from None
 
 
-def applicable(preset: str, method: str) -> bool:
-    """SmoothQuant moves activation outliers into the weights: only for int8-activation presets."""
-    from .config import PRESETS
-    return "smoothquant" not in method.split("+") or PRESETS[preset].int8_activations
-
-
 def plan_rows(presets: Sequence[str], methods: Optional[Sequence[str]] = None
               ) -> Tuple[List[Tuple[str, str]], List[str]]:
     """The (preset, method) pairs to run in table order, and a note for each pair that was asked
     for by name but does not apply. ``methods``: names, "all" (every applicable one), or None
     for ``DEFAULT_METHODS``; pairs coming from "all" or the default are dropped silently."""
+    from .calibration.methods import applicable
     from .config import PRESETS
     presets = [p.lower() for p in presets]
     bad = [p for p in presets if p not in PRESETS]
@@ -170,7 +165,7 @@ def plan_rows(presets: Sequence[str], methods: Optional[Sequence[str]] = None
     rows, notes = [], []
     for preset in presets:
         for m, by_name in named.items():
-            if applicable(preset, m):
+            if applicable(m.split("+"), preset):
                 rows.append((preset, m))
             elif by_name:
                 notes.append(f"{preset} {m} skipped: SmoothQuant needs int8 activations (w8a8, w4a8); "

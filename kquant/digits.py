@@ -126,12 +126,6 @@ def method_steps(method: str) -> List[str]:
     return [m.strip().lower() for m in method.split("+") if m.strip()]
 
 
-def applicable(preset: str, method: str) -> bool:
-    """SmoothQuant needs int8 activations: it does not apply to weight-only presets."""
-    from .config import resolve
-    return "smoothquant" not in method_steps(method) or resolve(preset).int8_activations
-
-
 def run(presets: Sequence[str] = DEFAULT_PRESETS, methods: Sequence[str] = DEFAULT_METHODS, seed: int = 0,
         hidden: Sequence[int] = DEFAULT_HIDDEN, epochs: int = 30, threads: Optional[int] = 1,
         progress: bool = False) -> Dict[str, object]:
@@ -143,7 +137,7 @@ def run(presets: Sequence[str] = DEFAULT_PRESETS, methods: Sequence[str] = DEFAU
     :func:`torch_threads`; None keeps torch's setting); training always uses one. Unknown
     presets or methods and a bad ``threads`` raise ValueError before any work."""
     import kquant
-    from .calibration.methods import parse_methods
+    from .calibration.methods import applicable, parse_methods
     from .config import resolve
 
     if threads is not None and threads < 1:
@@ -165,7 +159,7 @@ def run(presets: Sequence[str] = DEFAULT_PRESETS, methods: Sequence[str] = DEFAU
         for preset in presets:
             for method in methods:
                 row: Dict[str, object] = {"preset": preset, "method": method}
-                if not applicable(preset, method):
+                if not applicable(method_steps(method), preset):
                     row.update(applicable=False, reason="smoothquant needs int8 activations (w8a8, w4a8)")
                     results.append(row)
                     continue

@@ -252,6 +252,13 @@ def linear_weight(module: nn.Module, name: str = "") -> torch.Tensor:
                     f"{type(module).__name__}")
 
 
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at dotted module path ``name`` inside ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
 def check_has_values(weight: torch.Tensor, name: str) -> None:
     if weight.device.type == "meta":
         raise ValueError(f"{name}: the weight is on the meta device (no values to quantize); load the model's "

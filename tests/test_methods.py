@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 import kquant
-from kquant.calibration.equalize import fake_quant_act, fake_quant_weight, scale_output, search_scale
+from kquant.calibration.equalize import (fake_quant_act, fake_quant_weight, restore, scale_input, scale_output,
+                                         search_scale)
 from kquant.calibration.gptq import gptq
 from kquant.calibration.methods import AWQ, GPTQ, RTN, SmoothQuant, describe, parse_methods
-from kquant.calibration.sequential import scale_output_columns
 from kquant.config import PRESETS, QuantConfig
 from kquant.format import quantize_weight
 from kquant.nn import QuantLinear
@@ -162,8 +162,10 @@ def test_fold_into_layernorm_or_hold_and_both_compute_the_same():
 def test_scale_helpers_undo():
     lin = nn.Linear(8, 4)
     w0 = lin.weight.detach().clone()
-    saved = scale_output_columns(lin, torch.full((8,), 2.0))
-    assert torch.equal(lin.weight, 2 * w0) and torch.equal(saved, w0)
+    saved = scale_input(lin, torch.full((8,), 2.0))
+    assert torch.equal(lin.weight, 2 * w0) and torch.equal(saved[0], w0)
+    restore(lin, saved)
+    assert torch.equal(lin.weight, w0)
 
 
 # ----------------------------------------------------------------------------- the sequential driver

@@ -16,6 +16,7 @@ from torch import nn
 from ..backends import reference
 from ..config import QuantConfig
 from ..format import quantize_weight
+from ..nn import is_conv1d
 from .methods import AWQ, SmoothQuant
 
 
@@ -99,7 +100,6 @@ def is_norm(mod: nn.Module, k: int) -> bool:
 
 
 def foldable(mod: Optional[nn.Module], k: int) -> bool:
-    from ..nn import is_conv1d
     if mod is None:
         return False
     if isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward:
@@ -112,22 +112,28 @@ def foldable(mod: Optional[nn.Module], k: int) -> bool:
 def scale_output(mod: nn.Module, factor: torch.Tensor) -> List[torch.Tensor]:
     """Multiply ``mod``'s output channels by ``factor`` in place (``foldable`` modules);
     returns the originals of what changed, for :func:`restore`."""
-    from ..nn import is_conv1d
     saved = [mod.weight.detach().clone()]
     bias = getattr(mod, "bias", None)
     if isinstance(bias, torch.Tensor):
         saved.append(bias.detach().clone())
         bias.data.mul_(factor.to(bias.dtype))
-    if isinstance(mod, nn.Linear):
-        mod.weight.data.mul_(factor.to(mod.weight.dtype).unsqueeze(1))
-    elif is_conv1d(mod):
-        mod.weight.data.mul_(factor.to(mod.weight.dtype))
-    else:
-        mod.weight.data.mul_(factor.to(mod.weight.dtype))
+    # nn.Linear's outputs are weight rows; Conv1D's ([in, out]) and a norm's are its last dim
+    f = factor.to(mod.weight.dtype)
+    mod.weight.data.mul_(f.unsqueeze(1) if isinstance(mod, nn.Linear) else f)
+    return saved
+
+
+def scale_input(linear: nn.Module, s: torch.Tensor) -> List[torch.Tensor]:
+    """Multiply a Linear's (or Conv1D's) input channels by ``s`` in place; returns the
+    original weight, for :func:`restore`."""
+    saved = [linear.weight.detach().clone()]
+    f = s.to(linear.weight.dtype)
+    linear.weight.data.mul_(f.unsqueeze(1) if is_conv1d(linear) else f)
     return saved
 
 
 def restore(mod: nn.Module, saved: List[torch.Tensor]) -> None:
+    """Undo :func:`scale_output` / :func:`scale_input`."""
     mod.weight.data.copy_(saved[0])
     if len(saved) > 1:
         mod.bias.data.copy_(saved[1])

@@ -32,12 +32,15 @@ def group_qparams(w: torch.Tensor, bits: int, symmetric: bool, clip: bool, impor
     return qparams_from_range(lo, hi, bits, symmetric)
 
 
-def weighted_qparams(w: torch.Tensor, importance: torch.Tensor, bits: int, gs: int, symmetric: bool,
+def weighted_qparams(w: torch.Tensor, importance: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                      clip: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(scales [N, G], zeros [N, G] | None)`` of ``w [N, Kp]`` in groups of ``gs`` columns, each
-    group's clip chosen for the smallest error weighted by ``importance [Kp]``."""
-    parts = [group_qparams(w[:, g:g + gs], bits, symmetric, clip, importance[g:g + gs])
-             for g in range(0, w.shape[1], gs)]
+    """``(scales [N, G], zeros [N, G] | None)`` of ``w [N, K]`` (padded like the format), each
+    group's clip chosen for the smallest error weighted by ``importance [K]``."""
+    kp = padded_k(w.shape[1], bits, group_size)
+    gs = kp if group_size == PER_CHANNEL else group_size
+    w = torch.nn.functional.pad(w, (0, kp - w.shape[1]))
+    importance = torch.nn.functional.pad(importance, (0, kp - importance.shape[0]))
+    parts = [group_qparams(w[:, g:g + gs], bits, symmetric, clip, importance[g:g + gs]) for g in range(0, kp, gs)]
     scales = torch.stack([p[0] for p in parts], dim=1)
     return scales, None if symmetric else torch.stack([p[1] for p in parts], dim=1)
 
@@ -91,7 +94,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = PE
     static = act_order or group_size == PER_CHANNEL
     groups = kp // gs
     if static:
-        scales, zeros = weighted_qparams(W, diag, bits, gs, symmetric, clip)
+        scales, zeros = weighted_qparams(W, diag, bits, group_size, symmetric, clip)
     else:
         scales = torch.empty(n, groups, device=dev)
         zeros = None if symmetric else torch.empty(n, groups, device=dev)

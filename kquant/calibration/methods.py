@@ -11,19 +11,30 @@ import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 
+class _Method:
+    """What every method shares: its record (``to_dict``) and the checks of its integer knobs."""
+
+    name = ""
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+    def _check_int(self, field: str, minimum: int) -> None:
+        value = getattr(self, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{self.name}: {field} must be an int >= {minimum}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
-class RTN:
+class RTN(_Method):
     """Round to nearest with the config's weight observer (no calibration data needed)."""
 
     name = "rtn"
     kind = "weight"
 
-    def to_dict(self) -> Dict[str, object]:
-        return {"method": self.name, **dataclasses.asdict(self)}
-
 
 @dataclasses.dataclass(frozen=True)
-class GPTQ:
+class GPTQ(_Method):
     """GPTQ: columns quantized one by one, each one's rounding error compensated in the
     columns not yet quantized through the inverse Hessian of the layer's inputs.
 
@@ -52,15 +63,11 @@ class GPTQ:
             raise ValueError(f"gptq: damp must be in [0, 1), got {self.damp}")
         if not self.target_damp > 0.0:
             raise ValueError(f"gptq: target_damp must be > 0, got {self.target_damp}")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"gptq: block_size must be a positive int, got {self.block_size!r}")
-
-    def to_dict(self) -> Dict[str, object]:
-        return {"method": self.name, **dataclasses.asdict(self)}
+        self._check_int("block_size", 1)
 
 
 @dataclasses.dataclass(frozen=True)
-class AWQ:
+class AWQ(_Method):
     """Activation-aware scaling: per input channel ``s = mean|x| ** alpha`` with ``alpha``
     searched on a grid of ``grid`` points in [0, 1] to minimise the layers' output error after
     quantization; the layers sharing an input share the scale. ``max_tokens`` bounds the
@@ -72,17 +79,12 @@ class AWQ:
     kind = "equalize"
 
     def __post_init__(self):
-        if not isinstance(self.grid, int) or self.grid < 1:
-            raise ValueError(f"awq: grid must be a positive int, got {self.grid!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 16:
-            raise ValueError(f"awq: max_tokens must be an int >= 16, got {self.max_tokens!r}")
-
-    def to_dict(self) -> Dict[str, object]:
-        return {"method": self.name, **dataclasses.asdict(self)}
+        self._check_int("grid", 1)
+        self._check_int("max_tokens", 16)
 
 
 @dataclasses.dataclass(frozen=True)
-class SmoothQuant:
+class SmoothQuant(_Method):
     """SmoothQuant for int8 activations: ``s = max|x| ** alpha / max|W| ** (1 - alpha)`` per
     input channel moves activation outliers into the weights. ``alpha``: the migration
     strength, or None to search it (grid of ``grid`` points in [0, 1], smallest output error
@@ -97,13 +99,8 @@ class SmoothQuant:
     def __post_init__(self):
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"smoothquant: alpha must be in [0, 1] (or None to search it), got {self.alpha}")
-        if not isinstance(self.grid, int) or self.grid < 1:
-            raise ValueError(f"smoothquant: grid must be a positive int, got {self.grid!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 16:
-            raise ValueError(f"smoothquant: max_tokens must be an int >= 16, got {self.max_tokens!r}")
-
-    def to_dict(self) -> Dict[str, object]:
-        return {"method": self.name, **dataclasses.asdict(self)}
+        self._check_int("grid", 1)
+        self._check_int("max_tokens", 16)
 
 
 Method = Union[RTN, GPTQ, AWQ, SmoothQuant]
@@ -115,7 +112,7 @@ def parse_methods(method: Union[str, Method, Sequence[Union[str, Method]], None]
     """``(equalization or None, weight method)`` from what the user passed to quantize_."""
     if method is None:
         method = "rtn"
-    if isinstance(method, (str,) + tuple(METHODS.values())):
+    if isinstance(method, (str, _Method)):
         items = [method]
     elif isinstance(method, (list, tuple)):
         items = list(method)
@@ -132,7 +129,7 @@ def parse_methods(method: Union[str, Method, Sequence[Union[str, Method]], None]
                 raise ValueError(f"unknown calibration method {m!r}; methods: {list(METHODS)} "
                                  f"(or a list such as ['awq', 'gptq'])")
             m = cls()
-        elif not isinstance(m, tuple(METHODS.values())):
+        elif not isinstance(m, _Method):
             raise TypeError(f"method must be a name, a kquant.calibration method object or a list of them, "
                             f"got {type(m).__name__}")
         parsed.append(m)
@@ -147,6 +144,14 @@ def parse_methods(method: Union[str, Method, Sequence[Union[str, Method]], None]
         raise ValueError(f"method: {eq[0].name} scales the weights, so it must come before {weight[0].name} "
                          f"(e.g. ['{eq[0].name}', '{weight[0].name}'])")
     return (eq[0] if eq else None), (weight[0] if weight else RTN())
+
+
+def applicable(method, config) -> bool:
+    """Whether ``method`` (anything quantize_ takes) applies to ``config`` (a preset name or
+    QuantConfig): SmoothQuant moves int8 activation outliers, so it needs int8 activations."""
+    from ..config import resolve
+    equalize, _ = parse_methods(method)
+    return not isinstance(equalize, SmoothQuant) or resolve(config).int8_activations
 
 
 def describe(equalize: Optional[Method], weight: Method) -> str:

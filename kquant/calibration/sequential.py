@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..format import PER_CHANNEL, padded_k
-from ..nn import QuantLinear, linear_weight
-from .equalize import foldable, restore, scale_output, search_scale
+from ..nn import QuantLinear, linear_weight, set_module
+from .equalize import foldable, restore, scale_input, scale_output, search_scale
 from .gptq import gptq, weighted_qparams
 from .methods import GPTQ, describe
 from .observers import make_observer, weight_qparams
@@ -300,7 +299,6 @@ class Calibrator:
         """One pass stopped at the group: Hessian, |x| statistics and sampled rows; with a
         float reference layer also ``cross = sum(x^T x_float)``."""
         mod0 = self.targets[group[0]][0]
-        k = linear_weight(mod0, group[0]).shape[1]
         acc = {"h": None, "n": 0, "mean": None, "max": None, "rows": [], "cross": None, "ref": None}
         cfgs = [self.targets[t][1] for t in group]
         static = [t for t, c in zip(group, cfgs) if c.activations == "static"]
@@ -361,7 +359,7 @@ class Calibrator:
             if rows.shape[0] > max_rows:
                 rows = rows[torch.randperm(rows.shape[0], generator=gen)[:max_rows]]
         return {"h": acc["h"], "n": acc["n"], "mean": acc["mean"] / acc["n"], "max": acc["max"], "rows": rows,
-                "k": k, "obs": obs, "cross": acc["cross"]}
+                "obs": obs, "cross": acc["cross"]}
 
     def _group(self, group: List[str], producer: Optional[nn.Module], run_one, ref_layer=None, ref_run=None) -> None:
         t0 = time.perf_counter()
@@ -395,9 +393,9 @@ class Calibrator:
             h = st["h"]
         elif s is not None and h is not None:  # the Hessian of x / s
             h = h / (s.unsqueeze(0) * s.unsqueeze(1))
+        wm = self.weight_method
         for t, w, cfg in zip(group, weights, cfgs):
             mod = self.targets[t][0]
-            wm = self.weight_method
             if isinstance(wm, GPTQ):
                 wq, scales, zeros = gptq(w, h, cfg.weight_bits, cfg.group_size, cfg.symmetric, damp=wm.damp,
                                          block_size=wm.block_size, act_order=wm.act_order, clip=wm.clip)
@@ -405,10 +403,7 @@ class Calibrator:
             elif h is not None and cfg.weight_observer == "minmax":
                 # round to nearest after equalization: clip each group for the smallest output error
                 wq = w
-                kp = padded_k(w.shape[1], cfg.weight_bits, cfg.group_size)
-                diag = torch.nn.functional.pad(torch.diagonal(h), (0, kp - w.shape[1]))
-                qp = weighted_qparams(torch.nn.functional.pad(w, (0, kp - w.shape[1])), diag, cfg.weight_bits,
-                                      kp if cfg.group_size == PER_CHANNEL else cfg.group_size, cfg.symmetric)
+                qp = weighted_qparams(w, torch.diagonal(h), cfg.weight_bits, cfg.group_size, cfg.symmetric)
             else:
                 wq = w
                 qp = (None if cfg.weight_observer == "minmax" else
@@ -428,20 +423,17 @@ class Calibrator:
         if not foldable(producer, k) or isinstance(producer, QuantLinear):
             return False
         before = self._probe(run_one)
-        saved_p = scale_output(producer, 1.0 / s)
-        saved_w = [scale_output_columns(self.targets[t][0], s) for t in group]
+        changed = [(producer, scale_output(producer, 1.0 / s))]
+        changed += [(self.targets[t][0], scale_input(self.targets[t][0], s)) for t in group]
         after = self._probe(run_one)
         ok = before is not None and after is not None and \
             float((after - before).norm()) <= 1e-4 * float(before.norm()) + 1e-6
-        if not ok:
-            restore(producer, saved_p)
-            for t, sv in zip(group, saved_w):
-                self.targets[t][0].weight.data.copy_(sv)
-            return False
-        self.undo.append(lambda: restore(producer, saved_p))
-        for t, sv in zip(group, saved_w):
-            self.undo.append(lambda m=self.targets[t][0], sv=sv: m.weight.data.copy_(sv))
-        return True
+        for mod, saved in changed:
+            if ok:
+                self.undo.append(lambda mod=mod, saved=saved: restore(mod, saved))
+            else:
+                restore(mod, saved)
+        return ok
 
     def _probe(self, run_one) -> Optional[torch.Tensor]:
         with torch.no_grad():
@@ -474,20 +466,3 @@ def float_targets(weights: List[torch.Tensor], h: torch.Tensor, cross: torch.Ten
     hd = h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     gap = cross.T - h  # xf^T x - x^T x
     return [(w + torch.linalg.solve(hd, (w @ gap).T).T).contiguous() for w in weights]
-
-
-def scale_output_columns(linear: nn.Module, s: torch.Tensor) -> torch.Tensor:
-    """Multiply a Linear's input channels (weight columns) by ``s`` in place; returns the original weight."""
-    from ..nn import is_conv1d
-    saved = linear.weight.detach().clone()
-    if is_conv1d(linear):
-        linear.weight.data.mul_(s.to(linear.weight.dtype).unsqueeze(1))
-    else:
-        linear.weight.data.mul_(s.to(linear.weight.dtype))
-    return saved
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
