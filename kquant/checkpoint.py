@@ -5,7 +5,7 @@ File contents:
 * for every ``QuantLinear`` named ``L``: ``L.qweight`` (canonical layout, see
   :mod:`kquant.format`), ``L.scales``, ``L.zeros`` (asymmetric only), ``L.bias`` (if any),
   ``L.act_scale`` (static activations only), ``L.input_scale`` (equalized layers holding
-  one);
+  one), ``L.lora_A`` and ``L.lora_B`` (layers keeping a low-rank adapter);
 * every other entry of the model's ``state_dict`` (float weights of skipped layers,
   embeddings, norms, persistent buffers), under its state-dict name; tensors that share
   storage (tied weights) are stored once and listed under ``aliases``.
@@ -62,7 +62,7 @@ from .nn import QuantLinear, set_module
 __all__ = ["save_quantized", "load_quantized", "CheckpointError", "read_metadata", "check_save_path", "KEY_ENV"]
 
 FORMAT_NAME = "kquant"
-_QL_TENSORS = ("qweight", "scales", "zeros", "bias", "act_scale", "input_scale")
+_QL_TENSORS = ("qweight", "scales", "zeros", "bias", "act_scale", "input_scale", "lora_A", "lora_B")
 _MAX_HEADER = 100 << 20  # a header larger than this is corrupt, not big
 _ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
               "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -162,7 +162,8 @@ def _layer_config(name: str, m: QuantLinear) -> Dict[str, object]:
     return {"name": name, "bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric,
             "activations": m.activations, "in_features": m.in_features, "out_features": m.out_features,
             "bias": m.bias is not None, "bias_dtype": str(m.bias.dtype) if m.bias is not None else None,
-            "input_scale": m.input_scale is not None, "calibration": m.calibration}
+            "input_scale": m.input_scale is not None, "calibration": m.calibration,
+            "adapter_rank": None if m.lora_A is None else int(m.lora_A.shape[0])}
 
 
 # ----------------------------------------------------------------------------- save
@@ -193,7 +194,8 @@ def save_quantized(model: nn.Module, path: PathLike, *, key: Key = None) -> str:
         packed = m.packed_weight()
         layers.append(_layer_config(name, m))
         parts = {"qweight": packed.qweight, "scales": packed.scales, "zeros": packed.zeros,
-                 "bias": m.bias, "act_scale": m.act_scale, "input_scale": m.input_scale}
+                 "bias": m.bias, "act_scale": m.act_scale, "input_scale": m.input_scale,
+                 "lora_A": m.lora_A, "lora_B": m.lora_B}
         for k, t in parts.items():
             key = f"{name}.{k}"
             ql_keys.add(key)
@@ -397,6 +399,7 @@ def _build_layer(path: str, model: nn.Module, cfg: dict, tensors: Dict[str, torc
     bias = get("bias", has_bias)
     act_scale = get("act_scale", qcfg.activations == "static")
     input_scale = get("input_scale", bool(cfg.get("input_scale", False)))
+    lora = [get(k, bool(cfg.get("adapter_rank"))) for k in ("lora_A", "lora_B")]
     try:
         mod = QuantLinear(in_f, out_f, has_bias, qcfg, name=name, device=device, dtype=dtype)
         mod.load_packed(PackedWeight(q, scales, zeros, qcfg.weight_bits, qcfg.group_size, in_f))
@@ -417,6 +420,11 @@ def _build_layer(path: str, model: nn.Module, cfg: dict, tensors: Dict[str, torc
         try:
             mod.set_input_scale(input_scale)
         except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{where}: {e}") from None
+    if lora[0] is not None:
+        try:
+            mod.set_adapter(lora[0].to(device), lora[1].to(device))
+        except ValueError as e:
             raise CheckpointError(f"{where}: {e}") from None
     calibration = cfg.get("calibration")
     if calibration is not None and not isinstance(calibration, dict):

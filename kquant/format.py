@@ -52,12 +52,13 @@ def check_group_size(group_size: int, where: str = "") -> int:
 def qrange(bits: int, symmetric: bool) -> Tuple[int, int]:
     """Integer range of the *signed* value ``q - z`` domain before the zero point.
 
-    Symmetric: [-(2^(b-1) - 1), 2^(b-1) - 1]. Asymmetric: the stored code range.
+    Symmetric: [-(2^(b-1) - 1), 2^(b-1) - 1]. Asymmetric: the stored code range (8-bit:
+    [-128, 127]; b bits otherwise, as quantization-aware training fakes them: [0, 2^b - 1]).
     """
     if symmetric:
         m = (1 << (bits - 1)) - 1
         return -m, m
-    return (-128, 127) if bits == 8 else (0, 15)
+    return (-128, 127) if bits == 8 else (0, (1 << bits) - 1)
 
 
 def padded_k(k: int, bits: int, group_size: int) -> int:

@@ -58,6 +58,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", None if self.symmetric else torch.zeros(out_features, spec.groups, device=device))
         self.register_buffer("act_scale", torch.ones(1, device=device) if self.activations == "static" else None)
         self.register_buffer("input_scale", None)
+        self.register_parameter("lora_A", None)  # optional low-rank adapter, see add_adapter
+        self.register_parameter("lora_B", None)
         self.folded_scale: Optional[torch.Tensor] = None
         self.calibration: Optional[dict] = None  # method and parameters, recorded in checkpoints
         self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
@@ -82,24 +84,34 @@ class QuantLinear(nn.Module):
         if tuple(w.shape) != tuple(orig.shape):
             raise ValueError(f"{name}: weight {list(w.shape)} does not match the layer's {list(orig.shape)}")
         cfg = resolve(config)
-        if cfg.activations == "static" and act_scale is None:
-            raise ValueError(f"{name}: activations='static' needs an act_scale from calibration data")
         check_has_values(w, name)
         if orig.dtype not in FLOAT_DTYPES or w.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}: {w.dtype} weights are not supported; kquant runs float32, float16 and "
                             f"bfloat16 layers (convert the model first, e.g. model.float())")
-        out_features, in_features = w.shape
         scales, zeros = weight_qparams if weight_qparams is not None else (None, None)
         packed = quantize_weight(w, cfg.weight_bits, cfg.group_size, cfg.symmetric, scales, zeros, name=name)
-        bias = linear.bias
-        mod = cls(in_features, out_features, bias is not None, cfg, name=name, device=w.device, dtype=orig.dtype)
+        return cls.from_packed(packed, cfg, bias=linear.bias, act_scale=act_scale, input_scale=input_scale,
+                               name=name, dtype=orig.dtype)
+
+    @classmethod
+    def from_packed(cls, packed: PackedWeight, config: Union[QuantConfig, str], *, bias: Optional[torch.Tensor] = None,
+                    act_scale: Optional[torch.Tensor] = None, input_scale: Optional[torch.Tensor] = None,
+                    name: str = "QuantLinear", dtype: torch.dtype = torch.float32) -> "QuantLinear":
+        """A layer holding ``packed`` (canonical), with its bias, static activation scale and
+        input scale; ``dtype`` is the float type of its bias and outputs."""
+        cfg = resolve(config)
+        if cfg.activations == "static" and act_scale is None:
+            raise ValueError(f"{name}: activations='static' needs an act_scale from calibration data")
+        device = packed.qweight.device
+        mod = cls(packed.in_features, packed.out_features, bias is not None, cfg, name=name, device=device,
+                  dtype=dtype)
         mod.load_packed(packed)
         if bias is not None:
             if not torch.isfinite(bias).all():
                 raise ValueError(f"{name}: bias holds NaN or Inf")
             mod.bias.data.copy_(bias.detach())
         if act_scale is not None:
-            a = torch.as_tensor(act_scale, dtype=torch.float32, device=w.device).reshape(1)
+            a = torch.as_tensor(act_scale, dtype=torch.float32, device=device).detach().reshape(1)
             if not (torch.isfinite(a).all() and a.item() > 0 and torch.isfinite(1.0 / a).all()):
                 raise ValueError(f"{name}: act_scale must be finite and > 0, got {a.item()}")
             mod.act_scale = a
@@ -113,6 +125,56 @@ class QuantLinear(nn.Module):
             input_scale = torch.as_tensor(input_scale).to(self.scales.device, torch.float32).contiguous()
             check_input_scale(input_scale, self.in_features, self.name)
         self.input_scale = input_scale
+
+    # ------------------------------------------------------------------ low-rank adapter
+    def add_adapter(self, rank: int, *, generator: Optional[torch.Generator] = None) -> None:
+        """Add a trainable low-rank adapter beside the frozen packed weight (QLoRA style):
+        ``y = packed(x) + (x @ lora_A.T) @ lora_B.T``. ``lora_B`` starts at zero, so the layer's
+        output is unchanged until the adapter is trained."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(self.in_features,
+                                                                                      self.out_features):
+            raise ValueError(f"{self.name}: adapter rank must be an int in [1, {min(self.in_features, self.out_features)}]"
+                             f" for a [{self.out_features}, {self.in_features}] layer, got {rank!r}")
+        dev = self.scales.device
+        dtype = self.bias.dtype if self.bias is not None else torch.float32
+        a = torch.randn(rank, self.in_features, generator=generator, device=dev) / self.in_features ** 0.5
+        self.lora_A = nn.Parameter(a.to(dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=dtype))
+
+    def set_adapter(self, lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor]) -> None:
+        """Install a trained adapter (``lora_A [r, in]``, ``lora_B [out, r]``) or, with None, remove it."""
+        if lora_a is None or lora_b is None:
+            if lora_a is not None or lora_b is not None:
+                raise ValueError(f"{self.name}: an adapter needs both lora_A and lora_B")
+            self.lora_A = self.lora_B = None
+            return
+        r = lora_a.shape[0] if lora_a.dim() == 2 else -1
+        if (lora_a.dim() != 2 or tuple(lora_a.shape) != (r, self.in_features)
+                or tuple(lora_b.shape) != (self.out_features, r) or not lora_a.is_floating_point()
+                or not lora_b.is_floating_point()):
+            raise ValueError(f"{self.name}: adapter must be float lora_A [r, {self.in_features}] and lora_B "
+                             f"[{self.out_features}, r], got {list(lora_a.shape)} and {list(lora_b.shape)}")
+        if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
+            raise ValueError(f"{self.name}: adapter holds NaN or Inf")
+        dev = self.scales.device
+        self.lora_A = nn.Parameter(lora_a.detach().to(dev).clone())
+        self.lora_B = nn.Parameter(lora_b.detach().to(dev, lora_a.dtype).clone())
+
+    @torch.no_grad()
+    def merge_adapter(self) -> None:
+        """Fold the adapter into the packed weight: ``dequantize_weight() + lora_B @ lora_A`` is
+        quantized again on this layer's grid (its scales kept), and the adapter is removed. What
+        the adapter changes by less than half a quantization step is lost in the rounding."""
+        if self.lora_A is None:
+            raise ValueError(f"{self.name}: the layer has no adapter to merge")
+        w = self.packed_weight().dequantize(torch.float32)
+        delta = self.lora_B.float() @ self.lora_A.float()
+        if self.input_scale is not None:
+            delta = delta / self.input_scale  # the packed weight sees x * input_scale
+        packed = quantize_weight(w + delta, self.bits, self.group_size, self.symmetric, self.scales, self.zeros,
+                                 name=self.name)
+        self.lora_A = self.lora_B = None
+        self.load_packed(packed)
 
     def load_packed(self, packed: PackedWeight) -> None:
         """Install a canonical PackedWeight (validated against this layer's shape)."""
@@ -163,12 +225,17 @@ class QuantLinear(nn.Module):
         """The float weight [out_features, in_features] this layer computes with (its
         ``input_scale``, if any, multiplied in)."""
         w = self.packed_weight().dequantize(torch.float32)
-        return (w if self.input_scale is None else w * self.input_scale).to(dtype)
+        if self.input_scale is not None:
+            w = w * self.input_scale
+        if self.lora_A is not None:
+            w = w + self.lora_B.detach().float() @ self.lora_A.detach().float()
+        return w.to(dtype)
 
     @property
     def weight_nbytes(self) -> int:
-        """Bytes of the packed weight: codes + scales (+ zeros, + input_scale)."""
-        extra = 0 if self.input_scale is None else self.input_scale.numel() * 4
+        """Bytes of the packed weight: codes + scales (+ zeros, + input_scale, + adapter)."""
+        extra = sum(t.numel() * t.element_size() for t in (self.input_scale, self.lora_A, self.lora_B)
+                    if t is not None)
         return self.packed_weight().nbytes + extra
 
     @property
@@ -200,7 +267,9 @@ class QuantLinear(nn.Module):
                 kernel = self._prepare()
                 buffers = self._buffers
             y = kernel(x2, buffers["qweight"], buffers["scales"], buffers["zeros"], bias, buffers["act_scale"])
-        return y if len(shape) == 2 else y.reshape(*shape[:-1], self.out_features)
+        y = y if len(shape) == 2 else y.reshape(*shape[:-1], self.out_features)
+        a = self._parameters["lora_A"]
+        return y if a is None else y + adapter_out(x, a, self._parameters["lora_B"])
 
     # ------------------------------------------------------------------ module plumbing
     def _apply(self, fn, recurse=True):
@@ -238,7 +307,13 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, "
                 f"bits={self.bits}, group_size={group}, symmetric={self.symmetric}, "
                 f"activations={self.activations}, bias={self.bias is not None}, "
-                f"{'input_scale=True, ' if self.input_scale is not None else ''}backend={self.backend()}")
+                f"{'input_scale=True, ' if self.input_scale is not None else ''}"
+                f"{f'adapter_rank={self.lora_A.shape[0]}, ' if self.lora_A is not None else ''}backend={self.backend()}")
+
+
+def adapter_out(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """The low-rank adapter's term ``(x @ A.T) @ B.T`` in x's dtype."""
+    return ((x.to(lora_a.dtype) @ lora_a.T) @ lora_b.T).to(x.dtype)
 
 
 def linear_weight(module: nn.Module, name: str = "") -> torch.Tensor:
