@@ -18,9 +18,10 @@ from .config import PRESETS, QuantConfig
 from .format import FORMAT_VERSION, PackedWeight, quantize_weight
 from .nn import QuantLinear
 from .qat import FakeQuantLinear, convert, prepare_qat
+from .recover import RecoveryResult, recover
 
 __version__ = "0.1.0"
 __all__ = [
     "quantize_", "QuantConfig", "PRESETS", "QuantLinear", "PackedWeight", "quantize_weight",
-    "prepare_qat", "convert", "FakeQuantLinear", "save_quantized", "load_quantized", "error_report", "backends", "BackendError", "FORMAT_VERSION",
+    "prepare_qat", "convert", "FakeQuantLinear", "recover", "RecoveryResult", "save_quantized", "load_quantized", "error_report", "backends", "BackendError", "FORMAT_VERSION",
 ]
