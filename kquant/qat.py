@@ -38,8 +38,8 @@ def check_qat_bits(bits, where: str = "") -> int:
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round(x) forward, identity backward (the straight-through estimator)."""
-    return x + (torch.round(x) - x).detach()
+    """round(x) forward (exactly: x - x.detach() is 0), identity backward (the straight-through estimator)."""
+    return torch.round(x).detach() + (x - x.detach())
 
 
 def _grouped(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -69,8 +69,11 @@ def fake_quantize_weight(w: torch.Tensor, scales: torch.Tensor, zeros: Optional[
         k = k if k is not None else q.shape[1] * q.shape[2]
     else:
         qmin, qmax = qrange(bits, symmetric)
-        q = round_ste(_grouped(w, bits, group_size) / s)
-        q = torch.clamp(q if z is None else q + z, qmin, qmax)
+        u = _grouped(w, bits, group_size) / s
+        u = u if z is None else u + z
+        # LSQ: inside the range the rounding passes gradients straight through; outside, the
+        # clamped code is a constant (no gradient to w; the scale's gradient is the code)
+        q = torch.where((u >= qmin) & (u <= qmax), round_ste(u), torch.clamp(torch.round(u), qmin, qmax).detach())
     if z is not None:
         q = q - z
     return (q * s).reshape(n, -1)[:, :k]
@@ -82,7 +85,7 @@ def fake_quantize_act(x: torch.Tensor, act_scale: Optional[torch.Tensor] = None)
     through to ``x`` (and, for a static scale that requires grad, LSQ's to it)."""
     if act_scale is None:
         q, s = reference.quantize_per_token(x.detach())
-        return x + (q.float() * s - x.float()).to(x.dtype).detach()
+        return (q.float() * s).to(x.dtype) + (x - x.detach())
     q = torch.clamp(round_ste(x.float() * torch.reciprocal(act_scale.float())), -127, 127)
     return (q * act_scale.float()).to(x.dtype)
 
