@@ -31,7 +31,7 @@ from torch import nn
 
 from .api import run_model
 from .calibration.equalize import is_norm
-from .calibration.sequential import _first_tensor
+from .calibration.sequential import _first_tensor, _with_hidden, capture_block_inputs, find_blocks
 from .nn import QuantLinear, is_conv1d, set_module
 from .qat import FakeQuantLinear
 
@@ -58,6 +58,7 @@ class RecoveryResult:
     stopped_early: bool
     trainable: Tuple[str, ...]
     trained_parameters: int
+    block_losses: List[float] = dataclasses.field(default_factory=list)  # the block-by-block phase
 
     def to_dict(self) -> Dict[str, object]:
         return dataclasses.asdict(self)
@@ -170,7 +171,8 @@ def _pack(model: nn.Module, layers: List[str], merge_lora: bool) -> None:
 
 def recover(model: nn.Module, teacher: nn.Module, data: Sequence, *, steps: int = 300,
             trainable: Union[str, Sequence[str]] = ("scales", "norms", "biases"),
-            lr: Union[None, float, Dict[str, float]] = None, lora_rank: int = 8, merge_lora: bool = False,
+            lr: Union[None, float, Dict[str, float]] = None, block_steps: int = 0, lora_rank: int = 8,
+            merge_lora: bool = False,
             loss: Optional[Callable] = None, patience: Optional[int] = None, seed: int = 0,
             progress: bool = True) -> RecoveryResult:
     """Distil ``teacher`` (the float model) into ``model`` (quantized with
@@ -178,7 +180,10 @@ def recover(model: nn.Module, teacher: nn.Module, data: Sequence, *, steps: int 
     docstring), then pack every layer again, in place.
 
     data: a list of model inputs (dicts of keyword arguments, tuples or tensors), no labels.
-    steps: optimizer steps (one batch each, batches reshuffled every pass). lr: a number, or a
+    steps: optimizer steps (one batch each, batches reshuffled every pass) of the end-to-end
+    phase. block_steps: steps per block of a first, block-by-block phase (EfficientQAT's
+    Block-AP): each repeated block (a transformer layer) learns to reproduce the teacher block's
+    output from its own inputs, which come from the blocks already trained. lr: a number, or a
     dict per kind overriding :data:`DEFAULT_LR` (Adam). loss: ``f(student_out, teacher_out,
     batch) -> scalar``, :func:`distill_loss` by default. patience: stop when the running loss has
     not improved by 0.1% for this many steps. The model runs in eval mode (no dropout).
@@ -191,8 +196,11 @@ def recover(model: nn.Module, teacher: nn.Module, data: Sequence, *, steps: int 
     layers = _check_architecture(model, teacher)
     trainable = _check_trainable(trainable)
     rates = _learning_rates(lr)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"recover: steps must be an int >= 1, got {steps!r}")
+    for name, v in (("steps", steps), ("block_steps", block_steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"recover: {name} must be an int >= 0, got {v!r}")
+    if steps + block_steps == 0:
+        raise ValueError("recover: steps and block_steps are both 0: nothing to train")
     if isinstance(data, (torch.Tensor, dict)) or not hasattr(data, "__len__"):
         raise TypeError("recover: data must be a list of batches (model inputs); wrap a single batch in a list")
     data = list(data)
@@ -217,40 +225,89 @@ def recover(model: nn.Module, teacher: nn.Module, data: Sequence, *, steps: int 
             raise RecoveryError(f"recover: nothing to train for {list(trainable)} in this model")
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.Adam([{"params": ps, "lr": rates[k]} for k, ps in groups.items() if ps])
-        initial, losses = _train(model, data, targets, loss_fn, opt, steps, patience, gen, progress, tqdm)
+        initial = _mean_loss(model, data, targets, loss_fn)
+        block_losses = _blockwise(model, teacher, layers, data, groups, rates, block_steps, gen, progress, tqdm)
+        opt = _optimizer(groups, rates)
+        losses = _train(model, data, targets, loss_fn, opt, steps, patience, gen, progress, tqdm)
     finally:
         _pack(model, layers, merge_lora)
         for p, rg in frozen.items():
             p.requires_grad_(rg)
         model.train(training)
         teacher.train(teacher_training)
-    with torch.no_grad():
-        final = sum(float(loss_fn(run_model(model, b), t, b)) for b, t in zip(data, targets)) / len(data)
+    final = _mean_loss(model, data, targets, loss_fn)
     return RecoveryResult(losses, initial, final, len(losses), time.perf_counter() - t0, len(losses) < steps,
-                          trainable, sum(p.numel() for p in params))
+                          trainable, sum(p.numel() for p in params), block_losses)
 
 
-def _train(model, data, targets, loss_fn, opt, steps, patience, gen, progress, tqdm) -> Tuple[float, List[float]]:
-    """The loop: (mean loss over ``data`` before training, the loss of every step)."""
-    with torch.no_grad():
-        initial = sum(float(loss_fn(run_model(model, b), t, b)) for b, t in zip(data, targets)) / len(data)
+@torch.no_grad()
+def _mean_loss(model, data, targets, loss_fn) -> float:
+    return sum(float(loss_fn(run_model(model, b), t, b)) for b, t in zip(data, targets)) / len(data)
+
+
+def _optimizer(groups: Dict[str, List[nn.Parameter]], rates: Dict[str, float], only=None):
+    chosen = {k: [p for p in ps if only is None or id(p) in only] for k, ps in groups.items()}
+    return torch.optim.Adam([{"params": ps, "lr": rates[k]} for k, ps in chosen.items() if ps])
+
+
+def _step(opt, value: torch.Tensor, where: str) -> float:
+    if not torch.isfinite(value):
+        raise RecoveryError(f"recover: the loss became {float(value)} {where}; lower the learning rate")
+    opt.zero_grad(set_to_none=True)
+    value.backward()
+    opt.step()
+    return value.item()
+
+
+def _batches(n: int, gen: torch.Generator):
+    """Batch indices forever, reshuffled every pass."""
+    while True:
+        yield from torch.randperm(n, generator=gen).tolist()
+
+
+def _blockwise(model, teacher, layers, data, groups, rates, block_steps, gen, progress, tqdm) -> List[float]:
+    """Block by block: each block's trainable parameters fit the teacher block's output."""
+    _, blocks = find_blocks(model, layers)
+    if block_steps == 0 or not blocks:
+        return []
+    run_s = capture_block_inputs([b for _, b in blocks], lambda i: run_model(model, data[i]), len(data))
+    run_t = capture_block_inputs([teacher.get_submodule(n) for n, _ in blocks],
+                                 lambda i: run_model(teacher, data[i]), len(data))
+    (s_in, s_extra), (t_in, t_extra) = run_s, run_t
+    ids = {id(p) for ps in groups.values() for p in ps}
     losses: List[float] = []
-    order: List[int] = []
+    order = _batches(len(data), gen)
+    bar = tqdm(total=block_steps * len(blocks), desc="kquant: recovering block by block", unit="step",
+               disable=None if progress else True)
+    for j, (name, block) in enumerate(blocks):
+        tblock = teacher.get_submodule(name)
+        args = [_with_hidden(*s_extra[j][i], s_in[i]) for i in range(len(data))]
+        with torch.no_grad():
+            t_in = [_first_tensor(tblock(*a, **k)) for a, k in
+                    (_with_hidden(*t_extra[j][i], t_in[i]) for i in range(len(data)))]
+        mine = {id(p) for p in block.parameters()} & ids
+        if mine:
+            opt = _optimizer(groups, rates, mine)
+            for _ in range(block_steps):
+                i = next(order)
+                losses.append(_step(opt, distill_loss(block(*args[i][0], **args[i][1]), t_in[i], data[i]),
+                                    f"in block {name}"))
+                bar.update(1)
+        with torch.no_grad():
+            s_in = [_first_tensor(block(*a, **k)) for a, k in args]
+    bar.close()
+    return losses
+
+
+def _train(model, data, targets, loss_fn, opt, steps, patience, gen, progress, tqdm) -> List[float]:
+    """The end-to-end loop: the loss of every step."""
+    losses: List[float] = []
+    order = _batches(len(data), gen)
     best, since, ema = math.inf, 0, None
     bar = tqdm(range(steps), desc="kquant: recovering", unit="step", disable=None if progress else True)
     for _ in bar:
-        if not order:
-            order = torch.randperm(len(data), generator=gen).tolist()
-        i = order.pop()
-        opt.zero_grad(set_to_none=True)
-        value = loss_fn(run_model(model, data[i]), targets[i], data[i])
-        if not torch.isfinite(value):
-            raise RecoveryError(f"recover: the loss became {float(value)} at step {len(losses)}; lower the "
-                                f"learning rate")
-        value.backward()
-        opt.step()
-        losses.append(value.item())
+        i = next(order)
+        losses.append(_step(opt, loss_fn(run_model(model, data[i]), targets[i], data[i]), f"at step {len(losses)}"))
         ema = losses[-1] if ema is None else 0.95 * ema + 0.05 * losses[-1]
         bar.set_postfix(loss=f"{ema:.3g}", refresh=False)
         if patience is not None:
@@ -261,4 +318,4 @@ def _train(model, data, targets, loss_fn, opt, steps, patience, gen, progress, t
                 if since >= patience:
                     break
     bar.close()
-    return initial, losses
+    return losses

@@ -108,6 +108,8 @@ def test_errors():
     with pytest.raises(ValueError, match="trainable must name"):
         kquant.recover(q, fp, data, trainable=("scales", "everything"), progress=False)
     with pytest.raises(ValueError, match="steps must be"):
+        kquant.recover(q, fp, data, steps=-1, progress=False)
+    with pytest.raises(ValueError, match="nothing to train"):
         kquant.recover(q, fp, data, steps=0, progress=False)
     with pytest.raises(ValueError, match="data is empty"):
         kquant.recover(q, fp, [], progress=False)
@@ -118,3 +120,30 @@ def test_errors():
     with pytest.raises(ValueError, match="rank must be"):
         q.up.add_adapter(0)
     assert isinstance(q.up, kquant.QuantLinear) and q.up.lora_A is None  # nothing changed by the errors
+
+
+class Stack(nn.Module):
+    """Repeated residual blocks (the shape of a transformer's layers)."""
+
+    def __init__(self, k=48, depth=3):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(k), nn.Linear(k, 2 * k), nn.GELU(), nn.Linear(2 * k, k))
+                                    for _ in range(depth))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+def test_block_by_block_phase():
+    torch.manual_seed(0)
+    fp = Stack()
+    data = [torch.randn(4, 10, 48) for _ in range(3)]
+    q = kquant.quantize_(copy.deepcopy(fp), "w4a8", progress=False)
+    r = kquant.recover(q, fp, data, steps=0, block_steps=15, trainable=("scales", "norms"), lr=3e-3, progress=False)
+    assert len(r.block_losses) == 45 and r.steps == 0
+    for j in range(3):  # every block's own loss falls
+        assert min(r.block_losses[15 * j + 10:15 * j + 15]) < r.block_losses[15 * j]
+    assert r.final_loss < r.initial_loss
+    assert all(isinstance(b[1], kquant.QuantLinear) for b in q.blocks)

@@ -76,6 +76,41 @@ def find_blocks(model: nn.Module, names: Sequence[str]) -> Tuple[str, List[Tuple
     return best, [(f"{best}.{i}", b) for i, b in enumerate(lst)]
 
 
+def _try_stop(fn):
+    try:
+        with torch.no_grad():
+            fn()
+    except _Stop:
+        pass
+
+
+def capture_block_inputs(blocks: Sequence[nn.Module], run_batch: Callable[[int], object], n: int):
+    """Run batches ``0..n-1`` (``run_batch(i)``) up to the last block: block 0's hidden input
+    per batch, and every block's other arguments (masks, ...) per batch."""
+    inputs, extra = [], [[] for _ in blocks]
+
+    def hook(j):
+        def f(mod, args, kwargs):
+            h = _hidden(args, kwargs)
+            if j == 0:
+                inputs.append(h.detach())
+            extra[j].append(_with_hidden(args, kwargs, None))
+            if j == len(blocks) - 1:
+                raise _Stop
+        return f
+
+    hs = [b.register_forward_pre_hook(hook(j), with_kwargs=True) for j, b in enumerate(blocks)]
+    try:
+        for i in range(n):
+            _try_stop(lambda: run_batch(i))
+    finally:
+        for h in hs:
+            h.remove()
+    if any(len(e) != len(inputs) for e in extra) or len(inputs) != n:
+        raise CalibrationError("the model's blocks did not all run once per batch")
+    return inputs, extra
+
+
 class Calibrator:
     """Runs one model's sequential calibration; see the module docstring."""
 
@@ -139,14 +174,14 @@ class Calibrator:
                          for t in outside]
                 stop = first.register_forward_pre_hook(self._raise_stop)
                 try:
-                    self._try_stop(lambda: self._call_model(0))
+                    _try_stop(lambda: self._call_model(0))
                 finally:
                     for h in hooks + [stop]:
                         h.remove()
                 pre = [t for t in outside if t in seen]
                 if pre:
                     self._segment(pre, lambda i: self._stop_at(first, i))
-                inputs, extra = self._capture_block_inputs([b for _, b in blocks])
+                inputs, extra = capture_block_inputs([b for _, b in blocks], self._call_model, len(self.batches))
                 ref_inputs = inputs  # the float model's inputs to the block (float_targets)
                 for j, (bname, block) in enumerate(blocks):
                     layers = [t for t in names if block_of.get(t) == bname]
@@ -185,46 +220,12 @@ class Calibrator:
     def _raise_stop(*_a, **_k):
         raise _Stop
 
-    @staticmethod
-    def _try_stop(fn):
-        try:
-            with torch.no_grad():
-                fn()
-        except _Stop:
-            pass
-
     def _stop_at(self, module, i):
         h = module.register_forward_pre_hook(self._raise_stop)
         try:
             self._call_model(i)
         finally:
             h.remove()
-
-    def _capture_block_inputs(self, blocks):
-        """Block 0's hidden input per batch, and every block's other arguments (masks, ...)."""
-        inputs, extra = [], [[] for _ in blocks]
-
-        def hook(j):
-            def f(mod, args, kwargs):
-                h = _hidden(args, kwargs)
-                if j == 0:
-                    inputs.append(h.detach())
-                rest = _with_hidden(args, kwargs, None)
-                extra[j].append(rest)
-                if j == len(blocks) - 1:
-                    raise _Stop
-            return f
-
-        hs = [b.register_forward_pre_hook(hook(j), with_kwargs=True) for j, b in enumerate(blocks)]
-        try:
-            for i in range(len(self.batches)):
-                self._try_stop(lambda: self._call_model(i))
-        finally:
-            for h in hs:
-                h.remove()
-        if any(len(e) != len(inputs) for e in extra):
-            raise CalibrationError("calibration: the model's blocks did not all run once per calibration batch")
-        return inputs, extra
 
     # ------------------------------------------------------------------ one segment
     def _segment(self, layers: List[str], run_one: Callable[[int], object], ref: Optional[nn.Module] = None,
@@ -279,7 +280,7 @@ class Calibrator:
             if not isinstance(m, (nn.ModuleList, nn.ModuleDict)):
                 hooks.append(m.register_forward_hook(post))
         try:
-            self._try_stop(lambda: run_one(0))
+            _try_stop(lambda: run_one(0))
         finally:
             for h in hooks:
                 h.remove()
@@ -345,8 +346,8 @@ class Calibrator:
                 cur["i"] = i
                 if ref_layer is not None:
                     acc["ref"] = None
-                    self._try_stop(lambda: ref_run(i))
-                self._try_stop(lambda: run_one(i))
+                    _try_stop(lambda: ref_run(i))
+                _try_stop(lambda: run_one(i))
         finally:
             h.remove()
             if hr is not None:
