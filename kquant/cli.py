@@ -297,6 +297,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op threads (default 1: the matrices are tiny, more threads mostly wait)")
     g.add_argument("--out", default="kquant-digits", help="output directory for results.json")
 
+    from . import demo_train as dtr
+    t = sub.add_parser("demo-train", help="training with quantization (QAT, recovery) vs PTQ on the digits MLP and "
+                                          "MiniLM; table + JSON + PNG of the loss curves",
+                       description="Train through quantization: on a narrow MLP for scikit-learn's digits (test "
+                                   "accuracy) and on all-MiniLM-L6-v2 (cosine to fp32 embeddings on held-out "
+                                   "sentences), compare fp32, post-training quantization (ptq), quantization-aware "
+                                   "training (qat: prepare_qat, train, convert) and distillation (recover).")
+    t.add_argument("--part", choices=dtr.PARTS, default="all", help="which model(s) to run (default: all)")
+    t.add_argument("--steps", type=int, default=None, metavar="N",
+                   help=f"MiniLM qat and recover steps (default: {dtr.QAT_STEPS} and {dtr.RECOVER_STEPS})")
+    t.add_argument("--qat-epochs", type=int, default=None, metavar="N",
+                   help=f"digits qat epochs (default {dtr.DIGITS_QAT_EPOCHS})")
+    t.add_argument("--train-sentences", type=int, default=None, metavar="N",
+                   help=f"MiniLM: the first N evaluation sentences are the distillation data, the others are "
+                        f"evaluated (default {dtr.TRAIN_SENTENCES})")
+    t.add_argument("--eval-sentences", type=int, default=None, metavar="N",
+                   help="MiniLM: evaluate only the first N held-out sentences, N >= 2 (default: all)")
+    t.add_argument("--threads", type=int, default=None,
+                   help=f"torch intra-op threads (default: {dtr.DIGITS_THREADS} for digits, {dtr.MINILM_THREADS} "
+                        f"for MiniLM)")
+    t.add_argument("--seed", type=int, default=0, help="seed for the data split, the weights and the batch order")
+    t.add_argument("--out", default="kquant-demo-train", help="output directory for results.json and curves.png")
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
     i = sub.add_parser("info", help="backends, CPU features, CUDA and Triton status")
     i.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return ap
@@ -326,6 +350,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                         threads=args.threads, console=console)
         except (ValueError, ImportError) as e:  # an unknown preset or method, a bad --threads, no scikit-learn
             print(f"kquant digits: error: {e}", file=sys.stderr)
+            return 2
+        return 0
+
+    if args.command == "demo-train":
+        from .demo import DemoError
+        from .demo_train import main as demo_train_main
+        try:
+            demo_train_main(part=args.part, steps=args.steps, qat_epochs=args.qat_epochs,
+                            train_sentences=args.train_sentences, threads=args.threads, out=args.out,
+                            seed=args.seed, progress=not args.no_progress, console=console,
+                            minilm_kwargs=None if args.eval_sentences is None else
+                            {"eval_sentences": args.eval_sentences})
+        except (DemoError, ValueError, ImportError) as e:  # a bad option, no scikit-learn / model package
+            print(f"kquant demo-train: error: {e}", file=sys.stderr)
             return 2
         return 0
 

@@ -17,7 +17,10 @@ trains only what ``trainable`` names:
 * ``"norms"``: LayerNorm/RMSNorm weights and biases; ``"biases"``: the packed layers' biases.
 
 Then every layer is packed again: with frozen codes that is exact (the codes do not change,
-only the scales). The teacher is never changed. Runs are deterministic for a given seed.
+only the scales). A model prepared by :func:`kquant.prepare_qat` trains the same way
+(``trainable=("weights", "scales")`` is quantization-aware training by distillation) and
+stays fake-quantized for :func:`kquant.convert`. The teacher is never changed. Runs are
+deterministic for a given seed.
 """
 from __future__ import annotations
 
@@ -127,36 +130,43 @@ def _learning_rates(lr) -> Dict[str, float]:
 
 
 def _setup(model: nn.Module, layers: List[str], trainable: Tuple[str, ...], lora_rank: int,
-           gen: torch.Generator) -> Dict[str, List[nn.Parameter]]:
-    """Swap the packed layers for trainable ones as ``trainable`` asks; the parameters per kind."""
-    groups: Dict[str, List[nn.Parameter]] = {k: [] for k in trainable}
+           gen: torch.Generator) -> Dict[Tuple[str, int], List[nn.Parameter]]:
+    """Swap the packed layers for trainable ones as ``trainable`` asks; the parameters per
+    (kind, bits): an 8-bit scale moves a code-127 weight 16 times further than a 4-bit one
+    moves a code-7 weight, so its learning rate is scaled by ``2^(4 - bits)``."""
+    groups: Dict[Tuple[str, int], List[nn.Parameter]] = {}
+
+    def add(kind, params, bits=4):
+        groups.setdefault((kind, bits), []).extend(p for p in params if p is not None)
+
     for name in layers:
         layer = model.get_submodule(name)
         if "lora" in trainable:
             if isinstance(layer, FakeQuantLinear):
-                raise RecoveryError(f"recover: {name} is a QAT layer; convert the model first (kquant.convert)")
+                raise RecoveryError(f"recover: {name} is a QAT layer; adapters go beside packed layers (convert the "
+                                    f"model first with kquant.convert)")
             if layer.lora_A is None:
                 layer.add_adapter(lora_rank, generator=gen)
+            add("lora", [layer.lora_A, layer.lora_B])
         if ("scales" in trainable or "weights" in trainable) and isinstance(layer, QuantLinear):
             layer = FakeQuantLinear.from_quantized(layer, train_weight="weights" in trainable,
                                                    learn_scales="scales" in trainable)
             set_module(model, name, layer)
         if "scales" in trainable:
-            groups["scales"] += [p for p in (layer.log_scales, layer.log_act_scale) if p is not None]
+            add("scales", [layer.log_scales, layer.log_act_scale], layer.bits)
         if "weights" in trainable:
-            groups["weights"].append(layer.weight)
-        if "lora" in trainable:
-            groups["lora"] += [layer.lora_A, layer.lora_B]
-        if "biases" in trainable and layer.bias is not None:
-            groups["biases"].append(layer.bias)
+            add("weights", [layer.weight])
+        if "biases" in trainable:
+            add("biases", [layer.bias])
     if "norms" in trainable:
         norms = [m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
                  and is_norm(m, m.weight.shape[-1])]
-        groups["norms"] = [p for m in norms for p in m.parameters(recurse=False)]
+        add("norms", [p for m in norms for p in m.parameters(recurse=False)])
     return groups
 
 
 def _pack(model: nn.Module, layers: List[str], merge_lora: bool) -> None:
+    """Pack again the layers that arrived packed."""
     for name in layers:
         layer = model.get_submodule(name)
         if isinstance(layer, FakeQuantLinear):
@@ -184,7 +194,8 @@ def recover(model: nn.Module, teacher: nn.Module, data: Sequence, *, steps: int 
     phase. block_steps: steps per block of a first, block-by-block phase (EfficientQAT's
     Block-AP): each repeated block (a transformer layer) learns to reproduce the teacher block's
     output from its own inputs, which come from the blocks already trained. lr: a number, or a
-    dict per kind overriding :data:`DEFAULT_LR` (Adam). loss: ``f(student_out, teacher_out,
+    dict per kind overriding :data:`DEFAULT_LR` (Adam; an 8-bit layer's scales use it times 1/16,
+    as their codes are 16 times larger than 4-bit codes). loss: ``f(student_out, teacher_out,
     batch) -> scalar``, :func:`distill_loss` by default. patience: stop when the running loss has
     not improved by 0.1% for this many steps. The model runs in eval mode (no dropout).
     Returns a :class:`RecoveryResult` with the loss curve.
@@ -218,6 +229,7 @@ def recover(model: nn.Module, teacher: nn.Module, data: Sequence, *, steps: int 
     for p in frozen:
         p.requires_grad_(False)
     t0 = time.perf_counter()
+    packed = [n for n in layers if isinstance(model.get_submodule(n), QuantLinear)]
     try:
         groups = _setup(model, layers, trainable, lora_rank, gen)
         params = [p for ps in groups.values() for p in ps]
@@ -230,7 +242,7 @@ def recover(model: nn.Module, teacher: nn.Module, data: Sequence, *, steps: int 
         opt = _optimizer(groups, rates)
         losses = _train(model, data, targets, loss_fn, opt, steps, patience, gen, progress, tqdm)
     finally:
-        _pack(model, layers, merge_lora)
+        _pack(model, packed, merge_lora)
         for p, rg in frozen.items():
             p.requires_grad_(rg)
         model.train(training)
@@ -245,9 +257,10 @@ def _mean_loss(model, data, targets, loss_fn) -> float:
     return sum(float(loss_fn(run_model(model, b), t, b)) for b, t in zip(data, targets)) / len(data)
 
 
-def _optimizer(groups: Dict[str, List[nn.Parameter]], rates: Dict[str, float], only=None):
+def _optimizer(groups, rates: Dict[str, float], only=None):
     chosen = {k: [p for p in ps if only is None or id(p) in only] for k, ps in groups.items()}
-    return torch.optim.Adam([{"params": ps, "lr": rates[k]} for k, ps in chosen.items() if ps])
+    return torch.optim.Adam([{"params": ps, "lr": rates[kind] * 2.0 ** (4 - bits)}
+                             for (kind, bits), ps in chosen.items() if ps])
 
 
 def _step(opt, value: torch.Tensor, where: str) -> float:
