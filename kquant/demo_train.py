@@ -515,7 +515,8 @@ def write_chart(report: Dict[str, object], path: str) -> None:
                 w = max(2, len(y) // 30)
                 y = [sum(y[max(0, i - w + 1):i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(y))]
             label = " ".join(str(v) for v in (r["config"], r["stage"], r.get("method")) if v)
-            ax.plot(x, y, style, color=color, label=f"{label} ({loss})", alpha=0.9, linewidth=1.2, marker="." if len(y) < 60 else None)
+            ax.plot(x, y, style, color=color, label=f"{label} ({loss})", alpha=0.9, linewidth=1.2,
+                    marker="." if len(y) < 60 else None)
         ax.set_yscale("log")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("training loss")

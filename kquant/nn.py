@@ -131,10 +131,10 @@ class QuantLinear(nn.Module):
         """Add a trainable low-rank adapter beside the frozen packed weight (QLoRA style):
         ``y = packed(x) + (x @ lora_A.T) @ lora_B.T``. ``lora_B`` starts at zero, so the layer's
         output is unchanged until the adapter is trained."""
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(self.in_features,
-                                                                                      self.out_features):
-            raise ValueError(f"{self.name}: adapter rank must be an int in [1, {min(self.in_features, self.out_features)}]"
-                             f" for a [{self.out_features}, {self.in_features}] layer, got {rank!r}")
+        most = min(self.in_features, self.out_features)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= most:
+            raise ValueError(f"{self.name}: adapter rank must be an int in [1, {most}] for a "
+                             f"[{self.out_features}, {self.in_features}] layer, got {rank!r}")
         dev = self.scales.device
         dtype = self.bias.dtype if self.bias is not None else torch.float32
         a = torch.randn(rank, self.in_features, generator=generator, device=dev) / self.in_features ** 0.5
@@ -308,7 +308,8 @@ class QuantLinear(nn.Module):
                 f"bits={self.bits}, group_size={group}, symmetric={self.symmetric}, "
                 f"activations={self.activations}, bias={self.bias is not None}, "
                 f"{'input_scale=True, ' if self.input_scale is not None else ''}"
-                f"{f'adapter_rank={self.lora_A.shape[0]}, ' if self.lora_A is not None else ''}backend={self.backend()}")
+                f"{f'adapter_rank={self.lora_A.shape[0]}, ' if self.lora_A is not None else ''}"
+                f"backend={self.backend()}")
 
 
 def adapter_out(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:

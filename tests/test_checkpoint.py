@@ -96,7 +96,8 @@ def test_file_contents(saved):
     layers = {c["name"]: c for c in meta["layers"]}
     assert layers["fc1"] == {"name": "fc1", "bits": 4, "group_size": 128, "symmetric": True, "activations": "none",
                              "in_features": 100, "out_features": 64, "bias": True,
-                             "bias_dtype": "torch.float32", "input_scale": False, "calibration": None}
+                             "bias_dtype": "torch.float32", "input_scale": False, "calibration": None,
+                             "adapter_rank": None}
     assert layers["fc2"]["bias"] is False
     tensors = load_file(path)
     assert tensors["fc1.qweight"].dtype == torch.uint8 and list(tensors["fc1.qweight"].shape) == [64, 64]
