@@ -278,8 +278,6 @@ def prepare_qat(model: nn.Module, config: Union[str, QuantConfig] = "w8a8", *, w
     if not targets:
         raise ValueError("prepare_qat: the model has no nn.Linear layer to train through quantization (none "
                          "present, or all skipped or kept in float)")
-    if kept:
-        _warn_kept_float(kept)
     equalize, weight_method = parse_methods(method)
     bits_of = {name: weight_bits or c.weight_bits for name, _, c in targets}
     if equalize is not None or weight_method.name != "rtn":
@@ -297,6 +295,8 @@ def prepare_qat(model: nn.Module, config: Union[str, QuantConfig] = "w8a8", *, w
             fq.calibration = {**(layer.calibration or {}), "qat": {"scales": fq.scale_mode}}
             set_module(model, name, fq)
         return model
+    if kept:  # (quantize_ says it on the calibrated path)
+        _warn_kept_float(kept)
     static = {name: (mod, c) for name, mod, c in targets if c.activations == "static"}
     act_scales = {}
     if static:
