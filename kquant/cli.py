@@ -318,8 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"torch intra-op threads (default: {dtr.DIGITS_THREADS} for digits, {dtr.MINILM_THREADS} "
                         f"for MiniLM)")
     t.add_argument("--seed", type=int, default=0, help="seed for the data split, the weights and the batch order")
-    t.add_argument("--out", default="kquant-demo-train", help="output directory for results.json and curves.png")
+    t.add_argument("--out", default=None,
+                   help="output directory for results.json and curves.png (default: kquant-demo-train, with "
+                        "--ddp kquant-demo-ddp)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    t.add_argument("--ddp", action="store_true",
+                   help="instead: train the digits MLP with DistributedDataParallel on 2 CPU processes (gloo), "
+                        "gradients all-reduced in fp32, fp16 and kquant 8/4/2-bit; accuracy and bytes per step")
+    t.add_argument("--epochs", type=int, default=None, metavar="N", help="--ddp: training epochs (default 30)")
 
     i = sub.add_parser("info", help="backends, CPU features, CUDA and Triton status")
     i.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -355,10 +361,24 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.command == "demo-train":
         from .demo import DemoError
+        if args.epochs is not None and not args.ddp:
+            print("kquant demo-train: error: --epochs is for --ddp (the digits qat epochs are --qat-epochs)",
+                  file=sys.stderr)
+            return 2
+        if args.ddp:
+            from .demo_ddp import main as demo_ddp_main
+            try:
+                demo_ddp_main(epochs=args.epochs, seed=args.seed, out=args.out or "kquant-demo-ddp",
+                              progress=not args.no_progress, console=console)
+            except DemoError as e:  # a bad option, a failed or timed-out training process
+                print(f"kquant demo-train --ddp: error: {e}", file=sys.stderr)
+                return 2
+            return 0
         from .demo_train import main as demo_train_main
         try:
             demo_train_main(part=args.part, steps=args.steps, qat_epochs=args.qat_epochs,
-                            train_sentences=args.train_sentences, threads=args.threads, out=args.out,
+                            train_sentences=args.train_sentences, threads=args.threads,
+                            out=args.out or "kquant-demo-train",
                             seed=args.seed, progress=not args.no_progress, console=console,
                             minilm_kwargs=None if args.eval_sentences is None else
                             {"eval_sentences": args.eval_sentences})
