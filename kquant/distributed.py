@@ -28,6 +28,8 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
+from .format import pack_int4, unpack_int4
+
 __all__ = ["QuantizedCommState", "quantized_allreduce_hook", "BITS", "pack_codes", "unpack_codes"]
 
 BITS = (8, 4, 2)
@@ -45,6 +47,8 @@ def pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
     u = u.to(torch.uint8)
     if bits == 8:
         return u
+    if bits == 4:
+        return pack_int4(u)  # the weight format's nibble order
     per = 8 // bits
     out = u[:, 0::per].clone()
     for i in range(1, per):
@@ -56,6 +60,8 @@ def unpack_codes(p: torch.Tensor, bits: int) -> torch.Tensor:
     """The inverse of :func:`pack_codes`, as float32 ``[R, m]``."""
     if bits == 8:
         return p.float()
+    if bits == 4:
+        return unpack_int4(p).float()
     per, mask = 8 // bits, (1 << bits) - 1
     parts = [((p >> (bits * i)) & mask) for i in range(per)]
     return torch.stack(parts, dim=-1).reshape(p.shape[0], -1).float()
