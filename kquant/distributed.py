@@ -138,15 +138,25 @@ class QuantizedCommState:
         self._checked = True
 
     # ------------------------------------------------------------------ quantization
-    def _quantize(self, x: torch.Tensor):
-        """Chunks ``[..., chunk]`` -> (unsigned codes, scales ``[...]``): the 2^bits levels
-        ``(code - half) * scale`` span ``[-max|x|, max|x|]`` (every code used, 2-bit included);
-        stochastic rounding makes the dequantized value unbiased."""
+    def _quantize(self, x: torch.Tensor, u: Optional[torch.Tensor] = None):
+        """Chunks ``x [R, C, chunk]`` -> (packed codes ``[R, C * chunk * bits / 8]``, scales
+        ``[R, C]``): the ``2^bits`` levels ``(code - half) * scale`` span ``[-max|x|, max|x|]``
+        (every code used, 2-bit included); stochastic rounding with the uniforms ``u`` makes the
+        dequantized value unbiased. On a GPU the Triton kernel does it in one pass."""
+        if u is None:
+            u = torch.rand(x.shape, generator=self._generator(x.device), device=x.device)
+        rows = x.shape[0]
+        if x.is_cuda and _triton_ready(self.chunk_size):
+            from .backends import triton as kt
+            return kt.grad_quantize(x.reshape(rows, -1), u.reshape(rows, -1), self.bits, self.chunk_size)
         amax = x.abs().amax(dim=-1)
         scales = torch.where(amax > 0, amax / self.half, torch.ones_like(amax))
-        u = torch.rand(x.shape, generator=self._generator(x.device), device=x.device)
         codes = torch.floor(x / scales.unsqueeze(-1) + self.half + u).clamp_(0, 2 * self.half)
-        return codes, scales
+        return pack_codes(codes.reshape(rows, -1), self.bits), scales
+
+    def _unpack(self, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """Packed codes ``[R, m]`` and scales ``[R, C]`` -> values ``[R, C, chunk]``."""
+        return self._dequantize(unpack_codes(packed, self.bits).view(*scales.shape, self.chunk_size), scales)
 
     def _dequantize(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return (codes - self.half) * scales.unsqueeze(-1)
@@ -182,27 +192,24 @@ class QuantizedCommState:
         x = torch.nn.functional.pad(tensor.detach().reshape(-1).float(), (0, shard * world - n))
         if self.error_feedback and bucket_index in self._residual:
             x += self._residual[bucket_index]
-        q, s = self._quantize(x.view(world, shard // c, c))
+        sent, s = self._quantize(x.view(world, shard // c, c))
         if self.error_feedback:
-            self._residual[bucket_index] = x - self._dequantize(q, s).reshape(-1)
+            self._residual[bucket_index] = x - self._unpack(sent, s).reshape(-1)
         # quantized reduce-scatter: shard j of every rank goes to rank j
-        sent = pack_codes(q.reshape(world, shard), self.bits)
         got, got_s = torch.empty_like(sent), torch.empty_like(s)
         dist.all_to_all_single(got, sent, group=self.group)
         dist.all_to_all_single(got_s, s.contiguous(), group=self.group)
-        mine = self._dequantize(unpack_codes(got, self.bits).view(world, -1, c), got_s).sum(0) / world
+        mine = self._unpack(got, got_s).sum(0) / world                       # [C, chunk]
         if self.error_feedback and bucket_index in self._shard_residual:
             mine += self._shard_residual[bucket_index]
-        q2, s2 = self._quantize(mine)
+        p2, s2 = self._quantize(mine.unsqueeze(0))
         if self.error_feedback:
-            self._shard_residual[bucket_index] = mine - self._dequantize(q2, s2)
+            self._shard_residual[bucket_index] = mine - self._unpack(p2, s2)[0]
         # quantized all-gather of the averaged shards
-        p2 = pack_codes(q2.reshape(1, shard), self.bits)
         parts, parts_s = [torch.empty_like(p2) for _ in range(world)], [torch.empty_like(s2) for _ in range(world)]
         dist.all_gather(parts, p2, group=self.group)
         dist.all_gather(parts_s, s2, group=self.group)
-        avg = torch.cat([self._dequantize(unpack_codes(p, self.bits).view(-1, c), ps).reshape(-1)
-                         for p, ps in zip(parts, parts_s)])
+        avg = torch.cat([self._unpack(p, ps).reshape(-1) for p, ps in zip(parts, parts_s)])
         self.bytes_sent += (world - 1) * (sent[0].numel() + s[0].numel() * 4 + p2.numel() + s2.numel() * 4)
         tensor.copy_(avg[:n].view_as(tensor))
         return tensor
@@ -212,6 +219,16 @@ class QuantizedCommState:
         shard = -(-n // (world * self.chunk_size)) * self.chunk_size
         per_shard = shard * self.bits // 8 + (shard // self.chunk_size) * 4
         return 2 * (world - 1) * per_shard
+
+
+def _triton_ready(chunk: int) -> bool:
+    if chunk & (chunk - 1):
+        return False  # the kernel's chunk is a power of two
+    try:
+        from .backends import triton as kt
+        return kt._triton() is not None
+    except ImportError:
+        return False
 
 
 def quantized_allreduce_hook(state: QuantizedCommState, bucket) -> torch.futures.Future[torch.Tensor]:

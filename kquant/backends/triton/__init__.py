@@ -410,6 +410,18 @@ def quantize_per_token(x: torch.Tensor, config=None) -> Tuple[torch.Tensor, torc
     return _quantize(x.contiguous(), None)
 
 
+def grad_quantize(x: torch.Tensor, u: torch.Tensor, bits: int, chunk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradient chunks for kquant.distributed: fp32 ``x`` and uniforms ``u`` ``[R, C * chunk]``
+    (chunk a power of two) -> (packed codes uint8 ``[R, C * chunk * bits / 8]``, scales ``[R, C]``)."""
+    x, u = x.contiguous(), u.contiguous()
+    rows, n = x.shape
+    codes = torch.empty((rows, n * bits // 8), dtype=torch.uint8, device=x.device)
+    s = torch.empty((rows, n // chunk), dtype=torch.float32, device=x.device)
+    _launch(_k().grad_quantize_kernel, (rows * n // chunk,), (x, u, codes, s, ((1 << bits) - 1) / 2),
+            {"CHUNK": chunk, "BITS": bits}, {"num_warps": 4})
+    return codes, s
+
+
 def _int_gemm(a, sx, b, sw, bias, out, int4, group_size, scaled, config):
     m, k = a.shape
     n = b.shape[0]

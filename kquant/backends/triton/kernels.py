@@ -517,3 +517,24 @@ def dequant_kernel(b_ptr, sw_ptr, z_ptr, out_ptr, N, K, stride_bn, stride_sw,
         else:
             w = q.to(tl.float32) * s
         tl.store(o_ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- gradients
+@triton.jit
+def grad_quantize_kernel(x_ptr, u_ptr, codes_ptr, s_ptr, half, CHUNK: tl.constexpr, BITS: tl.constexpr):
+    """One chunk of gradient values per program (kquant.distributed's rule): 2^BITS levels
+    ``(code - half) * scale`` spanning [-max|x|, max|x|], stochastic rounding with the given
+    uniforms ``u``, codes packed 8 // BITS per byte, low bits first."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(x_ptr + offs)
+    u = tl.load(u_ptr + offs)
+    amax = tl.max(tl.abs(x), axis=0)
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, half), 1.0)
+    c = tl.floor((tl.math.div_rn(x, scale) + half) + u)
+    c = tl.minimum(tl.maximum(c, 0.0), 2.0 * half).to(tl.int32)
+    PER: tl.constexpr = 8 // BITS
+    shifts = tl.arange(0, PER) * BITS
+    packed = tl.sum(tl.reshape(c, (CHUNK // PER, PER)) << shifts[None, :], axis=1)
+    tl.store(codes_ptr + pid * (CHUNK // PER) + tl.arange(0, CHUNK // PER), packed.to(tl.uint8))
+    tl.store(s_ptr + pid, scale)
