@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from .format import pack_int4, unpack_int4
 
-__all__ = ["QuantizedCommState", "quantized_allreduce_hook", "BITS", "pack_codes", "unpack_codes"]
+__all__ = ["QuantizedCommState", "quantized_allreduce_hook", "BITS", "pack_codes", "unpack_codes", "quantize_chunks"]
 
 BITS = (8, 4, 2)
 
@@ -65,6 +65,18 @@ def unpack_codes(p: torch.Tensor, bits: int) -> torch.Tensor:
     per, mask = 8 // bits, (1 << bits) - 1
     parts = [((p >> (bits * i)) & mask) for i in range(per)]
     return torch.stack(parts, dim=-1).reshape(p.shape[0], -1).float()
+
+
+def quantize_chunks(x: torch.Tensor, u: torch.Tensor, bits: int):
+    """The definition every kernel matches: chunks ``x [R, C, chunk]`` with uniforms ``u`` ->
+    (packed codes ``[R, C * chunk * bits / 8]``, scales ``[R, C]``). The ``2^bits`` levels
+    ``(code - half) * scale`` span ``[-max|x|, max|x|]`` (every code used, 2-bit included);
+    stochastic rounding makes the dequantized value unbiased."""
+    half = ((1 << bits) - 1) / 2
+    amax = x.abs().amax(dim=-1)
+    scales = torch.where(amax > 0, amax / half, torch.ones_like(amax))
+    codes = torch.floor(x / scales.unsqueeze(-1) + half + u).clamp_(0, 2 * half)
+    return pack_codes(codes.reshape(x.shape[0], -1), bits), scales
 
 
 class QuantizedCommState:
@@ -140,19 +152,18 @@ class QuantizedCommState:
     # ------------------------------------------------------------------ quantization
     def _quantize(self, x: torch.Tensor, u: Optional[torch.Tensor] = None):
         """Chunks ``x [R, C, chunk]`` -> (packed codes ``[R, C * chunk * bits / 8]``, scales
-        ``[R, C]``): the ``2^bits`` levels ``(code - half) * scale`` span ``[-max|x|, max|x|]``
-        (every code used, 2-bit included); stochastic rounding with the uniforms ``u`` makes the
-        dequantized value unbiased. On a GPU the Triton kernel does it in one pass."""
+        ``[R, C]``), on kquant's kernels: Triton on a GPU, C++ on a CPU (:func:`quantize_chunks`
+        where neither is there)."""
         if u is None:
             u = torch.rand(x.shape, generator=self._generator(x.device), device=x.device)
         rows = x.shape[0]
+        x2, u2 = x.reshape(rows, -1), u.reshape(rows, -1)
         if x.is_cuda and _triton_ready(self.chunk_size):
             from .backends import triton as kt
-            return kt.grad_quantize(x.reshape(rows, -1), u.reshape(rows, -1), self.bits, self.chunk_size)
-        amax = x.abs().amax(dim=-1)
-        scales = torch.where(amax > 0, amax / self.half, torch.ones_like(amax))
-        codes = torch.floor(x / scales.unsqueeze(-1) + self.half + u).clamp_(0, 2 * self.half)
-        return pack_codes(codes.reshape(rows, -1), self.bits), scales
+            return kt.grad_quantize(x2, u2, self.bits, self.chunk_size)
+        if not x.is_cuda and _cpu_kernel():
+            return torch.ops.kquant._grad_quantize_cpu(x2, u2, self.bits, self.chunk_size)
+        return quantize_chunks(x, u, self.bits)
 
     def _unpack(self, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """Packed codes ``[R, m]`` and scales ``[R, C]`` -> values ``[R, C, chunk]``."""
@@ -219,6 +230,14 @@ class QuantizedCommState:
         shard = -(-n // (world * self.chunk_size)) * self.chunk_size
         per_shard = shard * self.bits // 8 + (shard // self.chunk_size) * 4
         return 2 * (world - 1) * per_shard
+
+
+def _cpu_kernel() -> bool:
+    try:
+        torch.ops.kquant._grad_quantize_cpu
+        return True
+    except (AttributeError, RuntimeError):  # the C++ extension was not built
+        return False
 
 
 def _triton_ready(chunk: int) -> bool:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kquant.distributed import QuantizedCommState, pack_codes, quantized_allreduce_hook, unpack_codes
+from kquant.distributed import QuantizedCommState, pack_codes, quantize_chunks, quantized_allreduce_hook, unpack_codes
 
 TIMEOUT = 120
 
@@ -181,3 +181,14 @@ def test_packing_round_trips(bits):
     p = pack_codes(q, bits)
     assert p.dtype == torch.uint8 and p.shape == (3, 64 * bits // 8)
     assert torch.equal(unpack_codes(p, bits), q)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_cpu_kernel_matches_the_definition(bits):
+    x = torch.randn(3, 5, 256) * torch.tensor([1e-4, 1.0, 10.0, 300.0, 0.0]).view(1, 5, 1)
+    u = torch.rand(x.shape)
+    codes, scales = torch.ops.kquant._grad_quantize_cpu(x.reshape(3, -1), u.reshape(3, -1), bits, 256)
+    want_codes, want_scales = quantize_chunks(x, u, bits)
+    assert torch.equal(scales, want_scales) and torch.equal(codes, want_codes)
+    with pytest.raises(RuntimeError, match="bits must be 8, 4 or 2"):
+        torch.ops.kquant._grad_quantize_cpu(x.reshape(3, -1), u.reshape(3, -1), 3, 256)

@@ -273,12 +273,11 @@ def test_gptq_layer_same_int32_sums_and_outputs_as_reference(T, monkeypatch, bit
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_gradient_quantize_kernel_matches_the_torch_path(T, bits):
     # kquant.distributed quantizes gradients with this kernel on GPUs: same codes and scales,
-    # given the same uniforms, as its PyTorch path
-    from kquant.distributed import QuantizedCommState
-    state = QuantizedCommState(bits=bits, chunk_size=64)
+    # given the same uniforms, as the definition
+    from kquant.distributed import quantize_chunks
     x = torch.randn(2, 3, 64) * torch.tensor([1e-3, 1.0, 30.0]).view(1, 3, 1)
     x[1, 1] = 0  # an all-zero chunk: scale 1, codes at the middle
     u = torch.rand(x.shape)
-    want_codes, want_s = state._quantize(x, u)
+    want_codes, want_s = quantize_chunks(x, u, bits)
     codes, s = T.grad_quantize(x.reshape(2, -1), u.reshape(2, -1), bits, 64)
     assert torch.equal(s, want_s) and torch.equal(codes, want_codes)

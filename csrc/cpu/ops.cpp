@@ -4,6 +4,11 @@
 // in Python), fills a Problem, asks plan() for a Plan, prepares the activations the plan
 // names and runs it. The schemas are registered here (private ops of kquant.backends.cpu).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
 #include <torch/library.h>
 
 #include "plan.h"
@@ -246,6 +251,50 @@ at::Tensor int8_mm(const at::Tensor& a_, const at::Tensor& b_) {
   return y;
 }
 
+// Gradient chunks for kquant.distributed: per chunk, 2^bits levels (code - half) * scale
+// spanning [-max|x|, max|x|], stochastic rounding with the given uniforms u, codes packed
+// 8 / bits per byte, low bits first. The same float operations, in the same order, as the
+// PyTorch definition in kquant/distributed.py, so the codes are identical.
+std::tuple<at::Tensor, at::Tensor> grad_quantize(const at::Tensor& x, const at::Tensor& u, int64_t bits,
+                                                 int64_t chunk) {
+  TORCH_CHECK(bits == 8 || bits == 4 || bits == 2, "_grad_quantize_cpu: bits must be 8, 4 or 2, got ", bits);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat && x.dim() == 2 &&
+                  x.sizes() == u.sizes(),
+              "_grad_quantize_cpu: x and u must be float32 [R, n] of the same shape");
+  const int64_t per = 8 / bits, rows = x.size(0), n = x.size(1);
+  TORCH_CHECK(chunk > 0 && n % chunk == 0 && chunk % per == 0, "_grad_quantize_cpu: chunk ", chunk,
+              " must divide the row length ", n, " and be a multiple of ", per);
+  const at::Tensor xc = x.contiguous(), uc = u.contiguous();
+  at::Tensor codes = at::empty({rows, n / per}, x.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({rows, n / chunk}, x.options());
+  const float half = static_cast<float>((1 << bits) - 1) / 2.0f;
+  const float* xp = xc.data_ptr<float>();
+  const float* up = uc.data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  float* sp = scales.data_ptr<float>();
+  at::parallel_for(0, rows * n / chunk, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const float* xs = xp + c * chunk;
+      const float* us = up + c * chunk;
+      float amax = 0.0f;
+      for (int64_t i = 0; i < chunk; ++i) amax = std::max(amax, std::fabs(xs[i]));
+      const float s = amax > 0.0f ? amax / half : 1.0f;
+      sp[c] = s;
+      uint8_t* out = cp + c * (chunk / per);
+      for (int64_t i = 0; i < chunk / per; ++i) {
+        unsigned v = 0;
+        for (int64_t j = 0; j < per; ++j) {
+          const int64_t k = i * per + j;
+          const float q = std::min(std::max(std::floor((xs[k] / s + half) + us[k]), 0.0f), 2.0f * half);
+          v |= static_cast<unsigned>(q) << (bits * j);
+        }
+        out[i] = static_cast<uint8_t>(v);
+      }
+    }
+  });
+  return {codes, scales};
+}
+
 int64_t cpu_isa() { return static_cast<int64_t>(active_isa()); }
 int64_t cpu_isa_best() { return static_cast<int64_t>(best_isa()); }
 
@@ -259,12 +308,14 @@ TORCH_LIBRARY_FRAGMENT(kquant, m) {
   m.def("_w4a8_linear_cpu(Tensor x, Tensor w, Tensor scales, Tensor? bias, Tensor? act_scale, int group_size) -> Tensor");
   m.def("_w8a16_linear_cpu(Tensor x, Tensor w, Tensor scales, Tensor? zeros, Tensor? bias, int group_size) -> Tensor");
   m.def("_w4a16_linear_cpu(Tensor x, Tensor w, Tensor scales, Tensor? zeros, Tensor? bias, int group_size) -> Tensor");
+  m.def("_grad_quantize_cpu(Tensor x, Tensor u, int bits, int chunk) -> (Tensor, Tensor)");
   m.def("_cpu_isa() -> int", &kquant::cpu::cpu_isa);
   m.def("_cpu_isa_best() -> int", &kquant::cpu::cpu_isa_best);
 }
 
 TORCH_LIBRARY_IMPL(kquant, CPU, m) {
   m.impl("_quantize_per_token_cpu", &kquant::cpu::quantize_per_token);
+  m.impl("_grad_quantize_cpu", &kquant::cpu::grad_quantize);
   m.impl("_int8_mm_cpu", &kquant::cpu::int8_mm);
   m.impl("_w8a8_linear_cpu", &kquant::cpu::act_linear<false>);
   m.impl("_w4a8_linear_cpu", &kquant::cpu::act_linear<true>);
