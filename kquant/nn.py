@@ -223,7 +223,7 @@ class QuantLinear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [out_features, in_features] this layer computes with (its
-        ``input_scale``, if any, multiplied in)."""
+        ``input_scale``, if any, multiplied in, and its adapter's ``lora_B @ lora_A`` added)."""
         w = self.packed_weight().dequantize(torch.float32)
         if self.input_scale is not None:
             w = w * self.input_scale
