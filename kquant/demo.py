@@ -600,13 +600,14 @@ def write_chart(report: Dict[str, object], path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def write_outputs(report: Dict[str, object], out_dir: str) -> Dict[str, str]:
+def write_outputs(report: Dict[str, object], out_dir: str, chart=None, png: str = "results.png") -> Dict[str, str]:
+    """``results.json`` and the chart (``chart(report, path)``, this demo's by default) in ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "results.json"), "png": os.path.join(out_dir, "results.png")}
+    paths = {"json": os.path.join(out_dir, "results.json"), "png": os.path.join(out_dir, png)}
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
-    write_chart(report, paths["png"])
+    (chart or write_chart)(report, paths["png"])
     return paths
 
 

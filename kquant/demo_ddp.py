@@ -310,13 +310,9 @@ def write_chart(report: Dict[str, object], path: str) -> None:
 
 
 def write_outputs(report: Dict[str, object], out_dir: str) -> Dict[str, str]:
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "results.json"), "png": os.path.join(out_dir, "curves.png")}
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    write_chart(report, paths["png"])
-    return paths
+    """``results.json`` and ``curves.png`` in ``out_dir``."""
+    from . import demo
+    return demo.write_outputs(report, out_dir, write_chart, "curves.png")
 
 
 def main(epochs: Optional[int] = None, bits: Sequence[int] = BITS, seed: int = 0, out: str = "kquant-demo-ddp",

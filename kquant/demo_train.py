@@ -26,8 +26,6 @@ knobs to tune.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -439,6 +437,14 @@ def _minilm_check(r) -> str:
             f"{r['cos_mean'] - r['fake_quant_cos_mean']:+.5f}")
 
 
+_TEXT_COLUMNS = ("config", "stage", "method", "converted = fake-quant")
+
+
+def _columns(table, names) -> None:
+    for col in names:  # text left, numbers right
+        table.add_column(col, justify="left" if col in _TEXT_COLUMNS else "right")
+
+
 def render_tables(report: Dict[str, object]) -> list:
     """A rich Table per model in the report."""
     from rich.table import Table
@@ -455,8 +461,7 @@ def render_tables(report: Dict[str, object]) -> list:
                           f"scales; recover: {rc['recover_steps']} steps, {'+'.join(rc['recover_trainable'])}, "
                           f"LoRA rank {rc['lora_rank']}; vs fp32 in points; {SECONDS_NOTE}; {d['threads']} "
                           f"thread(s); {foot}")
-        for col in ("config", "stage", "accuracy", "vs fp32", "s", "converted = fake-quant"):
-            t.add_column(col, justify="left" if col in ("config", "stage", "converted = fake-quant") else "right")
+        _columns(t, ("config", "stage", "accuracy", "vs fp32", "s", "converted = fake-quant"))
         for r in d["rows"]:
             t.add_row(r["config"], r["stage"], f"{100 * r['accuracy']:.2f}%",
                       "" if r["stage"] == "fp32" else f"{r['delta_points']:+.2f}", _seconds(r),
@@ -472,10 +477,7 @@ def render_tables(report: Dict[str, object]) -> list:
                           f"{SECONDS_NOTE}; converted = fake-quant: the same mean cosine within a tenth of "
                           f"1 - cos (int8 activations amplify float rounding: not bit for bit); "
                           f"{mm['threads']} thread(s); {foot}")
-        for col in ("config", "stage", "method", "cos mean", "cos min", "NN agree", "s",
-                    "converted = fake-quant"):
-            t.add_column(col, justify="left" if col in ("config", "stage", "method", "converted = fake-quant")
-                         else "right")
+        _columns(t, ("config", "stage", "method", "cos mean", "cos min", "NN agree", "s", "converted = fake-quant"))
         for r in mm["rows"]:
             t.add_row(r["config"], r["stage"], r["method"] or "-", f"{r['cos_mean']:.5f}", f"{r['cos_min']:.5f}",
                       f"{100 * r['nn_agreement']:.1f}%", _seconds(r), _minilm_check(r))
@@ -531,13 +533,9 @@ def write_chart(report: Dict[str, object], path: str) -> None:
 
 
 def write_outputs(report: Dict[str, object], out_dir: str) -> Dict[str, str]:
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "results.json"), "png": os.path.join(out_dir, "curves.png")}
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    write_chart(report, paths["png"])
-    return paths
+    """``results.json`` and ``curves.png`` in ``out_dir``."""
+    from . import demo
+    return demo.write_outputs(report, out_dir, write_chart, "curves.png")
 
 
 def main(part: str = "all", steps: Optional[int] = None, qat_epochs: Optional[int] = None,
