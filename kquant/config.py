@@ -16,8 +16,9 @@ ACT_OBSERVERS = ("minmax", "percentile", "mse", "moving_average")
 class QuantConfig:
     """How to quantize a Linear layer.
 
-    weight_bits: 8 or 4. group_size: 32, 64, 128 or -1 (per output channel).
-    symmetric: symmetric weights (required with int8 activations).
+    weight_bits: 8, 4, 3 or 2. group_size: 32, 64, 128 or -1 (per output channel).
+    symmetric: symmetric weights (required with int8 activations). Symmetric 2-bit weights
+    are ternary: {-1, 0, +1} x scale (the "ternary" preset).
     activations: "dynamic" (per-token int8 at run time), "static" (per-tensor int8
     scale from calibration data) or "none" (weight-only; activations stay float).
     weight_observer: how weight ranges are chosen ("minmax", "percentile", "mse").
@@ -53,6 +54,11 @@ class QuantConfig:
         return self.activations != "none"
 
     @property
+    def ternary(self) -> bool:
+        """Symmetric 2-bit weights: the values {-1, 0, +1} x scale."""
+        return self.weight_bits == 2 and self.symmetric
+
+    @property
     def mode(self) -> str:
         return f"w{self.weight_bits}a{8 if self.int8_activations else 16}"
 
@@ -78,6 +84,12 @@ PRESETS: Dict[str, QuantConfig] = {
     "w8a16": QuantConfig(weight_bits=8, group_size=PER_CHANNEL, activations="none"),
     "w4a16": QuantConfig(weight_bits=4, group_size=128, activations="none"),
     "w4a8": QuantConfig(weight_bits=4, group_size=128, activations="dynamic"),
+    # below 4 bits an asymmetric grid keeps every level (symmetric 3-bit has 7, 2-bit only 3)
+    "w3a16": QuantConfig(weight_bits=3, group_size=128, symmetric=False, activations="none"),
+    "w2a16": QuantConfig(weight_bits=2, group_size=64, symmetric=False, activations="none"),
+    "w3a8": QuantConfig(weight_bits=3, group_size=128, activations="dynamic"),
+    # ternary weights (BitNet b1.58 style, for QAT-trained models) with int8 activations
+    "ternary": QuantConfig(weight_bits=2, group_size=PER_CHANNEL, activations="dynamic"),
 }
 
 

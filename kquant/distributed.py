@@ -28,7 +28,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-from .format import pack_int4, unpack_int4
+from .format import pack_codes, unpack_codes as _unpack_codes
 
 __all__ = ["QuantizedCommState", "quantized_allreduce_hook", "BITS", "pack_codes", "unpack_codes", "quantize_chunks"]
 
@@ -41,30 +41,9 @@ def _check_int(value, name: str, low: int) -> int:
     return value
 
 
-def pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes ``[R, m]`` (0 .. 2^bits - 1) -> uint8 ``[R, m * bits / 8]``, sub-byte codes
-    packed low bits first (int4 as in the weight format)."""
-    u = u.to(torch.uint8)
-    if bits == 8:
-        return u
-    if bits == 4:
-        return pack_int4(u)  # the weight format's nibble order
-    per = 8 // bits
-    out = u[:, 0::per].clone()
-    for i in range(1, per):
-        out |= u[:, i::per] << (bits * i)
-    return out
-
-
 def unpack_codes(p: torch.Tensor, bits: int) -> torch.Tensor:
-    """The inverse of :func:`pack_codes`, as float32 ``[R, m]``."""
-    if bits == 8:
-        return p.float()
-    if bits == 4:
-        return unpack_int4(p).float()
-    per, mask = 8 // bits, (1 << bits) - 1
-    parts = [((p >> (bits * i)) & mask) for i in range(per)]
-    return torch.stack(parts, dim=-1).reshape(p.shape[0], -1).float()
+    """The inverse of :func:`pack_codes` (the weight format's bit order), as float32 ``[R, m]``."""
+    return _unpack_codes(p, bits).float()
 
 
 def quantize_chunks(x: torch.Tensor, u: torch.Tensor, bits: int):

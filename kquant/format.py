@@ -8,11 +8,18 @@ Layout (serialized exactly like this, identical for every backend):
 * 4-bit: ``qweight uint8 [N, Kp // 2]``, two values per byte, the low nibble holds
   the even k. A nibble ``u`` is unsigned (0..15); the weight is ``(u - z) * s`` with
   ``z = 8`` for symmetric weights (so values are -7..7) or the stored zero point.
+* 2-bit: ``qweight uint8 [N, Kp // 4]``, four codes per byte, low bits first: k = 4i + j
+  sits in bits 2j..2j+1 of byte i. Codes ``u`` are 0..3; symmetric weights use ``z = 2``
+  and codes 1..3, i.e. the ternary values {-1, 0, +1} x scale.
+* 3-bit: ``qweight uint8 [N, 3 Kp // 8]``, two bit planes per row: bytes [0, Kp/4) hold
+  the low two bits of every code exactly as the 2-bit format does, bytes [Kp/4, 3 Kp/8)
+  hold the third bit, k at bit ``k % 8`` of byte ``Kp/4 + k // 8``. Codes are 0..7;
+  symmetric weights use ``z = 4`` and codes 1..7 (values -3..3).
 * ``scales fp32 [N, G]`` with ``G = Kp / group_size`` (``G = 1`` per channel).
 * ``zeros fp32 [N, G]`` (integer-valued) only for asymmetric weights.
 
-``Kp`` is ``K`` padded up to a multiple of the group size (and to an even number for
-4-bit). Padded weights dequantize to exactly 0 and the ops pad activations with
+``Kp`` is ``K`` padded up to a multiple of the group size (per channel: of the codes one
+byte holds, 2 for 4-bit, 4 for 2-bit, 8 for 3-bit). Padded weights dequantize to exactly 0 and the ops pad activations with
 zeros, so padding never changes a result.
 
 Kernels that prefer another layout derive it once through :func:`register_layout`
@@ -26,7 +33,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 FORMAT_VERSION = 1
-SUPPORTED_BITS = (8, 4)
+SUPPORTED_BITS = (8, 4, 3, 2)
 PER_CHANNEL = -1
 SUPPORTED_GROUP_SIZES = (32, 64, 128, PER_CHANNEL)
 CANONICAL = 0  # layout id of the canonical format
@@ -61,9 +68,23 @@ def qrange(bits: int, symmetric: bool) -> Tuple[int, int]:
     return (-128, 127) if bits == 8 else (0, (1 << bits) - 1)
 
 
+# k per packed unit: one byte holds 2 nibbles or 4 2-bit codes; 3-bit planes cover 8 k in 3 bytes
+_K_ALIGN = {8: 1, 4: 2, 3: 8, 2: 4}
+
+
 def padded_k(k: int, bits: int, group_size: int) -> int:
-    align = group_size if group_size != PER_CHANNEL else (2 if bits == 4 else 1)
+    align = group_size if group_size != PER_CHANNEL else _K_ALIGN[bits]
     return -(-k // align) * align
+
+
+def packed_row_bytes(kp: int, bits: int) -> int:
+    """Bytes of one packed row of ``kp`` codes (qweight's second dimension)."""
+    return kp * bits // 8
+
+
+def symmetric_zero(bits: int) -> int:
+    """The implicit zero point of symmetric codes: 0 for int8, 2^(bits-1) for sub-byte codes."""
+    return 0 if bits == 8 else 1 << (bits - 1)
 
 
 def safe_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -107,6 +128,51 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((lo, hi), dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
 
 
+def _pack_fields(u: torch.Tensor, width: int) -> torch.Tensor:
+    """uint8 [R, m] fields of ``width`` bits (m a multiple of 8 / width) -> uint8 [R, m * width / 8],
+    field j of each byte in bits width*j.. (low first)."""
+    per = 8 // width
+    out = u[:, 0::per].clone()
+    for j in range(1, per):
+        out |= u[:, j::per] << (width * j)
+    return out.contiguous()
+
+
+def _unpack_fields(p: torch.Tensor, width: int) -> torch.Tensor:
+    per, mask = 8 // width, (1 << width) - 1
+    return torch.stack([(p >> (width * j)) & mask for j in range(per)], dim=-1).reshape(p.shape[0], -1)
+
+
+def pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes uint8 [N, Kp] (0 .. 2^bits - 1) -> the canonical bytes of 4, 3 or 2 bits
+    (8-bit codes are a byte each: returned as they are)."""
+    u = u.to(torch.uint8)
+    if bits == 8:
+        return u
+    if bits == 4:
+        return pack_int4(u)
+    if bits == 2:
+        return _pack_fields(u, 2)
+    if bits == 3:
+        return torch.cat((_pack_fields(u & 3, 2), _pack_fields(u >> 2, 1)), dim=1)
+    raise ValueError(f"pack_codes packs 8, 4, 3 or 2 bits, got {bits!r}")
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Canonical bytes of 4, 3 or 2 bits -> unsigned codes uint8 [N, Kp] (the inverse of
+    :func:`pack_codes`); 8-bit qweight is returned as it is."""
+    if bits == 8:
+        return packed
+    if bits == 4:
+        return unpack_int4(packed)
+    if bits == 2:
+        return _unpack_fields(packed, 2)
+    if bits == 3:
+        lo_bytes = packed.shape[1] * 2 // 3  # Kp/4 of the 3 Kp/8 bytes
+        return _unpack_fields(packed[:, :lo_bytes], 2) | (_unpack_fields(packed[:, lo_bytes:], 1) << 2)
+    raise ValueError(f"unpack_codes unpacks 8, 4, 3 or 2 bits, got {bits!r}")
+
+
 @dataclasses.dataclass
 class PackedWeight:
     """A quantized weight in the canonical format (see module docstring)."""
@@ -135,19 +201,21 @@ class PackedWeight:
         t = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
         return sum(x.numel() * x.element_size() for x in t)
 
+    def stored_codes(self) -> torch.Tensor:
+        """The stored codes as int32 [N, Kp], zero point not removed (sub-byte codes unsigned)."""
+        return unpack_codes(self.qweight, self.bits).to(torch.int32)
+
     def codes(self) -> torch.Tensor:
         """Integer codes as int32 [N, Kp] with the zero point already removed."""
-        q = unpack_int4(self.qweight).to(torch.int32) if self.bits == 4 else self.qweight.to(torch.int32)
         if self.zeros is None:
-            return q - 8 if self.bits == 4 else q
+            return self.stored_codes() - symmetric_zero(self.bits)
         raise ValueError("codes() is for symmetric weights; use dequantize() for asymmetric ones")
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Float weight [N, K] (padding removed)."""
-        q = unpack_int4(self.qweight).float() if self.bits == 4 else self.qweight.float()
+        q = unpack_codes(self.qweight, self.bits).float()
         if self.zeros is None:
-            zero = 8.0 if self.bits == 4 else 0.0
-            qg = group_view(q - zero, self.group_size)
+            qg = group_view(q - symmetric_zero(self.bits), self.group_size)
             w = qg * self.scales.unsqueeze(-1)
         else:
             qg = group_view(q, self.group_size)
@@ -220,7 +288,7 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int = PER_CHANNEL, s
     if bits == 8:
         qweight = q.to(torch.int8)
     else:
-        qweight = pack_int4((q + 8 if symmetric else q).to(torch.uint8))
+        qweight = pack_codes((q + symmetric_zero(bits) if symmetric else q).to(torch.uint8), bits)
     return PackedWeight(qweight.contiguous(), scales.contiguous(),
                         None if symmetric else zeros.contiguous(), bits, group_size, k)
 

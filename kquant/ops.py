@@ -13,11 +13,11 @@ Semantics (the reference backend is the definition; weights in the canonical for
   ``scale = amax / 127`` (1 for an all-zero row), ``q = rint(x * ((1 / amax) * 127))`` in fp32;
   a row holding NaN or Inf gets q = 0 and scale NaN.
 * ``int8_mm(a int8 [M, K], b int8 [N, K]) -> int32 [M, N] = a @ b.T``, exact.
-* ``w8a8_linear`` / ``w4a8_linear(x, qweight, scales, bias, act_scale, group_size)``:
+* ``w{8,4,3,2}a8_linear(x, qweight, scales, bias, act_scale, group_size)``:
   activations quantized per token (or with the static per-tensor ``act_scale``), an exact
   int32 GEMM per weight group, then ``y = sx * sum_g(sw[g] * acc_g) + bias`` in fp32,
-  returned in ``x.dtype``. 4-bit weights must be symmetric.
-* ``w8a16_linear`` / ``w4a16_linear(x, qweight, scales, zeros, bias, group_size)``:
+  returned in ``x.dtype``. Weights must be symmetric.
+* ``w{8,4,3,2}a16_linear(x, qweight, scales, zeros, bias, group_size)``:
   ``y = x @ dequant(W).T + bias`` in ``x.dtype``.
 * Every linear op takes an optional ``input_scale`` (fp32 ``[K]``, > 0): the input is
   multiplied by it per channel before anything else (the equalization scale of a layer
@@ -159,8 +159,12 @@ def _define_linear_op(bits: int, int8_activations: bool):
 
 w8a8_linear = _define_linear_op(8, True)
 w4a8_linear = _define_linear_op(4, True)
+w3a8_linear = _define_linear_op(3, True)
+w2a8_linear = _define_linear_op(2, True)
 w8a16_linear = _define_linear_op(8, False)
 w4a16_linear = _define_linear_op(4, False)
+w3a16_linear = _define_linear_op(3, False)
+w2a16_linear = _define_linear_op(2, False)
 
 
 # ----------------------------------------------------------------------------- prepared layers

@@ -21,8 +21,7 @@ from torch import nn
 
 from .backends import reference
 from .config import QuantConfig, resolve
-from .format import (PER_CHANNEL, SUPPORTED_BITS, group_view, padded_k, qparams_from_range, qrange, quantize_weight,
-                     unpack_int4)
+from .format import PER_CHANNEL, SUPPORTED_BITS, group_view, padded_k, qparams_from_range, qrange, quantize_weight
 from .nn import QuantLinear, adapter_out, check_has_values, linear_weight, set_module
 
 __all__ = ["prepare_qat", "convert", "FakeQuantLinear", "fake_quantize_weight", "fake_quantize_act", "QAT_BITS"]
@@ -177,7 +176,7 @@ class FakeQuantLinear(nn.Module):
         elif packed.symmetric:
             codes = packed.codes()
         else:  # as stored, zero point included
-            codes = (unpack_int4(packed.qweight) if packed.bits == 4 else packed.qweight).to(torch.int32)
+            codes = packed.stored_codes()
         mod = cls(weight, layer.bias, cfg, scale_mode="learned" if learn_scales else "fixed", scales=packed.scales,
                   zeros=packed.zeros, act_scale=layer.act_scale, input_scale=layer.input_scale, codes=codes,
                   in_features=layer.in_features, name=layer.name)
@@ -221,9 +220,9 @@ class FakeQuantLinear(nn.Module):
     def to_quantized(self) -> QuantLinear:
         """The packed layer computing what this layer computes (to float rounding)."""
         if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"{self.name}: {self.bits}-bit weights have no packed format yet (kquant packs "
-                             f"{' and '.join(map(str, SUPPORTED_BITS))} bits); keep evaluating the fake-quantized "
-                             f"model, or train at 4 or 8 bits")
+            raise ValueError(f"{self.name}: {self.bits}-bit weights have no packed format (kquant packs "
+                             f"{', '.join(map(str, SUPPORTED_BITS))} bits); keep evaluating the fake-quantized "
+                             f"model, or train at one of those")
         scales, zeros = self.qparams()
         packed = quantize_weight(self.quantized_weight().float(), self.bits, self.group_size, self.symmetric,
                                  scales, zeros, name=self.name)
@@ -283,7 +282,7 @@ def prepare_qat(model: nn.Module, config: Union[str, QuantConfig] = "w8a8", *, w
     if equalize is not None or weight_method.name != "rtn":
         odd = [n for n, b in bits_of.items() if b not in SUPPORTED_BITS]
         if odd:
-            raise ValueError(f"prepare_qat: method {method!r} starts from packed layers (4 or 8 bits), but "
+            raise ValueError(f"prepare_qat: method {method!r} starts from packed layers ({SUPPORTED_BITS} bits), but "
                              f"{odd[0]} trains at {bits_of[odd[0]]} bits; use method='rtn' (with learn_scales=True)")
         if weight_bits is not None:  # every converted layer at these bits (names as exact patterns)
             cfg = dataclasses.replace(cfg, overrides={**cfg.overrides, **{

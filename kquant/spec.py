@@ -16,23 +16,21 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .format import PER_CHANNEL, check_bits, check_group_size, padded_k, qrange
+from .format import (PER_CHANNEL, check_bits, check_group_size, packed_row_bytes, padded_k, qrange, symmetric_zero,
+                     unpack_codes)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # (weight bits, int8 activations) -> public op name: the four linear kinds
 LINEAR_OPS: Dict[Tuple[int, bool], str] = {
-    (8, True): "w8a8_linear",
-    (4, True): "w4a8_linear",
-    (8, False): "w8a16_linear",
-    (4, False): "w4a16_linear",
-}
+    (bits, act): f"w{bits}a{8 if act else 16}_linear" for bits in (8, 4, 3, 2) for act in (True, False)}
 
 _INT32_MAX = 2 ** 31 - 1
 # The largest number of k one exact int32 sum may cover: kernels add products of int8
-# activations (|a| <= 127) and stored codes (int8 weights: |w| <= 127; int4: nibbles 0..15,
-# the zero point 8 removed after the sum), so |sum| <= 127 * wmax * K must stay below 2^31.
-MAX_K_PER_SUM = {8: _INT32_MAX // (127 * 127), 4: _INT32_MAX // (127 * 15)}
+# activations (|a| <= 127) and stored codes (int8 weights: |w| <= 127; sub-byte: unsigned
+# codes up to 2^bits - 1, the zero point removed after the sum), so |sum| <= 127 * wmax * K
+# must stay below 2^31.
+MAX_K_PER_SUM = {8: _INT32_MAX // (127 * 127), **{b: _INT32_MAX // (127 * ((1 << b) - 1)) for b in (4, 3, 2)}}
 MAX_K_INT8_MM = _INT32_MAX // (128 * 128)  # int8_mm takes any int8, -128 included
 
 
@@ -88,7 +86,7 @@ class LinearSpec:
         kp = self.padded_in_features
         if self.bits == 8:
             return torch.int8, (self.out_features, kp)
-        return torch.uint8, (self.out_features, kp // 2)
+        return torch.uint8, (self.out_features, packed_row_bytes(kp, self.bits))
 
 
 # ----------------------------------------------------------------------------- value checks
@@ -163,9 +161,10 @@ def check_weight(spec: LinearSpec, qweight, scales, zeros, where: str = "", valu
     if spec.symmetric and spec.bits == 8:
         _check_values(qweight, lambda q: (q != -128).all(),
                       f"{where}symmetric int8 codes must be in [-127, 127] (-128 is not used)")
-    if spec.symmetric and spec.bits == 4:
-        _check_values(qweight, lambda q: ((q & 0x0F) != 0).all() & ((q >> 4) != 0).all(),
-                      f"{where}symmetric int4 codes must be 1..15 (value -8 is not used)")
+    if spec.symmetric and spec.bits != 8:
+        lo = -symmetric_zero(spec.bits)
+        _check_values(qweight, lambda q: (unpack_codes(q, spec.bits) != 0).all(),
+                      f"{where}symmetric int{spec.bits} codes must be 1..{2 * -lo - 1} (value {lo} is not used)")
 
 
 def _first_bad(s: Tensor) -> str:
@@ -236,8 +235,8 @@ def check_linear_call(bits: int, int8_activations: bool, x, qweight, scales, zer
     check_x(x)
     qweight = _is_tensor(qweight, "qweight", "")
     if qweight.dim() != 2:  # N comes from qweight, so that wrong scales are blamed on scales
-        raise ValueError(f"qweight must be 2-D [N, K] (int8) or [N, K/2] (packed int4) in the canonical "
-                         f"format, got {list(qweight.shape)}")
+        raise ValueError(f"qweight must be 2-D [N, K] (int8) or [N, K * bits / 8] (packed 4, 3 or 2 bits) in the "
+                         f"canonical format, got {list(qweight.shape)}")
     check_group_size(group_size, "group_size: ")
     check_same_device(x, qweight=qweight, scales=scales if isinstance(scales, Tensor) else None, zeros=zeros,
                       bias=bias, act_scale=act_scale, input_scale=input_scale)

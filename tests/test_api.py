@@ -84,8 +84,8 @@ def test_weight_observer_mse_is_no_worse_than_minmax():
 def test_config_errors_list_supported_values():
     with pytest.raises(ValueError, match="unknown preset 'int3'.*w4a16"):
         kquant.quantize_(MLP(), "int3")
-    with pytest.raises(ValueError, match="supported: \\[8, 4\\]"):
-        QuantConfig(weight_bits=2)
+    with pytest.raises(ValueError, match="supported: \\[8, 4, 3, 2\\]"):
+        QuantConfig(weight_bits=1)
     with pytest.raises(ValueError, match="asymmetric weights are supported only with activations='none'"):
         QuantConfig(symmetric=False)
     with pytest.raises(ValueError, match="unsupported activations"):

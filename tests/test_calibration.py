@@ -245,7 +245,7 @@ def test_weight_qparams_zero_rows_and_bad_input():
     with pytest.raises(ValueError, match="group size"):
         weight_qparams(w, 8, 48, True, "minmax")
     with pytest.raises(ValueError, match="bits"):
-        weight_qparams(w, 3, PER_CHANNEL, True, "minmax")
+        weight_qparams(w, 5, PER_CHANNEL, True, "minmax")
     with pytest.raises(TypeError, match="2-D"):
         weight_qparams(torch.randn(3, 4, 5), 8, PER_CHANNEL, True, "minmax")
     bad = torch.randn(4, 8)

@@ -87,7 +87,7 @@ def test_calibrated_start_matches_the_calibrated_model(method):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 5, 6, 7])
-def test_low_bit_fake_quant_trains_but_has_no_packed_format(bits):
+def test_low_bit_fake_quant_trains_and_converts_where_a_format_exists(bits):
     model = kquant.prepare_qat(_mlp(), "w4a8", weight_bits=bits, learn_scales=True)
     assert model[0].bits == bits
     w = model[0].quantized_weight().detach()
@@ -96,6 +96,15 @@ def test_low_bit_fake_quant_trains_but_has_no_packed_format(bits):
     codes = torch.round(w / s)  # per channel: one scale per row
     assert codes.min() >= lo and codes.max() <= hi and len(codes.unique()) <= hi - lo + 1
     _train_steps(model, torch.randn(8, 100))
+    if bits in (2, 3):  # packed formats exist: the packed model computes what the fake-quantized one does
+        x = torch.randn(5, 100)
+        with torch.no_grad():
+            want = model(x)
+            kquant.convert(model)
+            got = model(x)
+        assert isinstance(model[0], kquant.QuantLinear) and model[0].bits == bits
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        return
     with pytest.raises(ValueError, match=rf"0: {bits}-bit weights have no packed format"):
         kquant.convert(model)
     assert isinstance(model[0], FakeQuantLinear)  # nothing swapped on the error
@@ -197,7 +206,7 @@ def test_errors():
     with pytest.raises(ValueError, match="already holds QuantLinear"):
         kquant.convert(kquant.quantize_(_mlp(), "w8a8", progress=False))
     with pytest.raises(ValueError, match="starts from packed layers"):
-        kquant.prepare_qat(_mlp(), "w4a16", weight_bits=2, method="gptq", calib_data=[torch.randn(4, 100)])
+        kquant.prepare_qat(_mlp(), "w4a16", weight_bits=5, method="gptq", calib_data=[torch.randn(4, 100)])
     with pytest.raises(ValueError, match="need calib_data"):
         kquant.prepare_qat(_mlp(), QuantConfig(activations="static"))
     with pytest.raises(TypeError, match="inside a model"):

@@ -132,6 +132,8 @@ class CpuBackend(Backend):
     def can_implement(self, spec):
         if spec.device.type != "cpu":
             return False, f"tensors are on {spec.device}"
+        if spec.bits not in (8, 4):
+            return False, f"no C++ kernel for {spec.bits}-bit weights yet"
         return True, "C++ kernels"
 
     def reads(self, layout):

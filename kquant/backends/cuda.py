@@ -106,6 +106,8 @@ class CudaBackend(Backend):
         bad = _device_reason(spec.device)
         if bad:
             return False, bad
+        if spec.bits not in (8, 4):
+            return False, f"the CUDA kernels read 8- and 4-bit weights; {spec.bits}-bit layers run on triton"
         if spec.group_size not in _GROUPS:
             return False, f"group_size {spec.group_size} not supported by the CUDA kernels"
         kp = spec.padded_in_features

@@ -13,7 +13,7 @@ from typing import Tuple
 import torch
 
 from .base import Backend
-from ..format import CANONICAL, PER_CHANNEL, to_canonical, unpack_int4
+from ..format import CANONICAL, PER_CHANNEL, symmetric_zero, to_canonical, unpack_codes
 from ..spec import LinearSpec
 
 
@@ -75,9 +75,8 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _weight_codes(qweight, bits, layout, n, kp) -> torch.Tensor:
-    """Stored codes as float64 [N, Kp] (int4: unsigned nibbles 0..15)."""
-    q = to_canonical(qweight, layout, bits, n, kp)
-    return (unpack_int4(q) if bits == 4 else q).double()
+    """Stored codes as float64 [N, Kp] (sub-byte codes unsigned: int4 nibbles 0..15, 0..7, 0..3)."""
+    return unpack_codes(to_canonical(qweight, layout, bits, n, kp), bits).double()
 
 
 def _grouped_int_linear(qx, codes, wscales, group_size) -> torch.Tensor:
@@ -93,12 +92,10 @@ def _grouped_int_linear(qx, codes, wscales, group_size) -> torch.Tensor:
 
 
 def act_linear(x, qweight, scales, bias, act_scale, group_size, bits, layout=CANONICAL):
-    """W8A8 / W4A8: per-token (or static) int8 x, exact int32 sums per group, fp32 epilogue."""
+    """WbA8: per-token (or static) int8 x, exact int32 sums per group, fp32 epilogue."""
     n, kp = scales.shape[0], x.shape[1]
     qx, sx = quantize_per_token(x) if act_scale is None else quantize_static(x, act_scale)
-    codes = _weight_codes(qweight, bits, layout, n, kp)
-    if bits == 4:
-        codes = codes - 8  # symmetric int4: nibble - 8 in [-7, 7]
+    codes = _weight_codes(qweight, bits, layout, n, kp) - symmetric_zero(bits)  # e.g. int4: nibble - 8
     y = _grouped_int_linear(qx, codes, scales, group_size) * sx
     if bias is not None:
         y = y + bias.float()
@@ -108,13 +105,13 @@ def act_linear(x, qweight, scales, bias, act_scale, group_size, bits, layout=CAN
 def dequantize(qweight, scales, zeros, group_size, layout, bits, n, kp) -> torch.Tensor:
     """Float32 weight [N, Kp] from stored codes."""
     codes = _weight_codes(qweight, bits, layout, n, kp).float()
-    zero = zeros if zeros is not None else torch.full_like(scales, 8.0 if bits == 4 else 0.0)
+    zero = zeros if zeros is not None else torch.full_like(scales, float(symmetric_zero(bits)))
     g = kp if group_size == PER_CHANNEL else group_size
     return ((codes.reshape(n, -1, g) - zero.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(n, kp)
 
 
 def weight_only_linear(x, qweight, scales, zeros, bias, group_size, bits, layout=CANONICAL):
-    """W8A16 / W4A16: y = x @ dequant(W).T + bias in fp32, returned in x.dtype."""
+    """WbA16: y = x @ dequant(W).T + bias in fp32, returned in x.dtype."""
     w = dequantize(qweight, scales, zeros, group_size, layout, bits, scales.shape[0], x.shape[1])
     y = x.float() @ w.T
     if bias is not None:

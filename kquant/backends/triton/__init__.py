@@ -566,6 +566,8 @@ class TritonBackend(Backend):
         return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
 
     def can_implement(self, spec):
+        if spec.bits not in (8, 4):
+            return False, f"no triton kernel for {spec.bits}-bit weights yet"
         return _device_ok(spec.device)
 
     def linear(self, spec, x, qweight, layout, scales, zeros, bias, act_scale):
