@@ -42,7 +42,10 @@ ASYM8 = kquant.QuantConfig(weight_bits=8, group_size=64, symmetric=False, activa
 MIXED = kquant.QuantConfig(weight_bits=8, overrides={"fc2": "w4a16", "head": None})
 CASES = {"w8a8": ("w8a8", None), "w8a16": ("w8a16", None), "w4a16": ("w4a16", None), "w4a8": ("w4a8", None),
          "static8": (STATIC8, None), "static4": (STATIC4, None), "asym4": (ASYM4, None), "asym8": (ASYM8, None),
-         "skip": ("w4a8", ["head", "fc1"]), "overrides": (MIXED, None)}
+         "skip": ("w4a8", ["head", "fc1"]), "overrides": (MIXED, None),
+         "w3a16": ("w3a16", None), "w2a16": ("w2a16", None), "w3a8": ("w3a8", None), "ternary": ("ternary", None),
+         "mixed_low": (kquant.QuantConfig(weight_bits=3, group_size=32, overrides={"fc2": "w2a16", "head": "w8a8"}),
+                       None)}
 
 
 def quantized(config, skip=None, seed=0):

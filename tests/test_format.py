@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from kquant.format import (PER_CHANNEL, PackedWeight, pack_int4, padded_k, qparams_from_range, quantize_weight,
-                           unpack_int4)
+from kquant.format import (PER_CHANNEL, PackedWeight, pack_codes, pack_int4, padded_k, qparams_from_range,
+                           quantize_weight, unpack_codes, unpack_int4)
 
 GOLDEN_W = torch.tensor([[1.27, -0.5, 0.3, -1.27],
                          [0.0, 0.0, 0.0, 0.0]])
@@ -41,7 +41,47 @@ def test_golden_bytes_int4_asymmetric():
     assert p.qweight.numpy().tobytes() == bytes([0 | (8 << 4), 15 | (4 << 4)])
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+def test_golden_bytes_ternary_2bit_symmetric():
+    p = quantize_weight(GOLDEN_W, 2, PER_CHANNEL)
+    # values round(w / (1.27 / 1)) = [1, 0, 0, -1] -> codes (+2) [3, 2, 2, 1], k = 4i + j in bits 2j
+    assert p.qweight.dtype == torch.uint8 and list(p.qweight.shape) == [2, 1]
+    assert p.qweight.numpy().tobytes() == bytes([3 | 2 << 2 | 2 << 4 | 1 << 6, 0b10101010])
+    assert p.scales.numpy().tobytes() == f32_bytes([1.27, 1.0])
+    assert torch.equal(p.codes(), torch.tensor([[1, 0, 0, -1], [0, 0, 0, 0]], dtype=torch.int32))
+
+
+def test_golden_bytes_2bit_asymmetric_padded_tail():
+    w = torch.tensor([[0.0, 1.0, 2.0, 3.0, 1.0]])
+    p = quantize_weight(w, 2, PER_CHANNEL, symmetric=False)
+    # range [0, 3] -> scale 1, zero 0, codes [0, 1, 2, 3, 1]; K = 5 pads to 8 with the zero point (0)
+    assert p.zeros.tolist() == [[0.0]] and p.scales.tolist() == [[1.0]]
+    assert p.qweight.numpy().tobytes() == bytes([0 | 1 << 2 | 2 << 4 | 3 << 6, 1])
+
+
+def test_golden_bytes_3bit_planes():
+    w = torch.arange(8, dtype=torch.float32).reshape(1, 8) * 0.5
+    p = quantize_weight(w, 3, PER_CHANNEL, symmetric=False)
+    # range [0, 3.5] -> scale 0.5, zero 0, codes 0..7: low two bits [0,1,2,3,0,1,2,3] in the 2-bit
+    # plane (two bytes), then the third bits [0,0,0,0,1,1,1,1] (k at bit k % 8) in one byte
+    assert list(p.qweight.shape) == [1, 3]
+    assert p.qweight.numpy().tobytes() == bytes([0b11100100, 0b11100100, 0b11110000])
+    sym = quantize_weight(torch.tensor([[-3.0, -1.0, 0.0, 3.0] * 2]), 3, PER_CHANNEL)
+    # symmetric: values -3..3, codes +4 -> [1, 3, 4, 7] (twice): low bits [1,3,0,3], high bits [0,0,1,1]
+    assert sym.qweight.numpy().tobytes() == bytes([1 | 3 << 2 | 0 << 4 | 3 << 6] * 2 + [0b11001100])
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+@pytest.mark.parametrize("kp", [8, 24, 136])
+def test_pack_codes_round_trip_and_plane_layout(bits, kp):
+    u = torch.randint(0, 1 << bits, (5, kp), dtype=torch.uint8)
+    packed = pack_codes(u, bits)
+    assert packed.shape == (5, kp * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits), u)
+    if bits == 3:  # the first Kp/4 bytes are the 2-bit format of the low bits
+        assert torch.equal(packed[:, :kp // 4], pack_codes(u & 3, 2))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 @pytest.mark.parametrize("group", [32, 64, 128, PER_CHANNEL])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_round_trip_error_bound(bits, group, symmetric):
@@ -67,7 +107,8 @@ def test_pack_unpack_round_trip(k):
     assert torch.equal(packed & 0x0F, u[:, 0::2])
 
 
-@pytest.mark.parametrize("bits,group,k", [(8, 32, 17), (4, 128, 130), (4, PER_CHANNEL, 17), (8, 64, 1)])
+@pytest.mark.parametrize("bits,group,k", [(8, 32, 17), (4, 128, 130), (4, PER_CHANNEL, 17), (8, 64, 1),
+                                          (3, PER_CHANNEL, 17), (3, 32, 33), (2, PER_CHANNEL, 17), (2, 64, 65)])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_padding_is_exact_zero(bits, group, k, symmetric):
     w = torch.randn(3, k)
@@ -81,7 +122,7 @@ def test_padding_is_exact_zero(bits, group, k, symmetric):
 def test_all_zero_rows_and_groups_are_safe():
     w = torch.zeros(4, 64)
     w[1, :32] = torch.randn(32)
-    for bits in (8, 4):
+    for bits in (8, 4, 3, 2):
         for sym in (True, False):
             p = quantize_weight(w, bits, 32, sym)
             assert torch.isfinite(p.scales).all() and (p.scales > 0).all()
@@ -132,3 +173,11 @@ def test_validate_catches_bad_codes_and_shapes():
     bad4.qweight[0, 0] = 0x80  # low nibble 0 = value -8, not used by symmetric int4
     with pytest.raises(ValueError, match="1..15"):
         bad4.validate()
+    for bits in (3, 2):
+        p = quantize_weight(torch.randn(4, 64), bits, 32)
+        bad = PackedWeight(p.qweight.clone(), p.scales, None, bits, 32, 64)
+        bad.qweight[0, 0] &= 0xFC  # the low bits of k = 0
+        if bits == 3:
+            bad.qweight[0, 16] &= 0xFE  # its high bit (plane at Kp / 4 = 16): code 0, value -4
+        with pytest.raises(ValueError, match=f"1..{(1 << bits) - 1}"):
+            bad.validate()

@@ -27,7 +27,8 @@ def _out_err(x, w, wq):
 
 
 # ----------------------------------------------------------------------------- GPTQ on one layer
-@pytest.mark.parametrize("bits,gs,sym", [(4, 128, True), (4, 32, False), (8, -1, True), (4, -1, True), (8, 64, False)])
+@pytest.mark.parametrize("bits,gs,sym", [(4, 128, True), (4, 32, False), (8, -1, True), (4, -1, True), (8, 64, False),
+                                         (3, 128, False), (3, 64, True), (2, 64, False), (2, -1, True)])
 @pytest.mark.parametrize("act_order", [True, False])
 def test_gptq_never_worse_than_rtn_and_exact_in_the_format(bits, gs, sym, act_order):
     for seed in range(3):
@@ -207,11 +208,12 @@ def test_layers_see_inputs_from_the_quantized_layers_before_them():
     assert q.layers[1].calibration["calib_tokens"] == int(sum(b["attention_mask"].sum() for b in data))
 
 
-@pytest.mark.parametrize("method", ["gptq", ["awq", "gptq"], ["smoothquant", "gptq"], "smoothquant", "awq"])
-def test_methods_beat_rtn_on_a_model_with_outliers(method):
+@pytest.mark.parametrize("method,preset", [("gptq", "w4a16"), (["awq", "gptq"], "w4a16"), (["smoothquant", "gptq"], "w4a8"),
+                                           ("smoothquant", "w4a8"), ("awq", "w4a16"), ("gptq", "w3a16"),
+                                           (["awq", "gptq"], "w3a16"), ("gptq", "w2a16"), ("gptq", "w3a8")])
+def test_methods_beat_rtn_on_a_model_with_outliers(method, preset):
     fp = _outlier_model(PreNorm)
     data = _data()
-    preset = "w4a8" if "smoothquant" in method else "w4a16"
     rtn = kquant.quantize_(copy.deepcopy(fp), preset, progress=False)
     cal = kquant.quantize_(copy.deepcopy(fp), preset, calib_data=data, method=method, progress=False)
     x = torch.randn(16, 12, 16)

@@ -50,7 +50,7 @@ def test_quantize_per_token_reference_semantics():
     assert (amax > 0).any()
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 @pytest.mark.parametrize("group", [32, 128, PER_CHANNEL])
 def test_act_linear_reference_matches_float_math(bits, group):
     x = torch.randn(7, 200)
@@ -65,7 +65,7 @@ def test_act_linear_reference_matches_float_math(bits, group):
     assert rel_err(y, expect) < 1e-6
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_weight_only_reference_matches_float_math(bits, symmetric):
     x = torch.randn(5, 96)
@@ -84,7 +84,9 @@ def test_static_activation_reference():
 
 # ----------------------------------------------------------------------------- routed ops vs oracle
 MODES = [("w8a8_linear", 8, PER_CHANNEL), ("w8a8_linear", 8, 64), ("w4a8_linear", 4, 128),
-         ("w4a8_linear", 4, 32), ("w8a16_linear", 8, PER_CHANNEL), ("w4a16_linear", 4, 128)]
+         ("w4a8_linear", 4, 32), ("w8a16_linear", 8, PER_CHANNEL), ("w4a16_linear", 4, 128),
+         ("w3a8_linear", 3, 64), ("w2a8_linear", 2, PER_CHANNEL), ("w3a16_linear", 3, PER_CHANNEL),
+         ("w2a16_linear", 2, 32)]
 
 
 def call_linear(op, x, p, bias, act_scale=None):
@@ -153,6 +155,8 @@ def _opcheck_cases():
     p8 = quantize_weight(torch.randn(16, 64), 8)
     p4 = quantize_weight(torch.randn(16, 64), 4, 32)
     pa = quantize_weight(torch.randn(16, 64), 4, 32, symmetric=False)
+    p3 = quantize_weight(torch.randn(16, 64), 3, 32)
+    p2 = quantize_weight(torch.randn(16, 64), 2, PER_CHANNEL, symmetric=False)
     b = torch.randn(16)
     return [
         (ops.quantize_per_token.default, (x,)),
@@ -162,10 +166,12 @@ def _opcheck_cases():
         (ops.w4a8_linear.default, (x, p4.qweight, p4.scales, b, None, 32)),
         (ops.w8a16_linear.default, (x.half(), p8.qweight, p8.scales, None, b.half(), -1)),
         (ops.w4a16_linear.default, (x.bfloat16(), pa.qweight, pa.scales, pa.zeros, None, 32)),
+        (ops.w3a8_linear.default, (x, p3.qweight, p3.scales, b, None, 32)),
+        (ops.w2a16_linear.default, (x, p2.qweight, p2.scales, p2.zeros, b, -1)),
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(9))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     opcheck(op, args)
