@@ -77,7 +77,7 @@ def rel_err(a, b):
 
 # ----------------------------------------------------------------------------- helpers
 def make_weight(op, k, n, group, symmetric=True):
-    bits = 4 if op.startswith("w4") else 8
+    bits = int(op[1])  # "w3a16_linear" -> 3
     w = torch.randn(n, k, device=DEV) * 0.02
     return quantize_weight(w, bits, group, symmetric)
 
@@ -85,6 +85,11 @@ def make_weight(op, k, n, group, symmetric=True):
 def spec_of(op, p):
     return LinearSpec(p.bits, p.group_size, p.symmetric, op.endswith("a8_linear"), p.in_features, p.out_features,
                       p.qweight.device)
+
+
+def implements(backend, op, p):
+    """Whether the backend runs this layer at all (the CUDA kernels refuse 3- and 2-bit weights)."""
+    return router.get(backend).can_implement(spec_of(op, p))[0]
 
 
 def prepared(op, p, backend):
@@ -152,6 +157,13 @@ LINEAR_CASES = [
     ("w4a16_linear", 64, True, [1, 16], [(11008, 4096)]),
     ("w8a16_linear", -1, True, [1, 16, 33, 1024], [(4096, 4096), (4096, 14336)]),
     ("w8a16_linear", 128, False, [1, 16], [(14336, 4096)]),
+    # 3- and 2-bit weights: triton only (cuda refuses them; recorded as refused)
+    ("w3a8_linear", 128, True, [1, 33, 1024], [(4096, 4096), (14336, 4096)]),
+    ("w2a8_linear", -1, True, [1, 33, 1024], [(4096, 4096)]),
+    ("w3a16_linear", 128, True, [1, 7, 16, 33, 1024], [(4096, 4096), (4096, 14336)]),
+    ("w3a16_linear", 64, False, [1, 16], [(11008, 4096)]),
+    ("w2a16_linear", 128, True, [1, 7, 16, 33, 1024], [(4096, 4096), (14336, 4096)]),
+    ("w2a16_linear", 32, False, [1, 16], [(4096, 11008)]),
 ]
 
 
@@ -253,7 +265,9 @@ def time_cases(backends, quick, bw):
     if quick:
         shapes = shapes[:1]
     plan = [("w8a8_linear", -1, [1024, 4096]), ("w4a8_linear", 128, [1024, 4096]),
-            ("w4a16_linear", 128, [1, 16]), ("w8a16_linear", -1, [1, 16]), ("w8a8_linear", -1, [1, 16])]
+            ("w4a16_linear", 128, [1, 16]), ("w8a16_linear", -1, [1, 16]), ("w8a8_linear", -1, [1, 16]),
+            ("w3a16_linear", 128, [1, 16]), ("w2a16_linear", 128, [1, 16]), ("w3a8_linear", 128, [1024]),
+            ("w2a8_linear", -1, [1024])]
     for op, group, ms in plan:
         for k, n in shapes:
             for m in ms:
@@ -280,6 +294,8 @@ def time_cases(backends, quick, bw):
                     except Exception as e:  # noqa: BLE001
                         row["int_mm_error"] = str(e)
                 for be in backends:
+                    if not implements(be, op, p0):
+                        continue
                     try:
                         prep = [prepared(op, p, be) for p in ps]
                         with forced(be):

@@ -109,9 +109,9 @@ def autotune_probe(dtype):
         p = quantize_weight(torch.randn(n, k, device="cuda") * 0.02, bits, group, True)
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         if op.endswith("a8_linear"):
-            call = lambda: tb.act_linear(x, p.qweight, p.scales, None, None, group, bits == 4)  # noqa: E731
+            call = lambda: tb.act_linear(x, p.qweight, p.scales, None, None, group, bits)  # noqa: E731
         else:
-            call = lambda: tb.wo_linear(x, p.qweight, p.scales, p.zeros, None, group, bits == 4)  # noqa: E731
+            call = lambda: tb.wo_linear(x, p.qweight, p.scales, p.zeros, None, group, bits)  # noqa: E731
         os.environ.pop("KQUANT_TRITON_AUTOTUNE", None)
         t_default = do_bench(call, warmup=10, rep=100) * 1e3
         os.environ["KQUANT_TRITON_AUTOTUNE"] = "1"

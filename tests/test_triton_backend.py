@@ -111,7 +111,7 @@ def test_nan_inf_and_tiny_rows_as_the_reference(T, dtype):
         assert s[1:4].isnan().all() and (q[1:4] == 0).all()
     pw = quantize_weight(torch.randn(16, 300), 8, PER_CHANNEL)
     kp = pw.padded_in_features
-    y = T.act_linear(torch.nn.functional.pad(x, (0, kp - 300)), pw.qweight, pw.scales, None, None, -1, False)
+    y = T.act_linear(torch.nn.functional.pad(x, (0, kp - 300)), pw.qweight, pw.scales, None, None, -1, 8)
     assert y[1:4].isnan().all() and torch.isfinite(y[[0, 4, 5]]).all()
 
 
@@ -143,7 +143,7 @@ def _act_args(bits, g, m, n, k, dtype, bias=True):
 @pytest.mark.parametrize("m,dtype", [(1, torch.bfloat16), (33, torch.float32)])
 def test_act_linear_matches_reference(T, bits, g, m, dtype):
     x, pw, bias = _act_args(bits, g, m, 17, 200, dtype)
-    y = T.act_linear(x, pw.qweight, pw.scales, bias, None, g, bits == 4)
+    y = T.act_linear(x, pw.qweight, pw.scales, bias, None, g, bits)
     close(y, R.act_linear(x, pw.qweight, pw.scales, bias, None, g, bits), dtype)
 
 
@@ -158,7 +158,7 @@ def test_act_linear_paths(T, bits, cfg):
     g = PER_CHANNEL
     x, pw, bias = _act_args(bits, g, 5, 33, 1025, torch.float16)
     for act_scale in (None, torch.tensor([0.05])):
-        y = T.act_linear(x, pw.qweight, pw.scales, bias, act_scale, g, bits == 4, config=cfg)
+        y = T.act_linear(x, pw.qweight, pw.scales, bias, act_scale, g, bits, config=cfg)
         close(y, R.act_linear(x, pw.qweight, pw.scales, bias, act_scale, g, bits), torch.float16)
 
 
@@ -177,7 +177,7 @@ def test_weight_only_matches_reference(T, bits, g, symmetric, m, dtype):
     # m=1: GEMV kernel; m=8: tensor-core kernel with BLOCK_M=16; m=33: tiled kernel
     x, pw = _wo_args(bits, g, m, 17, 300, dtype, symmetric)
     bias = torch.randn(17).to(dtype) if m != 8 else None
-    y = T.wo_linear(x, pw.qweight, pw.scales, pw.zeros, bias, g, bits == 4)
+    y = T.wo_linear(x, pw.qweight, pw.scales, pw.zeros, bias, g, bits)
     close(y, R.weight_only_linear(x, pw.qweight, pw.scales, pw.zeros, bias, g, bits), dtype)
 
 
@@ -195,15 +195,15 @@ def test_weight_only_matches_reference(T, bits, g, symmetric, m, dtype):
 def test_weight_only_paths(T, bits, m, cfg, g):
     x, pw = _wo_args(bits, g, m, 1025, 1000 if g != PER_CHANNEL else 1025 + (bits == 4), torch.bfloat16, False)
     bias = torch.randn(1025, dtype=torch.bfloat16)
-    y = T.wo_linear(x, pw.qweight, pw.scales, pw.zeros, bias, g, bits == 4, config=cfg)
+    y = T.wo_linear(x, pw.qweight, pw.scales, pw.zeros, bias, g, bits, config=cfg)
     close(y, R.weight_only_linear(x, pw.qweight, pw.scales, pw.zeros, bias, g, bits), torch.bfloat16)
 
 
 def test_split_k_is_deterministic_and_counters_reset(T):
     x, pw = _wo_args(4, 128, 1, 64, 1024, torch.float32, True)
     cfg = {"KERNEL": "gemv", "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 4}
-    y1 = T.wo_linear(x, pw.qweight, pw.scales, None, None, 128, True, config=cfg)
-    y2 = T.wo_linear(x, pw.qweight, pw.scales, None, None, 128, True, config=cfg)
+    y1 = T.wo_linear(x, pw.qweight, pw.scales, None, None, 128, 4, config=cfg)
+    y2 = T.wo_linear(x, pw.qweight, pw.scales, None, None, 128, 4, config=cfg)
     assert torch.equal(y1, y2)
     assert int(T._counters(x.device, 1).abs().sum()) == 0
 
@@ -211,9 +211,9 @@ def test_split_k_is_deterministic_and_counters_reset(T):
 def test_empty_and_zero_inputs(T):
     pw = quantize_weight(torch.randn(17, 64), 8)
     x = torch.zeros(0, 64)
-    assert T.act_linear(x, pw.qweight, pw.scales, None, None, -1, False).shape == (0, 17)
-    assert T.wo_linear(x, pw.qweight, pw.scales, None, None, -1, False).shape == (0, 17)
-    y = T.act_linear(torch.zeros(3, 64), pw.qweight, pw.scales, None, None, -1, False)
+    assert T.act_linear(x, pw.qweight, pw.scales, None, None, -1, 8).shape == (0, 17)
+    assert T.wo_linear(x, pw.qweight, pw.scales, None, None, -1, 8).shape == (0, 17)
+    y = T.act_linear(torch.zeros(3, 64), pw.qweight, pw.scales, None, None, -1, 8)
     assert torch.equal(y, torch.zeros(3, 17))  # zero rows: scale 1, never NaN
 
 
@@ -249,7 +249,7 @@ def test_large_m_path_falls_back_to_fused_kernel(T, monkeypatch):
     monkeypatch.setattr(T, "_BROKEN", {})
     x, pw = _wo_args(4, 32, 20, 24, 64, torch.float32, True)
     with pytest.warns(UserWarning, match="dequant_mm"):
-        y = T.wo_linear(x, pw.qweight, pw.scales, None, None, 32, True, config={"KERNEL": "dequant_mm"})
+        y = T.wo_linear(x, pw.qweight, pw.scales, None, None, 32, 4, config={"KERNEL": "dequant_mm"})
     close(y, R.weight_only_linear(x, pw.qweight, pw.scales, None, None, 32, 4), torch.float32)
     assert "dequant_mm" in T._BROKEN
 
@@ -266,7 +266,7 @@ def test_gptq_layer_same_int32_sums_and_outputs_as_reference(T, monkeypatch, bit
     qx, _ = R.quantize_per_token(xp)
     monkeypatch.setenv("KQUANT_BACKEND", "triton")
     assert torch.equal(torch.ops.kquant.int8_mm(qx, codes), R.int8_mm(qx, codes))
-    close(T.act_linear(xp, pw.qweight, pw.scales, None, None, g, bits == 4),
+    close(T.act_linear(xp, pw.qweight, pw.scales, None, None, g, bits),
           R.act_linear(xp, pw.qweight, pw.scales, None, None, g, bits), torch.float32)
 
 

@@ -1,4 +1,4 @@
-"""Triton backend: int8 GEMMs with fused epilogues and int4/int8 weight-only GEMMs.
+"""Triton backend: int8 GEMMs with fused epilogues and 8/4/3/2-bit weight-only GEMMs.
 
 The portable GPU path. With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors
 through Triton's interpreter (that is how CI tests them; configurations are then fixed,
@@ -7,13 +7,13 @@ never autotuned). Weights stay in the canonical layout (no ``prepare_weight``).
 Kernel choice per call (:func:`default_config`, or the autotuner):
 
 * ``quantize_per_token``: one program per row; int8 values bit-identical to the reference.
-* ``int8_mm`` / ``w8a8_linear`` / ``w4a8_linear``: int8 x int8 ``tl.dot`` with int32
+* ``int8_mm`` / ``w{8,4,3,2}a8_linear``: int8 x int8 ``tl.dot`` with int32
   accumulation; per-channel scales, per-token scales, bias and the output cast in the
   epilogue; group scales folded into an fp32 accumulator once per group (a K step is one
-  group). int4 weights are unpacked in the kernel (low nibble = even k, value - 8);
-  from M = ``LARGE_M`` on the GPU they are unpacked once to int8 and run through the int8
-  kernel. M <= 64 splits K when the grid would not fill the GPU.
-* ``w8a16_linear`` / ``w4a16_linear``: M <= 4 a split-K GEMV kernel on CUDA cores; M <= 16
+  group). Sub-byte weights are unpacked in the kernel from the canonical bytes (value =
+  code - 2^(bits-1)); from M = ``LARGE_M`` on the GPU they are unpacked once to int8 and
+  run through the int8 kernel. M <= 64 splits K when the grid would not fill the GPU.
+* ``w{8,4,3,2}a16_linear``: M <= 4 a split-K GEMV kernel on CUDA cores; M <= 16
   a tensor-core kernel with BLOCK_M = 16 and split K; M <= 127 a tiled tensor-core kernel;
   from ``LARGE_M`` on the GPU one dequantize pass plus ``torch.mm``. Split K is
   deterministic: the last-arriving program of a tile sums the fp32 partials in slice order.
@@ -38,7 +38,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..base import Backend
-from ...format import PER_CHANNEL
+from ...format import PER_CHANNEL, SUPPORTED_BITS
 
 _triton_module = None
 _IMPORT_ERROR: Optional[str] = None
@@ -148,9 +148,33 @@ def _block_k(group_size: int, default: int) -> int:
     return default if group_size == PER_CHANNEL else group_size
 
 
+def _kind(bits: int, int8_activations: bool) -> str:
+    """Config/autotune key: 'int8' | 'int4a8' | 'int3a8' | 'int2a8' | 'wo8' | 'wo4' | 'wo3' | 'wo2'."""
+    if int8_activations:
+        return "int8" if bits == 8 else f"int{bits}a8"
+    return f"wo{bits}"
+
+
+def _packed(kind: str) -> bool:
+    """Sub-byte weights: codes unpacked in the kernel."""
+    return kind not in ("int8", "wo8")
+
+
+def _bits(bits) -> int:
+    """8, 4, 3 or 2."""
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"triton kernels take weight bits {list(SUPPORTED_BITS)}, got {bits!r}")
+    return int(bits)
+
+
+def _plane_off(qweight: torch.Tensor, bits: int) -> int:
+    """Bytes from a 3-bit row's start to its high-bit plane (Kp/4 of the 3 Kp/8 bytes)."""
+    return qweight.shape[1] * 2 // 3 if bits == 3 else 0
+
+
 def default_config(kind: str, m: int, n: int, k: int, group_size: int, device) -> Dict:
-    """Heuristic configuration (no autotuning). kind: 'int8' | 'int4a8' | 'wo8' | 'wo4'."""
-    if kind in ("int8", "int4a8"):
+    """Heuristic configuration (no autotuning); kind as :func:`_kind` names it."""
+    if not kind.startswith("wo"):
         if m <= 16:
             cfg = _cfg(16, 64, _block_k(group_size, 128), 4, 4)
             return _auto_split(cfg, m, n, k, device)
@@ -159,7 +183,7 @@ def default_config(kind: str, m: int, n: int, k: int, group_size: int, device) -
             return _auto_split(cfg, m, n, k, device)
         # the autotuner's pick on an H100 at M = N = K = 4096
         cfg = _cfg(128, 128, _block_k(group_size, 128), 8, 3)
-        if kind == "int4a8" and m >= LARGE_M and _on_gpu(device):
+        if _packed(kind) and m >= LARGE_M and _on_gpu(device):
             cfg["UNPACK"] = True
         return cfg
     # weight-only
@@ -167,7 +191,7 @@ def default_config(kind: str, m: int, n: int, k: int, group_size: int, device) -
         # 16-byte loads per thread: int4 packs BLOCK_K=256 into 128 bytes per row; one
         # configuration close to the best of a sweep on an H100 for int4 and int8 alike
         cfg = dict(_cfg(1, 32, 256, 4, 3), KERNEL="gemv")
-        if kind == "wo4":
+        if _packed(kind):
             cfg["FAST_CVT"] = True  # bit tricks instead of int -> float conversions: fewer instructions
         if group_size != PER_CHANNEL:
             cfg["BLOCK_K"] = max(cfg["BLOCK_K"], group_size)
@@ -191,19 +215,19 @@ def candidate_configs(kind: str, m: int, n: int, k: int, group_size: int, device
     out = [default_config(kind, m, n, k, group_size, device)]
     grouped = group_size != PER_CHANNEL
     if kind.startswith("wo") and m <= GEMV_MAX_M:
-        bks = (256, 512) if kind == "wo4" else (128, 256)
+        bks = (256, 512) if _packed(kind) else (128, 256)
         for bn in (32, 64):
             for bk in bks:
                 if grouped and bk % group_size:
                     continue
-                for w, st in ((4, 3),) if kind == "wo4" else ((4, 3), (8, 3)):
+                for w, st in ((4, 3),) if _packed(kind) else ((4, 3), (8, 3)):
                     base = _auto_split(dict(_cfg(1, bn, bk, w, st), KERNEL="gemv"), m, n, k, device, min_steps=2)
                     for split in {base["SPLIT_K"], base["SPLIT_K"] * 2}:
                         out.append(dict(base, SPLIT_K=split))
-                        if kind == "wo4":
+                        if _packed(kind):
                             out.append(dict(base, SPLIT_K=split, FAST_CVT=True))
     else:
-        bks = [group_size] if grouped else ([128, 256] if kind in ("int8", "int4a8") else [64, 128])
+        bks = [group_size] if grouped else ([64, 128] if kind.startswith("wo") else [128, 256])
         if m <= 16:
             shapes = [(16, bn, 4, st) for bn in (64, 128) for st in (3, 5)]
         elif m <= 64:
@@ -224,9 +248,9 @@ def candidate_configs(kind: str, m: int, n: int, k: int, group_size: int, device
                             out.append(dict(base, SPLIT_K=split, SPLIT_AB=True))
                 else:
                     out.append(base)
-        if m >= 64 and kind in ("int4a8", "wo4", "wo8"):
+        if m >= 64 and kind != "int8":
             base = dict(_cfg(128, 128, _block_k(group_size, 128), 8, 3))
-            out.append(dict(base, UNPACK=True) if kind == "int4a8" else dict(base, KERNEL="dequant_mm"))
+            out.append(dict(base, KERNEL="dequant_mm") if kind.startswith("wo") else dict(base, UNPACK=True))
     uniq = []
     for c in out:
         if c not in uniq:
@@ -394,14 +418,14 @@ def _run_with_fallback(run, cfg, out, path: str, optional: bool, fused_cfg):
     return out
 
 
-def _dequant(qweight, scales, zeros, group_size, int4, n, k, dtype, to_int8=False) -> torch.Tensor:
-    """[N, K] weight: int8 values (to_int8, int4 input) or dequantized floats in ``dtype``."""
+def _dequant(qweight, scales, zeros, group_size, bits, n, k, dtype, to_int8=False) -> torch.Tensor:
+    """[N, K] weight: int8 values (to_int8, symmetric sub-byte input) or dequantized floats in ``dtype``."""
     out = torch.empty((n, k), dtype=torch.int8 if to_int8 else dtype, device=qweight.device)
     bn, bk = (128, 1024) if _interpret() else (32, 256)  # the interpreter pays per program
     _launch(_k().dequant_kernel, (_cdiv(n, bn), _cdiv(k, bk)),
             (qweight, scales, zeros if zeros is not None else scales, out, n, k, qweight.stride(0),
-             scales.stride(0)),
-            dict(INT4=int4, GROUP=0 if group_size == PER_CHANNEL else group_size, HAS_ZEROS=zeros is not None,
+             scales.stride(0), _plane_off(qweight, bits)),
+            dict(BITS=bits, GROUP=0 if group_size == PER_CHANNEL else group_size, HAS_ZEROS=zeros is not None,
                  TO_INT8=to_int8, BLOCK_N=bn, BLOCK_K=bk), {"num_warps": 4})
     return out
 
@@ -422,17 +446,17 @@ def grad_quantize(x: torch.Tensor, u: torch.Tensor, bits: int, chunk: int) -> Tu
     return codes, s
 
 
-def _int_gemm(a, sx, b, sw, bias, out, int4, group_size, scaled, config):
+def _int_gemm(a, sx, b, sw, bias, out, bits, group_size, scaled, config):
     m, k = a.shape
     n = b.shape[0]
-    kind = "int4a8" if int4 else "int8"
+    kind = _kind(bits, True)
     device = a.device
 
     def run(cfg):
-        if int4 and cfg.get("UNPACK"):
-            # large M: unpack the int4 weight to int8 once and run the int8 kernel on it
-            w8 = _dequant(b, sw, None, group_size, True, n, k, None, to_int8=True)
-            _int_gemm(a, sx, w8, sw, bias, out, False, group_size, scaled, None)
+        if bits != 8 and cfg.get("UNPACK"):
+            # large M: unpack the sub-byte weight to int8 once and run the int8 kernel on it
+            w8 = _dequant(b, sw, None, group_size, bits, n, k, None, to_int8=True)
+            _int_gemm(a, sx, w8, sw, bias, out, 8, group_size, scaled, None)
             return
         split = cfg["SPLIT_K"] if scaled else 1  # int8_mm stays exact int32: no fp partials
         bk = cfg["BLOCK_K"]
@@ -442,12 +466,13 @@ def _int_gemm(a, sx, b, sw, bias, out, int4, group_size, scaled, config):
         cnt = _counters(device, tiles) if split > 1 else out
         _launch(_k().int8_gemm_kernel, (tiles, split),
                 (a, sx if scaled else a, b, sw if scaled else a, bias if bias is not None else out, out, ws, cnt,
-                 m, n, k, k_per, a.stride(0), b.stride(0), sw.stride(0) if scaled else 0, out.stride(0)),
-                dict(INT4=int4, GROUP=0 if group_size == PER_CHANNEL else group_size, SCALED=scaled,
+                 m, n, k, k_per, a.stride(0), b.stride(0), sw.stride(0) if scaled else 0, out.stride(0),
+                 _plane_off(b, bits)),
+                dict(BITS=bits, GROUP=0 if group_size == PER_CHANNEL else group_size, SCALED=scaled,
                      HAS_BIAS=bias is not None, SPLIT_K=split, EVEN_K=(k % bk == 0),
                      BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
                      # int8 MMAs need K >= 32 per dot, and SPLIT_AB halves K
-                     SPLIT_AB=int4 and bk >= 64 and cfg.get("SPLIT_AB", False)), _launch_opts(cfg))
+                     SPLIT_AB=bits == 4 and bk >= 64 and cfg.get("SPLIT_AB", False)), _launch_opts(cfg))
 
     cfg = pick_config(kind, m, n, k, group_size, device, out.dtype, run, config)
     return _run_with_fallback(run, cfg, out, "unpack", cfg.get("UNPACK"), dict(cfg, UNPACK=False))
@@ -461,7 +486,7 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, config=None) -> torch.Tensor:
         return out
     if a.shape[1] == 0:
         return out.zero_()
-    return _int_gemm(a, None, b, None, None, out, False, PER_CHANNEL, False, config)
+    return _int_gemm(a, None, b, None, None, out, 8, PER_CHANNEL, False, config)
 
 
 def _output(x, scales, bias) -> Tuple[torch.Tensor, bool]:
@@ -476,21 +501,24 @@ def _output(x, scales, bias) -> Tuple[torch.Tensor, bool]:
     return out, False
 
 
-def act_linear(x, qweight, scales, bias, act_scale, group_size, int4, config=None):
-    """W8A8 (int4=False) / W4A8 on int8 tensor cores; ``config`` overrides the kernel choice."""
+def act_linear(x, qweight, scales, bias, act_scale, group_size, bits, config=None):
+    """W{8,4,3,2}A8 (``bits``, symmetric weights) on int8 tensor cores; ``config`` overrides the
+    kernel choice."""
+    bits = _bits(bits)
     out, done = _output(x, scales, bias)
     if done:
         return out
     qx, sx = _quantize(x.contiguous(), act_scale)
     return _int_gemm(qx, sx, qweight.contiguous(), scales.contiguous(),
-                     bias.contiguous() if bias is not None else None, out, int4, group_size, True, config)
+                     bias.contiguous() if bias is not None else None, out, bits, group_size, True, config)
 
 
 GEMV_MAX_M = 4  # above this, CUDA-core FMAs cost more than the tensor-core dot path
 
 
-def wo_linear(x, qweight, scales, zeros, bias, group_size, int4, config=None):
-    """W8A16 (int4=False) / W4A16; ``config`` overrides the kernel choice."""
+def wo_linear(x, qweight, scales, zeros, bias, group_size, bits, config=None):
+    """W{8,4,3,2}A16 (``bits``), zeros optional; ``config`` overrides the kernel choice."""
+    bits = _bits(bits)
     x = x.contiguous()
     out, done = _output(x, scales, bias)
     if done:
@@ -500,7 +528,7 @@ def wo_linear(x, qweight, scales, zeros, bias, group_size, int4, config=None):
     qweight, scales = qweight.contiguous(), scales.contiguous()
     zeros = zeros.contiguous() if zeros is not None else None
     bias = bias.contiguous() if bias is not None else None
-    kind = "wo4" if int4 else "wo8"
+    kind = _kind(bits, False)
     device = x.device
     group = 0 if group_size == PER_CHANNEL else group_size
 
@@ -509,7 +537,7 @@ def wo_linear(x, qweight, scales, zeros, bias, group_size, int4, config=None):
             # large M: dequantize once ([N, K] in x.dtype, one pass over the weight) and let
             # the vendor GEMM run at full tensor-core speed; the fused kernel re-dequantizes
             # every weight tile once per M tile
-            w = _dequant(qweight, scales, zeros, group_size, int4, n, k, x.dtype)
+            w = _dequant(qweight, scales, zeros, group_size, bits, n, k, x.dtype)
             if bias is not None:
                 torch.addmm(bias.to(x.dtype), x, w.t(), out=out)
             else:
@@ -523,19 +551,20 @@ def wo_linear(x, qweight, scales, zeros, bias, group_size, int4, config=None):
         ws = _workspace(device, split * m * n) if split > 1 else out
         cnt = _counters(device, tiles) if split > 1 else out
         args = (x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else out,
-                out, ws, cnt, m, n, k, k_per, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0))
-        common = dict(INT4=int4, GROUP=group, HAS_ZEROS=zeros is not None, NEED_SUM=int4 or zeros is not None,
+                out, ws, cnt, m, n, k, k_per, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
+                _plane_off(qweight, bits))
+        common = dict(BITS=bits, GROUP=group, HAS_ZEROS=zeros is not None, NEED_SUM=bits != 8 or zeros is not None,
                       HAS_BIAS=bias is not None, SPLIT_K=split, EVEN_K=(k % bk == 0),
                       BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk)
         if gemv:
             _launch(_k().wo_gemv_kernel, (tiles, split), args,
                     dict(common, GPB=bk // group if group else 1, GS=group or bk,
-                         SPLIT_X=int4 and cfg.get("SPLIT_X", False), FAST_CVT=cfg.get("FAST_CVT", False)),
+                         SPLIT_X=bits == 4 and cfg.get("SPLIT_X", False), FAST_CVT=cfg.get("FAST_CVT", False)),
                     _launch_opts(cfg))
         else:
             _launch(_k().wo_gemm_kernel, (tiles, split), args,
                     dict(common, IEEE=x.dtype == torch.float32, BLOCK_M=cfg["BLOCK_M"], GROUP_M=cfg["GROUP_M"],
-                         INTERPRET=_interpret(), SPLIT_AB=int4 and cfg.get("SPLIT_AB", False)),
+                         INTERPRET=_interpret(), SPLIT_AB=bits == 4 and cfg.get("SPLIT_AB", False)),
                     _launch_opts(cfg))
 
     cfg = pick_config(kind, m, n, k, group_size, device, x.dtype, run, config)
@@ -566,14 +595,12 @@ class TritonBackend(Backend):
         return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
 
     def can_implement(self, spec):
-        if spec.bits not in (8, 4):
-            return False, f"no triton kernel for {spec.bits}-bit weights yet"
         return _device_ok(spec.device)
 
     def linear(self, spec, x, qweight, layout, scales, zeros, bias, act_scale):
         if spec.int8_activations:
-            return act_linear(x, qweight, scales, bias, act_scale, spec.group_size, spec.bits == 4)
-        return wo_linear(x, qweight, scales, zeros, bias, spec.group_size, spec.bits == 4)
+            return act_linear(x, qweight, scales, bias, act_scale, spec.group_size, spec.bits)
+        return wo_linear(x, qweight, scales, zeros, bias, spec.group_size, spec.bits)
 
     def can_run_op(self, op, *args):
         return _device_ok(args[0].device)

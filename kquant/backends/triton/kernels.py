@@ -5,9 +5,11 @@ This module is imported lazily and re-imported when ``TRITON_INTERPRET`` changes
 
 Conventions shared by every GEMM kernel here:
 
-* ``a``/``x`` is row-major ``[M, K]``; the weight is ``[N, K]`` (int8) or ``[N, K/2]``
-  (uint8, two int4 codes per byte, low nibble = even k), so both dot operands are
-  K-major, which is what int8 tensor-core MMAs (and wgmma) want.
+* ``a``/``x`` is row-major ``[M, K]``; the weight is the canonical packed ``qweight``
+  (kquant.format): int8 ``[N, K]`` or uint8 rows of 4-, 3- or 2-bit codes (``BITS``), so
+  both dot operands are K-major, which is what int8 tensor-core MMAs (and wgmma) want.
+  Sub-byte codes are unpacked in registers (:func:`_load_codes`); 3-bit rows hold a
+  2-bit plane and a high-bit plane ``plane_off`` bytes further on.
 * Rows/columns past M/N are clamped (``% M``) instead of masked on load, so the inner
   loop carries no M/N masks; only the stores are masked.
 * Row offsets are widened to int64 before multiplying by a stride: M*K and N*K stay below
@@ -86,6 +88,52 @@ def _finish(y, out_ptr, bias_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, offs_m, offs_
             _store_out(total, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
 
 
+# ----------------------------------------------------------------------------- packed weights
+@triton.jit
+def _fields(p, W: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Bytes ``p`` [ROWS, COLS * W / 8] -> their W-bit fields [ROWS, COLS], low bits first.
+
+    Nested joins keep every field in the thread that loaded its byte (no data moves between
+    threads); the reshape flattens the last joined axis fastest, hence the order of the shifts.
+    """
+    if W == 4:
+        f = tl.join(p & 15, p >> 4)
+    elif W == 2:
+        f = tl.join(tl.join(p & 3, (p >> 4) & 3), tl.join((p >> 2) & 3, p >> 6))
+    else:
+        f = tl.join(tl.join(tl.join(p & 1, (p >> 4) & 1), tl.join((p >> 2) & 1, (p >> 6) & 1)),
+                    tl.join(tl.join((p >> 1) & 1, (p >> 5) & 1), tl.join((p >> 3) & 1, p >> 7)))
+    return tl.reshape(f, (ROWS, COLS))
+
+
+@triton.jit
+def _load_bytes(row_ptrs, k, k_hi, PER: tl.constexpr, NBYTES: tl.constexpr, EVEN: tl.constexpr):
+    """The NBYTES bytes holding k .. k + NBYTES * PER (PER codes a byte) of the rows at
+    ``row_ptrs`` [R, 1]; unless EVEN, bytes holding no k < k_hi read as 0."""
+    offs = (k // PER + tl.arange(0, NBYTES))[None, :]
+    if EVEN:
+        p = tl.load(row_ptrs + offs)
+    else:
+        p = tl.load(row_ptrs + offs, mask=offs * PER < k_hi, other=0)
+    return p
+
+
+@triton.jit
+def _load_codes(b_rows, k, k_hi, plane_off, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                EVEN: tl.constexpr):
+    """Weight codes of k .. k + BLOCK_K for the rows at ``b_rows`` [BLOCK_N, 1]: int8 values
+    (BITS = 8) or the unsigned uint8 codes of 4, 3 or 2 bits, zero point not removed."""
+    if BITS == 8:
+        q = _load_bytes(b_rows, k, k_hi, 1, BLOCK_K, EVEN)
+    elif BITS == 3:
+        lo = _fields(_load_bytes(b_rows, k, k_hi, 4, BLOCK_K // 4, EVEN), 2, BLOCK_N, BLOCK_K)
+        hi = _fields(_load_bytes(b_rows + plane_off, k, k_hi, 8, BLOCK_K // 8, EVEN), 1, BLOCK_N, BLOCK_K)
+        q = lo | (hi << 2)
+    else:
+        q = _fields(_load_bytes(b_rows, k, k_hi, 8 // BITS, BLOCK_K * BITS // 8, EVEN), BITS, BLOCK_N, BLOCK_K)
+    return q
+
+
 # ----------------------------------------------------------------------------- quantization
 @triton.jit
 def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, act_scale_ptr, K, stride_x, stride_q,
@@ -134,8 +182,8 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, act_scale_ptr, K, stride_x, stride
 # ----------------------------------------------------------------------------- int8 x int8
 @triton.jit
 def int8_gemm_kernel(a_ptr, sx_ptr, b_ptr, sw_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-                     M, N, K, K_PER_SPLIT, stride_am, stride_bn, stride_sw, stride_om,
-                     INT4: tl.constexpr, GROUP: tl.constexpr, SCALED: tl.constexpr,
+                     M, N, K, K_PER_SPLIT, stride_am, stride_bn, stride_sw, stride_om, plane_off,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, SCALED: tl.constexpr,
                      HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, SPLIT_AB: tl.constexpr):
@@ -144,7 +192,7 @@ def int8_gemm_kernel(a_ptr, sx_ptr, b_ptr, sw_ptr, bias_ptr, out_ptr, ws_ptr, cn
     SCALED=False: raw int32 output (int8_mm). SCALED=True: per group g,
     acc_f += float(int32 dot over g) * sw[n, g]; then y = acc_f * sx[m] (+ bias).
     GROUP == 0 means per channel; otherwise BLOCK_K == GROUP (one scale per K step).
-    INT4: b holds packed nibbles, value = nibble - 8.
+    Sub-byte codes are symmetric: value = code - 2^(BITS-1).
     """
     pid_m, pid_n, tile_id = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -157,11 +205,8 @@ def int8_gemm_kernel(a_ptr, sx_ptr, b_ptr, sw_ptr, bias_ptr, out_ptr, ws_ptr, cn
 
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows_a[:, None] * stride_am + (k_lo + offs_k)[None, :]
-    if INT4:
-        offs_kh = tl.arange(0, BLOCK_K // 2)
-        b_ptrs = b_ptr + rows_b[:, None] * stride_bn + (k_lo // 2 + offs_kh)[None, :]
-    else:
-        b_ptrs = b_ptr + rows_b[:, None] * stride_bn + (k_lo + offs_k)[None, :]
+    b_rows = b_ptr + rows_b[:, None] * stride_bn
+    SZ: tl.constexpr = 1 << (BITS - 1)  # the symmetric zero point of sub-byte codes
 
     acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     acc_f = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -173,7 +218,7 @@ def int8_gemm_kernel(a_ptr, sx_ptr, b_ptr, sw_ptr, bias_ptr, out_ptr, ws_ptr, cn
             km = (k + offs_k)[None, :] < k_hi
             a = tl.load(a_ptrs, mask=km, other=0)
             a_e, a_o = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
-            p = tl.load(b_ptrs, mask=(k // 2 + offs_kh)[None, :] < k_hi // 2, other=0x88)
+            p = _load_bytes(b_rows, k, k_hi, 2, BLOCK_K // 2, EVEN_K)
             lo = (p & 15).to(tl.int8) - 8
             hi = (p >> 4).to(tl.int8) - 8
             part = tl.dot(a_e, tl.trans(lo), out_dtype=tl.int32)
@@ -181,20 +226,11 @@ def int8_gemm_kernel(a_ptr, sx_ptr, b_ptr, sw_ptr, bias_ptr, out_ptr, ws_ptr, cn
         else:
             if EVEN_K:
                 a = tl.load(a_ptrs)
-                if INT4:
-                    p = tl.load(b_ptrs)
-                else:
-                    w = tl.load(b_ptrs)
             else:
                 a = tl.load(a_ptrs, mask=(k + offs_k)[None, :] < k_hi, other=0)
-                if INT4:
-                    p = tl.load(b_ptrs, mask=(k // 2 + offs_kh)[None, :] < k_hi // 2, other=0x88)
-                else:
-                    w = tl.load(b_ptrs, mask=(k + offs_k)[None, :] < k_hi, other=0)
-            if INT4:
-                lo = (p & 15).to(tl.int8) - 8
-                hi = (p >> 4).to(tl.int8) - 8
-                w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+            w = _load_codes(b_rows, k, k_hi, plane_off, BITS, BLOCK_N, BLOCK_K, EVEN_K)
+            if BITS != 8:
+                w = w.to(tl.int8) - SZ
             if GROUP == 0:
                 acc_i = tl.dot(a, tl.trans(w), acc_i, out_dtype=tl.int32)
             else:
@@ -205,10 +241,6 @@ def int8_gemm_kernel(a_ptr, sx_ptr, b_ptr, sw_ptr, bias_ptr, out_ptr, ws_ptr, cn
             sw = tl.load(sw_ptr + rows_b * stride_sw + k // GROUP)
             acc_f += part.to(tl.float32) * sw[None, :]
         a_ptrs += BLOCK_K
-        if INT4:
-            b_ptrs += BLOCK_K // 2
-        else:
-            b_ptrs += BLOCK_K
 
     if SCALED:
         if GROUP == 0:
@@ -226,18 +258,18 @@ def int8_gemm_kernel(a_ptr, sx_ptr, b_ptr, sw_ptr, bias_ptr, out_ptr, ws_ptr, cn
 # ----------------------------------------------------------------------------- weight only
 @triton.jit
 def wo_gemm_kernel(x_ptr, b_ptr, sw_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-                   M, N, K, K_PER_SPLIT, stride_xm, stride_bn, stride_sw, stride_om,
-                   INT4: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                   M, N, K, K_PER_SPLIT, stride_xm, stride_bn, stride_sw, stride_om, plane_off,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
                    NEED_SUM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
                    SPLIT_AB: tl.constexpr):
     """y = x @ ((codes - z) * s).T (+ bias), computed as s * (x @ codes.T - z * rowsum(x)).
 
-    Codes (int8 values or unsigned int4 nibbles) are exact in fp16/bf16, so the dot runs on
+    Codes (int8 values or unsigned sub-byte codes) are exact in fp16/bf16, so the dot runs on
     raw codes and scale/zero are applied once per group on the [M, N] tile instead of on
     every weight element. GROUP == 0: per channel (applied in the epilogue); otherwise
-    BLOCK_K == GROUP. Symmetric int4 uses z = 8, symmetric int8 z = 0.
+    BLOCK_K == GROUP. Symmetric sub-byte codes use z = 2^(BITS-1), symmetric int8 z = 0.
     """
     pid_m, pid_n, tile_id = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -250,16 +282,13 @@ def wo_gemm_kernel(x_ptr, b_ptr, sw_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_p
 
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows_x[:, None] * stride_xm + (k_lo + offs_k)[None, :]
-    if INT4:
-        offs_kh = tl.arange(0, BLOCK_K // 2)
-        b_ptrs = b_ptr + rows_b[:, None] * stride_bn + (k_lo // 2 + offs_kh)[None, :]
-    else:
-        b_ptrs = b_ptr + rows_b[:, None] * stride_bn + (k_lo + offs_k)[None, :]
+    b_rows = b_ptr + rows_b[:, None] * stride_bn
+    SZ: tl.constexpr = 1 << (BITS - 1)  # the symmetric zero point of sub-byte codes
     if GROUP == 0:
         if HAS_ZEROS:
             zc = tl.load(z_ptr + rows_b * stride_sw)
-        elif INT4:
-            zc = tl.full([BLOCK_N], 8.0, tl.float32)
+        elif BITS != 8:
+            zc = tl.full([BLOCK_N], SZ, tl.float32)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -268,7 +297,7 @@ def wo_gemm_kernel(x_ptr, b_ptr, sw_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_p
             # int4 without interleaving the weight tile (see int8_gemm_kernel)
             x = tl.load(x_ptrs, mask=(k + offs_k)[None, :] < k_hi, other=0.0)
             x_e, x_o = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
-            p = tl.load(b_ptrs, mask=(k // 2 + offs_kh)[None, :] < k_hi // 2, other=0)
+            p = _load_bytes(b_rows, k, k_hi, 2, BLOCK_K // 2, EVEN_K)
             if INTERPRET:
                 part = tl.dot(x_e.to(tl.float32), tl.trans((p & 15).to(tl.float32)), input_precision="ieee")
                 part += tl.dot(x_o.to(tl.float32), tl.trans((p >> 4).to(tl.float32)), input_precision="ieee")
@@ -283,18 +312,9 @@ def wo_gemm_kernel(x_ptr, b_ptr, sw_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_p
         else:
             if EVEN_K:
                 x = tl.load(x_ptrs)
-                if INT4:
-                    p = tl.load(b_ptrs)
-                else:
-                    q = tl.load(b_ptrs)
             else:
                 x = tl.load(x_ptrs, mask=(k + offs_k)[None, :] < k_hi, other=0.0)
-                if INT4:
-                    p = tl.load(b_ptrs, mask=(k // 2 + offs_kh)[None, :] < k_hi // 2, other=0)
-                else:
-                    q = tl.load(b_ptrs, mask=(k + offs_k)[None, :] < k_hi, other=0)
-            if INT4:
-                q = tl.reshape(tl.join(p & 15, p >> 4), (BLOCK_N, BLOCK_K))
+            q = _load_codes(b_rows, k, k_hi, plane_off, BITS, BLOCK_N, BLOCK_K, EVEN_K)
             if INTERPRET:
                 # the interpreter casts int->bf16 and multiplies bf16 as raw bits; fp32 gives the
                 # same products (code x bf16 is exact in fp32) and the same fp32 accumulation
@@ -315,14 +335,10 @@ def wo_gemm_kernel(x_ptr, b_ptr, sw_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_p
                 if HAS_ZEROS:
                     z = tl.load(z_ptr + rows_b * stride_sw + k // GROUP)
                 else:
-                    z = tl.full([BLOCK_N], 8.0, tl.float32)
+                    z = tl.full([BLOCK_N], SZ, tl.float32)
                 part = part - xs[:, None] * z[None, :]
             acc += part * s[None, :]
         x_ptrs += BLOCK_K
-        if INT4:
-            b_ptrs += BLOCK_K // 2
-        else:
-            b_ptrs += BLOCK_K
 
     if GROUP == 0:
         sc = tl.load(sw_ptr + rows_b * stride_sw)
@@ -350,8 +366,8 @@ def _codes_f32(c, BIAS: tl.constexpr, FAST: tl.constexpr):
 
 @triton.jit
 def wo_gemv_kernel(x_ptr, b_ptr, sw_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-                   M, N, K, K_PER_SPLIT, stride_xm, stride_bn, stride_sw, stride_om,
-                   INT4: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                   M, N, K, K_PER_SPLIT, stride_xm, stride_bn, stride_sw, stride_om, plane_off,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
                    NEED_SUM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GPB: tl.constexpr, GS: tl.constexpr, SPLIT_X: tl.constexpr, FAST_CVT: tl.constexpr):
@@ -362,7 +378,7 @@ def wo_gemv_kernel(x_ptr, b_ptr, sw_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_p
     registers. Rows of one weight tile are adjacent in the grid, so for M > 1 the
     repeated weight reads hit L2. Same math as wo_gemm_kernel: s * (x.codes - z * sum(x)),
     with BLOCK_K = GPB groups of GS (GROUP == 0: per channel, GPB = 1, GS = BLOCK_K).
-    INT4 with SPLIT_X keeps the nibble planes apart and splits x into even/odd columns.
+    SPLIT_X (4 bits only) keeps the nibble planes apart and splits x into even/odd columns.
     (An element-wise [BLOCK_N, BLOCK_K] accumulator with per-element scales measured
     slower on an H100 than these per-step row sums.)
     """
@@ -377,30 +393,20 @@ def wo_gemv_kernel(x_ptr, b_ptr, sw_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_p
     x_row = x_ptr + row.to(tl.int64) * stride_xm
 
     offs_k = tl.arange(0, BLOCK_K)
-    if INT4:
-        offs_kh = tl.arange(0, BLOCK_K // 2)
-        b_ptrs = b_ptr + rows_b[:, None] * stride_bn + (k_lo // 2 + offs_kh)[None, :]
-    else:
-        b_ptrs = b_ptr + rows_b[:, None] * stride_bn + (k_lo + offs_k)[None, :]
+    b_rows = b_ptr + rows_b[:, None] * stride_bn
     offs_g = tl.arange(0, GPB)
+    SZ: tl.constexpr = 1 << (BITS - 1)  # the symmetric zero point of sub-byte codes
 
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     xsum = tl.zeros([1], dtype=tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_row + k + offs_k).to(tl.float32)
-            if INT4:
-                p = tl.load(b_ptrs)
-            else:
-                q = tl.load(b_ptrs)
         else:
             x = tl.load(x_row + k + offs_k, mask=k + offs_k < k_hi, other=0.0).to(tl.float32)
-            if INT4:
-                p = tl.load(b_ptrs, mask=(k // 2 + offs_kh)[None, :] < k_hi // 2, other=0)
-            else:
-                q = tl.load(b_ptrs, mask=(k + offs_k)[None, :] < k_hi, other=0)
-        if INT4 and SPLIT_X:
+        if SPLIT_X:
             # keep the weight planes apart and split the (small) x vector instead
+            p = _load_bytes(b_rows, k, k_hi, 2, BLOCK_K // 2, EVEN_K)
             x_e, x_o = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
             if FAST_CVT:
                 pi = p.to(tl.int32)
@@ -409,16 +415,13 @@ def wo_gemv_kernel(x_ptr, b_ptr, sw_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_p
             else:
                 prod = (p & 15).to(tl.float32) * x_e[None, :] + (p >> 4).to(tl.float32) * x_o[None, :]
         else:
-            if INT4:
-                q = tl.reshape(tl.join(p & 15, p >> 4), (BLOCK_N, BLOCK_K))
-                if FAST_CVT:
-                    qf = _codes_f32(q.to(tl.int32), 0.0, True)
-                else:
-                    qf = q.to(tl.float32)
-            elif FAST_CVT:
+            q = _load_codes(b_rows, k, k_hi, plane_off, BITS, BLOCK_N, BLOCK_K, EVEN_K)
+            if not FAST_CVT:
+                qf = q.to(tl.float32)
+            elif BITS == 8:
                 qf = _codes_f32(q.to(tl.int32) + 128, 128.0, True)
             else:
-                qf = q.to(tl.float32)
+                qf = _codes_f32(q.to(tl.int32), 0.0, True)
             prod = qf * x[None, :]
         if GROUP == 0:
             acc += tl.sum(prod, axis=1)
@@ -434,10 +437,10 @@ def wo_gemv_kernel(x_ptr, b_ptr, sw_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_p
                 if HAS_ZEROS:
                     part = part - tl.load(z_ptr + g_off) * xs
                 else:
-                    part = part - 8.0 * xs
+                    part = part - SZ * xs
             acc += part * s
         else:
-            if INT4 and SPLIT_X:
+            if SPLIT_X:
                 part = tl.sum(tl.reshape(prod, (BLOCK_N, GPB, GS // 2)), axis=2)  # [BN, GPB]
             else:
                 part = tl.sum(tl.reshape(prod, (BLOCK_N, GPB, GS)), axis=2)
@@ -450,19 +453,15 @@ def wo_gemv_kernel(x_ptr, b_ptr, sw_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_p
                     z = tl.load(z_ptr + g_ptrs, mask=g_mask, other=0.0)
                     part = part - z * xs[None, :]
                 else:
-                    part = part - 8.0 * xs[None, :]
+                    part = part - SZ * xs[None, :]
             acc += tl.sum(part * s, axis=1)
-        if INT4:
-            b_ptrs += BLOCK_K // 2
-        else:
-            b_ptrs += BLOCK_K
 
     if GROUP == 0:
         if NEED_SUM:
             if HAS_ZEROS:
                 zc = tl.load(z_ptr + rows_b * stride_sw)
             else:
-                zc = tl.full([BLOCK_N], 8.0, tl.float32)
+                zc = tl.full([BLOCK_N], SZ, tl.float32)
             acc = acc - zc * xsum
         acc = acc * tl.load(sw_ptr + rows_b * stride_sw)
     offs_m = row + tl.zeros([1], dtype=tl.int32)
@@ -472,34 +471,29 @@ def wo_gemv_kernel(x_ptr, b_ptr, sw_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_p
 
 # ----------------------------------------------------------------------------- unpack / dequantize
 @triton.jit
-def dequant_kernel(b_ptr, sw_ptr, z_ptr, out_ptr, N, K, stride_bn, stride_sw,
-                   INT4: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+def dequant_kernel(b_ptr, sw_ptr, z_ptr, out_ptr, N, K, stride_bn, stride_sw, plane_off,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
                    TO_INT8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Weight [N, K] for large-M GEMMs: int4 -> int8 values (TO_INT8, for the int8 GEMM) or
-    codes -> (code - z) * s in out's float dtype (for a cuBLAS matmul).
+    """Weight [N, K] for large-M GEMMs: symmetric sub-byte codes -> int8 values (TO_INT8, for
+    the int8 GEMM) or codes -> (code - z) * s in out's float dtype (for a cuBLAS matmul).
 
-    At large M the GEMM is compute-bound and unpacking int4 inside its inner loop cost ~3x;
-    one pass over the weight (read N*K/2, write N*K bytes or elements) is cheaper.
+    At large M the GEMM is compute-bound and unpacking codes inside its inner loop cost ~3x;
+    one pass over the weight (read N*K*BITS/8, write N*K bytes or elements) is cheaper.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = offs_n.to(tl.int64)
+    rows = (offs_n % N).to(tl.int64)  # clamped like the GEMMs' rows; the stores are masked
     nmask = offs_n < N
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = offs_k < K
-    if INT4:
-        offs_kh = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-        p = tl.load(b_ptr + rows[:, None] * stride_bn + offs_kh[None, :],
-                    mask=nmask[:, None] & (offs_kh < K // 2)[None, :], other=0)
-        q = tl.reshape(tl.join(p & 15, p >> 4), (BLOCK_N, BLOCK_K)).to(tl.int32)
-    else:
-        q = tl.load(b_ptr + rows[:, None] * stride_bn + offs_k[None, :],
-                    mask=nmask[:, None] & kmask[None, :], other=0).to(tl.int32)
+    q = _load_codes(b_ptr + rows[:, None] * stride_bn, pid_k * BLOCK_K, K, plane_off, BITS, BLOCK_N, BLOCK_K,
+                    False).to(tl.int32)
+    SZ: tl.constexpr = 1 << (BITS - 1)  # the symmetric zero point of sub-byte codes
     mask = nmask[:, None] & kmask[None, :]
     o_ptrs = out_ptr + rows[:, None] * K + offs_k[None, :]
     if TO_INT8:
-        tl.store(o_ptrs, (q - 8).to(tl.int8), mask=mask)
+        tl.store(o_ptrs, (q - SZ).to(tl.int8), mask=mask)
     else:
         if GROUP == 0:
             s = tl.load(sw_ptr + rows * stride_sw, mask=nmask, other=1.0)[:, None]
@@ -512,8 +506,8 @@ def dequant_kernel(b_ptr, sw_ptr, z_ptr, out_ptr, N, K, stride_bn, stride_sw,
                 z = tl.load(z_ptr + g_ptrs, mask=mask, other=0.0)
         if HAS_ZEROS:
             w = (q.to(tl.float32) - z) * s
-        elif INT4:
-            w = (q - 8).to(tl.float32) * s
+        elif BITS != 8:
+            w = (q - SZ).to(tl.float32) * s
         else:
             w = q.to(tl.float32) * s
         tl.store(o_ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
