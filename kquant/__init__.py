@@ -10,6 +10,7 @@ from . import ops  # noqa: F401  (registers torch.ops.kquant.*)
 # at import; everything keeps working on the reference backend
 _native.load("_C")
 from .api import quantize_
+from .auto import AutoPlan, Budget, auto_quantize
 from . import backends
 from .backends import BackendError
 from .report import error_report
@@ -22,6 +23,7 @@ from .recover import RecoveryResult, recover
 
 __version__ = "0.1.0"
 __all__ = [
-    "quantize_", "QuantConfig", "PRESETS", "QuantLinear", "PackedWeight", "quantize_weight",
+    "quantize_", "auto_quantize", "AutoPlan", "Budget", "QuantConfig", "PRESETS", "QuantLinear", "PackedWeight",
+    "quantize_weight",
     "prepare_qat", "convert", "FakeQuantLinear", "recover", "RecoveryResult", "save_quantized", "load_quantized", "error_report", "backends", "BackendError", "FORMAT_VERSION",
 ]

@@ -13,6 +13,8 @@ File contents:
   (= :data:`kquant.format.FORMAT_VERSION`), ``kquant_version``, ``layers`` (JSON list of
   per-layer configs, each with its ``calibration`` record: method, parameters, chosen alpha),
   ``digests`` (JSON: tensor name -> sha256 of dtype, shape and bytes), ``aliases`` (JSON),
+  ``auto_plan`` (JSON, only for a model quantized by :func:`kquant.auto_quantize`: its
+  ``AutoPlan``, restored as ``model.kquant_plan`` on load),
   ``signature`` (only in signed files, see below) and ``meta_digest`` (sha256 over all other
   metadata).
 
@@ -227,6 +229,10 @@ def save_quantized(model: nn.Module, path: PathLike, *, key: Key = None) -> str:
         "digests": json.dumps({k: _digest(t) for k, t in tensors.items()}, sort_keys=True),
         "aliases": json.dumps(aliases, sort_keys=True),
     }
+    plan = getattr(model, "kquant_plan", None)
+    if plan is not None:  # before the digest and signature, which then cover it
+        meta["auto_plan"] = json.dumps(plan.to_dict() if hasattr(plan, "to_dict") else plan, sort_keys=True,
+                                       allow_nan=False)
     if secret is not None:
         meta[_SIGNATURE] = _signature(meta, secret)
     meta["meta_digest"] = _meta_digest(meta)
@@ -330,6 +336,11 @@ def read_metadata(path: PathLike, *, key: Key = None) -> Dict[str, object]:
             out[k] = json.loads(meta[k])
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: metadata {k!r} is missing or corrupt ({e})") from None
+    if "auto_plan" in meta:
+        try:
+            out["auto_plan"] = json.loads(meta["auto_plan"])
+        except (TypeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: metadata 'auto_plan' is corrupt ({e})") from None
     names = set(header)
     if set(out["digests"]) != names:
         missing = sorted(set(out["digests"]) - names)
@@ -447,6 +458,9 @@ def load_quantized(model: nn.Module, path: PathLike, strict: bool = True, *, key
     signed with this key (see the module docstring). Without a key, a signed file is checked
     for integrity only, which cannot tell who wrote it.
 
+    A checkpoint of a model quantized by :func:`kquant.auto_quantize` holds its plan, which is
+    set as ``model.kquant_plan`` (an :class:`kquant.AutoPlan`).
+
     The model must have real storage: a model with a tensor on the meta device raises
     (create it on a real device, or call ``model.to_empty(device=...)`` first and initialize
     its non-persistent buffers, which the file does not hold).
@@ -493,6 +507,13 @@ def load_quantized(model: nn.Module, path: PathLike, strict: bool = True, *, key
         if want.is_floating_point() != got.is_floating_point():
             raise CheckpointError(f"{path}: tensor {key!r} is {got.dtype} in the checkpoint but {want.dtype} "
                                   f"in the model")
+    plan = None
+    if "auto_plan" in meta:
+        from .auto import AutoPlan
+        try:
+            plan = AutoPlan.from_dict(meta["auto_plan"])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: metadata 'auto_plan': {e}") from None
     if missing or unexpected:
         msg = (f"{path}: checkpoint does not match the model: missing tensors {missing[:8]}"
                f"{'...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
@@ -505,6 +526,10 @@ def load_quantized(model: nn.Module, path: PathLike, strict: bool = True, *, key
         set_module(model, name, mod)
     for key in sorted(set(rest) & set(model_sd)):
         model_sd[key].copy_(rest[key])
+    if plan is not None:
+        model.kquant_plan = plan
+    elif "kquant_plan" in vars(model):  # a plan for other layers than those now loaded
+        del model.kquant_plan
     return model
 
 

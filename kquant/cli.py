@@ -246,8 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "method, embed a fixed English corpus and compare with fp32: size, calibration "
                                    f"time, latency, cosine, NN agreement. The last {CALIB_SENTENCES} corpus "
                                    "sentences calibrate; the others are evaluated.")
-    d.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), metavar="PRESET",
-                   help=f"presets to run (default: {' '.join(DEFAULT_PRESETS)})")
+    from .demo_auto import DEFAULT_BUDGETS, DEFAULT_METHOD, DEFAULT_UNIFORM
+    d.add_argument("--presets", nargs="+", default=None, metavar="PRESET",
+                   help=f"presets to run (default: {' '.join(DEFAULT_PRESETS)}; with --auto the uniform presets "
+                        f"{' '.join(DEFAULT_UNIFORM)})")
+    d.add_argument("--auto", action="store_true",
+                   help="the size / accuracy trade-off: uniform presets against kquant.auto_quantize plans at "
+                        f"--budgets, one calibration method (default {DEFAULT_METHOD}); table, results.json and "
+                        "pareto.png (model MiB against mean cosine)")
+    d.add_argument("--budgets", nargs="+", type=float, default=None, metavar="BITS",
+                   help=f"with --auto: average stored bits per weight of each plan (default: "
+                        f"{' '.join(f'{b:g}' for b in DEFAULT_BUDGETS)})")
     d.add_argument("--method", "--methods", dest="methods", nargs="+", default=None, metavar="METHOD",
                    help=f"calibration methods, comma separated: {', '.join(ALL_METHODS)}, or all (every one that "
                         f"applies); '+' applies an equalization method before a weight method (default: "
@@ -259,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--repeats", type=int, default=3, help="timed passes per row; the median is reported")
     d.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     d.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    d.add_argument("--out", default="kquant-demo", help="output directory for results.json and results.png")
+    d.add_argument("--out", default=None, help="output directory for results.json and results.png (default: "
+                                                 "kquant-demo; with --auto kquant-demo-auto and pareto.png)")
     d.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     q = sub.add_parser("quantize", help="quantize a model folder and save a safetensors checkpoint",
@@ -387,7 +397,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         return 0
 
-    from .demo import DemoError
+    from .demo import DEFAULT_PRESETS, DemoError
     from .demo import main as demo_main
     if args.command == "quantize":
         try:
@@ -395,13 +405,39 @@ def main(argv: Optional[List[str]] = None) -> int:
         except (DemoError, ValueError, TypeError, OSError) as e:  # bad preset / pattern / path: say which
             print(f"kquant quantize: error: {e}", file=sys.stderr)
             return 2
+    if args.auto:
+        return _demo_auto(args, console)
+    if args.budgets is not None:
+        print("kquant demo: error: --budgets is for --auto", file=sys.stderr)
+        return 2
     try:
-        demo_main(presets=_presets(args.presets), sentences=args.sentences, batch_size=args.batch_size,
-                  repeats=args.repeats, out=args.out, progress=not args.no_progress, threads=args.threads,
+        demo_main(presets=_presets(args.presets or list(DEFAULT_PRESETS)), sentences=args.sentences,
+                  batch_size=args.batch_size, repeats=args.repeats, out=args.out or "kquant-demo",
+                  progress=not args.no_progress, threads=args.threads,
                   device=args.device, console=console,
                   methods=None if args.methods is None else _presets(args.methods))
     except DemoError as e:
         print(f"kquant demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _demo_auto(args, console) -> int:
+    from .demo import DemoError
+    from .demo_auto import DEFAULT_BUDGETS, DEFAULT_METHOD, DEFAULT_UNIFORM
+    from .demo_auto import main as auto_main
+    methods = _presets(args.methods or [DEFAULT_METHOD])
+    if len(methods) != 1 or args.device != "cpu":
+        print("kquant demo --auto: error: it takes one --method (e.g. gptq or awq+gptq) and runs on cpu",
+              file=sys.stderr)
+        return 2
+    try:
+        auto_main(budgets=args.budgets or DEFAULT_BUDGETS, uniform=_presets(args.presets or list(DEFAULT_UNIFORM)),
+                  method=methods[0], sentences=args.sentences, batch_size=args.batch_size,
+                  out=args.out or "kquant-demo-auto", progress=not args.no_progress, threads=args.threads,
+                  console=console)
+    except DemoError as e:
+        print(f"kquant demo --auto: error: {e}", file=sys.stderr)
         return 2
     return 0
 
