@@ -19,8 +19,8 @@ Layout (serialized exactly like this, identical for every backend):
 * ``zeros fp32 [N, G]`` (integer-valued) only for asymmetric weights.
 
 ``Kp`` is ``K`` padded up to a multiple of the group size (per channel: of the codes one
-byte holds, 2 for 4-bit, 4 for 2-bit, 8 for 3-bit). Padded weights dequantize to exactly 0 and the ops pad activations with
-zeros, so padding never changes a result.
+byte holds, 2 for 4-bit, 4 for 2-bit, 8 for 3-bit). Padded weights dequantize to exactly 0
+and the ops pad activations with zeros, so padding never changes a result.
 
 Kernels that prefer another layout derive it once through :func:`register_layout`
 and hand back the canonical form with :func:`to_canonical`.

@@ -14,6 +14,7 @@ from torch import nn
 import kquant
 from kquant import auto
 from kquant.auto import AutoPlan, Budget, _escape, solve
+from kquant.calibration.sensitivity import Runner
 from kquant.checkpoint import CheckpointError, read_metadata
 from kquant.config import QuantConfig
 from kquant.nn import QuantLinear
@@ -324,7 +325,7 @@ def test_block_shortcuts_give_the_full_runs_numbers(head, tail, mode, method, mo
     cands = ("w2a16", "w8a8")
     plan = run(copy.deepcopy(model), data, 6.0, candidates=cands, method=method)
     assert plan.shared == mode
-    monkeypatch.setattr(auto._Runner, "_try_blocks", lambda self, identity: None)
+    monkeypatch.setattr(Runner, "_try_blocks", lambda self, identity: None)
     full = run(copy.deepcopy(model), data, 6.0, candidates=cands, method=method)
     assert full.shared == "full"
     for layer, row in full.sensitivity.items():
@@ -374,7 +375,7 @@ def test_gpt2_conv1d_layers_and_a_tied_head(monkeypatch):
     plan = run(copy.deepcopy(model), data, budget, candidates=("w4a16", "w8a8"))
     assert plan.shared == "replay" and plan.model_mib <= budget.mib  # logits come after ln_f and lm_head
     assert [r.config for r in plan.rows if r.layer == "lm_head"] == ["float"]  # tied: float costs nothing
-    monkeypatch.setattr(auto._Runner, "_try_blocks", lambda self, identity: None)
+    monkeypatch.setattr(Runner, "_try_blocks", lambda self, identity: None)
     full = run(copy.deepcopy(model), data, budget, candidates=("w4a16", "w8a8"))
     for layer, row in full.sensitivity.items():
         for c, e in row.items():
