@@ -14,6 +14,8 @@
 //   amx_bf16.cpp   AMX-BF16: W8A16 and W4A16 on tiles
 //   plan.h, .cpp   the choice of level, kernel kind and work split for a call; the runner
 //   ops.cpp        the torch ops: argument checks, activation preparation, registration
+//   lowbit.h, lowbit.cpp, lowbit_avx2.cpp
+//                  2- and 3-bit weights: their layouts (3, 4), kernels and ops
 //
 // Every level gives the reference's int32 sums exactly, and the scalar and AVX2 levels give
 // the same float bits: the tile loops are shared and the kernels keep the operation order.

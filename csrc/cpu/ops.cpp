@@ -14,7 +14,6 @@
 #include "plan.h"
 
 namespace kquant::cpu {
-namespace {
 
 OutT out_type(at::ScalarType t) {
   switch (t) {
@@ -26,27 +25,21 @@ OutT out_type(at::ScalarType t) {
   return OutT::F32;
 }
 
-void check_x(const at::Tensor& x) {
+static void check_x(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "kquant cpu: x must be a 2-D CPU tensor, got ", x.sizes());
   out_type(x.scalar_type());
 }
 
-// The tensors of a linear op that p points into
-struct LinearTensors {
-  at::Tensor x, scales, bias_f32, y;
-};
-
-// Checks a linear op's tensors against each other and fills p's shapes, weights, scales,
-// groups, bias and output (y: [M, N] in x's dtype)
-LinearTensors setup_linear(Problem& p, const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales_,
-                           const std::optional<at::Tensor>& bias, bool int4) {
+// Checks x, scales and bias against each other and fills p's shapes, groups, scales, bias and
+// output (y: [M, N] in x's dtype)
+LinearTensors setup_linear_common(Problem& p, const at::Tensor& x_, const at::Tensor& scales_,
+                                  const std::optional<at::Tensor>& bias) {
   check_x(x_);
   LinearTensors t{x_.contiguous(), scales_.contiguous()};
   const at::Tensor& x = t.x;
   const at::Tensor& scales = t.scales;
   p.M = x.size(0);
   p.Kp = x.size(1);
-  p.int4 = int4;
   TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == at::kFloat, "kquant cpu: scales must be float32 [N, G]");
   p.N = scales.size(0);
   p.G = scales.size(1);
@@ -54,16 +47,6 @@ LinearTensors setup_linear(Problem& p, const at::Tensor& x_, const at::Tensor& w
   p.gsz = p.Kp / p.G;
   TORCH_CHECK(p.G == 1 || p.gsz % 32 == 0, "kquant cpu: groups of scales ", scales.sizes(), " for K=", p.Kp,
               " are ", p.gsz, " wide; the kernels need a multiple of 32");
-  const int64_t per = int4 ? 8 : 4, width = int4 ? 8 : 16;  // k per row; channels per block
-  TORCH_CHECK(w.dim() == 4 && w.size(2) == width && w.size(3) == 4 && w.is_contiguous() &&
-                  w.scalar_type() == (int4 ? at::kByte : at::kChar),
-              "kquant cpu: weight must be in the blocked layout ", int4 ? "uint8" : "int8", " [N/", width, ", K/",
-              per, ", ", width, ", 4], got ", w.scalar_type(), " ", w.sizes());
-  TORCH_CHECK(w.size(0) == cdiv(p.N, width) && w.size(1) == cdiv(p.Kp, 64) * (64 / per), "kquant cpu: blocked weight ",
-              w.sizes(), " does not match N=", p.N, " K=", p.Kp);
-  p.kblocks = w.size(1);
-  if (int4) p.w4 = w.data_ptr<uint8_t>();
-  else p.w8 = w.data_ptr<int8_t>();
   p.sw = scales.data_ptr<float>();
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == p.N, "kquant cpu: bias must have N=", p.N, " elements, got ", bias->numel());
@@ -76,11 +59,27 @@ LinearTensors setup_linear(Problem& p, const at::Tensor& x_, const at::Tensor& w
   return t;
 }
 
-// Buffers behind the prepared activations of one call (the Problem points into them)
-struct ActBuffers {
-  at::Tensor scales, codes, abs_codes, group_sums;  // int8 forms
-  at::Tensor x, x_sums;                             // float forms
-};
+namespace {
+
+// setup_linear_common, and the weight w in layout 1 (int4 = false) or 2
+LinearTensors setup_linear(Problem& p, const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales_,
+                           const std::optional<at::Tensor>& bias, bool int4) {
+  LinearTensors t = setup_linear_common(p, x_, scales_, bias);
+  p.int4 = int4;
+  const int64_t per = int4 ? 8 : 4, width = int4 ? 8 : 16;  // k per row; channels per block
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == width && w.size(3) == 4 && w.is_contiguous() &&
+                  w.scalar_type() == (int4 ? at::kByte : at::kChar),
+              "kquant cpu: weight must be in the blocked layout ", int4 ? "uint8" : "int8", " [N/", width, ", K/",
+              per, ", ", width, ", 4], got ", w.scalar_type(), " ", w.sizes());
+  TORCH_CHECK(w.size(0) == cdiv(p.N, width) && w.size(1) == cdiv(p.Kp, 64) * (64 / per), "kquant cpu: blocked weight ",
+              w.sizes(), " does not match N=", p.N, " K=", p.Kp);
+  p.kblocks = w.size(1);
+  if (int4) p.w4 = w.data_ptr<uint8_t>();
+  else p.w8 = w.data_ptr<int8_t>();
+  return t;
+}
+
+}  // namespace
 
 // x quantized into the int8 forms pl.acts names (per token, or with the static act_scale)
 ActBuffers quantize_acts(const Plan& pl, Problem& p, const at::Tensor& x, const std::optional<at::Tensor>& act_scale) {
@@ -149,6 +148,16 @@ ActBuffers float_acts(const Plan& pl, Problem& q, const at::Tensor& x) {
   }
 }
 
+// Zero points that are all whole numbers: WoFused subtracts them in int32, and AMX-BF16 puts
+// q - z into the bf16 codes. Others take the dequantizing paths (exact float z).
+bool whole_numbers(const float* z, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (static_cast<float>(static_cast<int32_t>(z[i])) != z[i]) return false;  // |z| < 2^31
+  return true;
+}
+
+namespace {
+
 // W8A8 (Int4 = false) and W4A8. group_size is the schema's: the groups are the scales' columns.
 template <bool Int4>
 at::Tensor act_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales_,
@@ -163,14 +172,6 @@ at::Tensor act_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tenso
   const ActBuffers acts = quantize_acts(pl, p, t.x, act_scale);
   run(pl, p);
   return t.y;
-}
-
-// Zero points that are all whole numbers: WoFused subtracts them in int32, and AMX-BF16 puts
-// q - z into the bf16 codes. Others take the dequantizing paths (exact float z).
-bool whole_numbers(const float* z, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    if (static_cast<float>(static_cast<int32_t>(z[i])) != z[i]) return false;  // |z| < 2^31
-  return true;
 }
 
 // W8A16 (Int4 = false) and W4A16; group_size as in act_linear

@@ -18,6 +18,8 @@
 // count gives the same bits. at::parallel_for hands each thread at least `grain` tasks.
 #pragma once
 
+#include <optional>
+
 #include "common.h"
 
 namespace kquant::cpu {
@@ -64,5 +66,30 @@ void run(const Plan& pl, const Problem& p);
 // Quantizes rows [0, rows) of a with the level's row routine (quantize_per_token and the
 // int8-activation linears)
 void quantize(const QuantArgs& a, int64_t rows, Isa isa);
+
+// ----------------------------------------------------------------------------- op driver helpers
+// ops.cpp, shared by the drivers of lowbit.cpp
+
+OutT out_type(at::ScalarType t);
+
+// The tensors of a linear op that p points into
+struct LinearTensors {
+  at::Tensor x, scales, bias_f32, y;
+};
+LinearTensors setup_linear_common(Problem& p, const at::Tensor& x, const at::Tensor& scales,
+                                  const std::optional<at::Tensor>& bias);
+
+// Buffers behind the prepared activations of one call (the Problem points into them)
+struct ActBuffers {
+  at::Tensor scales, codes, abs_codes, group_sums;  // int8 forms
+  at::Tensor x, x_sums;                             // float forms
+};
+// x quantized into the int8 forms pl.acts names (per token, or with the static act_scale;
+// p.M, Kp, G, gsz, lda and yt set)
+ActBuffers quantize_acts(const Plan& pl, Problem& p, const at::Tensor& x, const std::optional<at::Tensor>& act_scale);
+// x (the rows of q) in the float form pl.acts names (q.kblocks, int4 give the padded K)
+ActBuffers float_acts(const Plan& pl, Problem& q, const at::Tensor& x);
+// whether the n values are all whole numbers
+bool whole_numbers(const float* z, int64_t n);
 
 }  // namespace kquant::cpu

@@ -10,9 +10,18 @@ channels:
 * layout 2 ``cpu_int4_n8k8``: uint8 ``[ceil(N/8), Kq/2, 8, 4]``; byte (c, j) of k-octet
   o holds nibble k = 8o + j (low) and k = 8o + 4 + j (high), so ``v & 15`` and ``v >> 4`` are
   two ready blocks.
+* layout 3 ``cpu_int2_n8k16``: uint8 ``[ceil(N/8), Kq/4, 8, 4]``; byte (c, j) of unit o holds
+  the 2-bit codes of k = 16o + 4t + j in bits 2t..2t+1, so ``(v >> 2t) & 3`` is a ready block.
+* layout 4 ``cpu_int3_n8k32``: uint8 ``[ceil(N/8), 3 Kq/8, 8, 4]``; a 32-k unit is three such
+  rows A, B, C whose byte (c, j) holds the codes of k = 32o + 4t + j: A t = 0 and 1 (bits 0-2,
+  3-5) and the low bits of t = 6 (bits 6-7), B t = 2, 3 and the low bits of t = 7, C t = 4, 5
+  and the third bits of t = 6, 7 (bits 6, 7): six whole codes per byte triple.
 
-K is zero-padded to a multiple of 64 (Kq = 16 * ceil(Kp / 64)): whole AMX tiles. Both
-convert back to the exact canonical bytes (padding is dropped).
+K is zero-padded to a multiple of 64 (Kq = 16 * ceil(Kp / 64)): whole AMX tiles. All four
+convert back to the exact canonical bytes (padding is dropped). The 2- and 3-bit kernels read
+layouts 3 and 4 directly, a pair of rows at a time; where the AMX tiles (from a few rows) or
+at::mm (float activations, hundreds of rows) are faster, a chunk of channels at a time is
+unpacked into layout 1 and run by the int8 / weight-only kernels (csrc/cpu/lowbit.cpp).
 
 The kernels check the CPU at run time and use the best level it has;
 ``KQUANT_CPU_ISA=scalar|avx2|avx512|amx`` caps the level (read on every call).
@@ -24,14 +33,17 @@ from typing import Optional
 import torch
 
 from .. import _native
-from ..format import CANONICAL, Layout, pack_int4, register_layout, unpack_int4
+from ..format import CANONICAL, Layout, pack_codes, pack_int4, register_layout, unpack_codes, unpack_int4
 from .base import Backend
 
 LAYOUT_INT8 = 1
 LAYOUT_INT4 = 2
+LAYOUT_INT2 = 3
+LAYOUT_INT3 = 4
 
 _C = _native.load("_C", warn=False)
 _HAS_KERNELS = _C is not None and hasattr(torch.ops.kquant, "_w8a8_linear_cpu")
+_HAS_LOWBIT = _HAS_KERNELS and hasattr(torch.ops.kquant, "_w2a8_linear_cpu")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -79,8 +91,55 @@ def int4_from_blocked(d: torch.Tensor, bits: int, n: int, kp: int) -> torch.Tens
     return pack_int4(u.reshape(nb * 8, ko * 8)[:n, :kp])
 
 
+def _low_codes(q: torch.Tensor, bits: int, kp: Optional[int]) -> torch.Tensor:
+    """Canonical 2/3-bit bytes -> codes uint8 [ceil(N/8), 8, Kpad / 32, 8, 4] (block, channel,
+    32-k unit, t, j: k = 32 unit + 4 t + j), zero-padded."""
+    n = q.shape[0]
+    kp = q.shape[1] * 8 // bits if kp is None else kp
+    u = torch.zeros(_cdiv(n, 8) * 8, _cdiv(kp, 64) * 64, dtype=torch.uint8, device=q.device)
+    u[:n, :kp] = unpack_codes(q, bits)
+    return u.view(u.shape[0] // 8, 8, -1, 8, 4)
+
+
+def _codes(t: torch.Tensor, n: int, kp: int, bits: int) -> torch.Tensor:
+    """Codes [nb, 8, units, 8, 4] -> canonical bytes [n, Kp * bits / 8]."""
+    return pack_codes(t.reshape(t.shape[0] * 8, -1)[:n, :kp], bits)
+
+
+def int2_to_blocked(q: torch.Tensor, bits: int = 2, kp: Optional[int] = None) -> torch.Tensor:
+    """Canonical 2-bit uint8 [N, Kp/4] -> layout 3."""
+    u = _low_codes(q, 2, kp)
+    u = u.view(u.shape[0], 8, -1, 4, 4)                  # [nb, 8, 16-k units, t, j]
+    return _swap_middle(u[..., 0, :] | (u[..., 1, :] << 2) | (u[..., 2, :] << 4) | (u[..., 3, :] << 6))
+
+
+def int2_from_blocked(d: torch.Tensor, bits: int, n: int, kp: int) -> torch.Tensor:
+    b = _swap_middle(d)                                  # [nb, 8, units, 4]
+    return _codes(torch.stack([(b >> (2 * t)) & 3 for t in range(4)], dim=3), n, kp, 2)
+
+
+def int3_to_blocked(q: torch.Tensor, bits: int = 3, kp: Optional[int] = None) -> torch.Tensor:
+    """Canonical 3-bit uint8 [N, 3 Kp/8] -> layout 4."""
+    t = _low_codes(q, 3, kp)                             # [nb, 8, units, 8, 4]
+    a = t[..., 0, :] | (t[..., 1, :] << 3) | ((t[..., 6, :] & 3) << 6)
+    b = t[..., 2, :] | (t[..., 3, :] << 3) | ((t[..., 7, :] & 3) << 6)
+    c = t[..., 4, :] | (t[..., 5, :] << 3) | ((t[..., 6, :] >> 2) << 6) | ((t[..., 7, :] >> 2) << 7)
+    return _swap_middle(torch.stack((a, b, c), dim=3).flatten(2, 3))  # rows 3 unit + (A, B, C)
+
+
+def int3_from_blocked(d: torch.Tensor, bits: int, n: int, kp: int) -> torch.Tensor:
+    r = _swap_middle(d)
+    r = r.view(r.shape[0], 8, -1, 3, 4)                  # [nb, 8, units, row, j]
+    a, b, c = r[..., 0, :], r[..., 1, :], r[..., 2, :]
+    t = torch.stack((a & 7, (a >> 3) & 7, b & 7, (b >> 3) & 7, c & 7, (c >> 3) & 7,
+                     (a >> 6) | (((c >> 6) & 1) << 2), (b >> 6) | ((c >> 7) << 2)), dim=3)
+    return _codes(t, n, kp, 3)
+
+
 register_layout(Layout(LAYOUT_INT8, "cpu_int8_n16k4", int8_to_blocked, int8_from_blocked))
 register_layout(Layout(LAYOUT_INT4, "cpu_int4_n8k8", int4_to_blocked, int4_from_blocked))
+register_layout(Layout(LAYOUT_INT2, "cpu_int2_n8k16", int2_to_blocked, int2_from_blocked))
+register_layout(Layout(LAYOUT_INT3, "cpu_int3_n8k32", int3_to_blocked, int3_from_blocked))
 
 
 # ----------------------------------------------------------------------------- backend
@@ -93,8 +152,7 @@ _ISA_DESCRIPTIONS = {
            "where AMX-BF16 is present)",
 }
 # the C++ op per (weight bits, int8 activations)
-_OP_NAMES = {(8, True): "_w8a8_linear_cpu", (4, True): "_w4a8_linear_cpu",
-             (8, False): "_w8a16_linear_cpu", (4, False): "_w4a16_linear_cpu"}
+_OP_NAMES = {(bits, a8): f"_w{bits}a{8 if a8 else 16}_linear_cpu" for bits in (8, 4, 3, 2) for a8 in (True, False)}
 
 
 def isa() -> str:
@@ -108,12 +166,16 @@ def best_isa() -> str:
     return ISA_NAMES[best()] if best is not None else isa()
 
 
+_LAYOUTS = {8: LAYOUT_INT8, 4: LAYOUT_INT4, 3: LAYOUT_INT3, 2: LAYOUT_INT2}
+_TO_BLOCKED = {8: int8_to_blocked, 4: int4_to_blocked, 3: int3_to_blocked, 2: int2_to_blocked}
+
+
 def _layout_of(bits: int) -> int:
-    return LAYOUT_INT8 if bits == 8 else LAYOUT_INT4
+    return _LAYOUTS[bits]
 
 
 def _blocked(qweight, bits, kp):
-    return int8_to_blocked(qweight, 8, kp) if bits == 8 else int4_to_blocked(qweight, 4, kp)
+    return _TO_BLOCKED[bits](qweight, bits, kp)
 
 
 class CpuBackend(Backend):
@@ -132,12 +194,12 @@ class CpuBackend(Backend):
     def can_implement(self, spec):
         if spec.device.type != "cpu":
             return False, f"tensors are on {spec.device}"
-        if spec.bits not in (8, 4):
-            return False, f"no C++ kernel for {spec.bits}-bit weights yet"
+        if spec.bits in (3, 2) and not _HAS_LOWBIT:
+            return False, f"kquant._C was built without the {spec.bits}-bit kernels (rebuild it)"
         return True, "C++ kernels"
 
     def reads(self, layout):
-        return layout in (CANONICAL, LAYOUT_INT8, LAYOUT_INT4)
+        return layout in (CANONICAL, LAYOUT_INT8, LAYOUT_INT4, LAYOUT_INT2, LAYOUT_INT3)
 
     def prepare(self, spec, qweight):
         return _blocked(qweight, spec.bits, spec.padded_in_features), _layout_of(spec.bits)
