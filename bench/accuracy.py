@@ -186,6 +186,32 @@ def write_outputs(report: Dict[str, object], out: str) -> Dict[str, str]:
     return paths
 
 
+def run_auto(args) -> int:
+    """``--auto``: kquant.demo_auto's trade-off, written as auto.json, auto.md and pareto.png."""
+    from kquant import demo_auto
+    methods = _split(args.methods)
+    method = demo_auto.DEFAULT_METHOD if methods == ["all"] else methods[0]
+    presets = demo_auto.DEFAULT_UNIFORM if args.presets == list(demo.DEFAULT_PRESETS) else _split(args.presets)
+    try:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        report = demo_auto.run(args.budgets or demo_auto.DEFAULT_BUDGETS, presets, method, sentences=args.sentences,
+                               progress=not args.no_progress)
+    except demo.DemoError as e:
+        print(f"bench/accuracy.py: error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "auto.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    with open(os.path.join(args.out, "auto.md"), "w", encoding="utf-8") as f:
+        f.write(demo_auto.markdown(report))
+    demo_auto.write_chart(report, os.path.join(args.out, "pareto.png"))
+    print(demo_auto.markdown(report))
+    print(f"wrote auto.json, auto.md and pareto.png in {args.out}")
+    return 0
+
+
 def _split(values: Optional[List[str]]) -> Optional[List[str]]:
     return None if values is None else [v for s in values for v in s.split(",") if v]
 
@@ -201,8 +227,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: bench/results/accuracy)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--auto", action="store_true",
+                    help="the size / accuracy trade-off instead: uniform presets (--presets, default "
+                         "w8a16 w4a16 w3a16 w2a16) against kquant.auto_quantize plans at --budgets, one method "
+                         "(default gptq); writes auto.json, auto.md and pareto.png (as kquant demo --auto)")
+    ap.add_argument("--budgets", nargs="+", type=float, default=None, metavar="BITS",
+                    help="with --auto: stored bits per weight of each plan")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    if args.auto:
+        return run_auto(args)
     try:
         if args.threads is not None:
             if args.threads < 1:
