@@ -6,8 +6,8 @@ distillation-based recovery win back over post-training quantization (PTQ).
   layers are narrow): "ptq" (round to nearest), "qat" (:func:`kquant.prepare_qat` with learned
   scales, trained with cross-entropy on the labels, then :func:`kquant.convert`) and "recover"
   (:func:`kquant.recover` distilling the fp32 network into the PTQ model on the unlabelled
-  training images). W3A8 and W2A8 have no packed format: "ptq" is the untrained fake-quantized
-  model, its "qat" the trained one, never converted. Metric: test accuracy.
+  training images). W3A8 and W2A8 stay fake-quantized in this demo: "ptq" is the untrained
+  fake-quantized model, its "qat" the trained one, not converted. Metric: test accuracy.
 * **minilm**: the pretrained all-MiniLM-L6-v2 (see :mod:`kquant.demo`). The first
   ``train_sentences`` evaluation sentences of the corpus are the (unlabelled) distillation
   data, the other evaluation sentences are held out and embedded; the 128 calibration
@@ -47,12 +47,12 @@ DIGITS_RECOVER_BATCH = 64     # unlabelled training images per distillation step
 DIGITS_RECOVER_TRAINABLE = ("scales", "lora", "norms", "biases")
 DIGITS_LORA_RANK = 4
 DIGITS_THREADS = 1
-# label -> (QuantConfig arguments, weight_bits for prepare_qat: None packs, 2 stays fake-quantized)
+# label -> (QuantConfig arguments, weight_bits for prepare_qat: None packs, 3 and 2 stay fake-quantized here)
 DIGITS_CONFIGS = {
     "W8A8": (dict(weight_bits=8, group_size=-1, activations="dynamic"), None),
     "W4A16": (dict(weight_bits=4, group_size=-1, activations="none"), None),
     "W4A8": (dict(weight_bits=4, group_size=-1, activations="dynamic"), None),
-    "W3A8": (dict(weight_bits=4, group_size=-1, activations="dynamic"), 3),  # fake quant only
+    "W3A8": (dict(weight_bits=4, group_size=-1, activations="dynamic"), 3),  # kept fake-quantized
     "W2A8": (dict(weight_bits=4, group_size=-1, activations="dynamic"), 2),
 }
 
@@ -425,7 +425,7 @@ def _digits_check(r, n_test: int) -> str:
     if r["stage"] != "qat":
         return ""
     if not r["converted"]:
-        return f"n/a ({r['config'][1]}-bit: fake quant only)"
+        return f"n/a ({r['config'][1]}-bit: kept fake-quantized)"
     return (f"{'yes' if r['matches_fake_quant'] else 'NO'}: {100 * r['fake_quant_accuracy']:.2f}% fake-quant, "
             f"{r['prediction_mismatches']}/{n_test} predictions differ")
 

@@ -92,7 +92,7 @@ def test_digits_table_shows_every_row(digits_run):
     console.print(demo_train.render_table(report))
     text = console.export_text()
     for word in ("fp32", "W8A8", "W4A16", "W4A8", "W2A8", "ptq", "qat", "recover", "converted = fake-quant",
-                 "n/a (2-bit: fake quant only)", "/540 predictions differ"):
+                 "n/a (2-bit: kept fake-quantized)", "/540 predictions differ"):
         assert word in text, word
 
 
