@@ -57,8 +57,9 @@ from .api import _warn_kept_float, quantize_, run_model, select_layers
 from .calibration.methods import SmoothQuant, describe, parse_methods
 from .calibration.sensitivity import Runner, sensitivities
 from .config import PRESETS, QuantConfig, resolve
-from .format import PER_CHANNEL, packed_row_bytes, padded_k
+from .format import PER_CHANNEL
 from .nn import QuantLinear, check_has_values, linear_weight
+from .spec import LinearSpec
 
 __all__ = ["auto_quantize", "AutoPlan", "Budget", "PlanRow", "config_name", "DEFAULT_CANDIDATES"]
 
@@ -172,9 +173,9 @@ def _layer_bytes(n: int, k: int, cfg: Optional[QuantConfig], dtype: torch.dtype,
     when an equalization method may hold one; a static activation scale)."""
     if cfg is None:
         return n * k * torch.empty((), dtype=dtype).element_size()
-    kp = padded_k(k, cfg.weight_bits, cfg.group_size)
-    groups = 1 if cfg.group_size == PER_CHANNEL else kp // cfg.group_size
-    total = n * packed_row_bytes(kp, cfg.weight_bits) + n * groups * 4 * (1 if cfg.symmetric else 2)
+    spec = LinearSpec(cfg.weight_bits, cfg.group_size, cfg.symmetric, False, k, n)
+    rows, row_bytes = spec.qweight_shape()[1]
+    total = rows * row_bytes + n * spec.groups * 4 * (1 if cfg.symmetric else 2)
     return total + (4 * k if equalize is not None else 0) + (4 if cfg.activations == "static" else 0)
 
 
