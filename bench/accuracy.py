@@ -42,31 +42,23 @@ def run_minilm(presets: Sequence[str], methods: Optional[Sequence[str]], sentenc
     from tqdm.auto import tqdm
 
     pairs, notes = demo.plan_rows(presets, methods)
-    if sentences is not None and sentences < 2:
-        raise demo.DemoError(f"--sentences must be >= 2 (nearest neighbours need two), got {sentences}")
-    corpus, calib = demo.split_corpus(sentences)
-    tok, fp_model = demo.load_model()
-    batches, order, n_tokens = demo.make_batches(tok, corpus, batch_size)
-    calib_batches, _, calib_tokens = demo.make_batches(tok, calib, batch_size)
     load_before = demo.loadavg()
-    base_emb = demo.embed(fp_model, batches, order)
-    base_nn = demo.nearest_neighbours(base_emb)
+    ev = demo.eval_set(sentences, batch_size)
     rows: List[Dict[str, object]] = []
     bar = tqdm(pairs, desc="bench/accuracy", unit="model", disable=None if progress else True)
     for preset, method in bar:
         bar.set_postfix_str(f"{preset} {method}")
-        model, seconds = demo.quantize_row(fp_model, preset, method, calib_batches)
+        model, seconds = demo.quantize_row(ev.fp_model, preset, method, ev.calib_batches)
         rows.append({"preset": preset, "method": method, "calib_s": seconds,
-                     **demo.compare(demo.embed(model, batches, order), base_emb, base_nn),
+                     **demo.compare(demo.embed(model, ev.batches, ev.order), ev.base_emb, ev.base_nn),
                      "quantized_layers": sum(isinstance(m, QuantLinear) for m in model.modules()),
                      "weight_bytes": demo.linear_weight_bytes(model)})
         del model
     bar.close()
     return {
         "model": demo.MODEL_NAME,
-        "corpus": {"path": demo.CORPUS, "sentences": len(corpus), "requested": sentences, "tokens": n_tokens,
-                   "batch_size": batch_size},
-        "calibration": {"sentences": len(calib), "tokens": calib_tokens, "batches": len(calib_batches)},
+        "corpus": ev.corpus,
+        "calibration": ev.calibration,
         "methods": list(dict.fromkeys(m for _, m in pairs)),
         "skipped": notes,
         "calib_note": "calib_s: wall time of kquant.quantize_ (calibration and quantization; rtn: quantization only)",

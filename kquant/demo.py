@@ -202,6 +202,34 @@ def row_label(row: Dict[str, object], sep: str = " ") -> str:
     return str(row["mode"]) if not row.get("method") else f"{row['mode']}{sep}{row['method']}"
 
 
+@dataclass
+class EvalSet:
+    """The fp32 model on the held-out sentences, and the calibration batches (CPU)."""
+    fp_model: nn.Module
+    batches: list
+    order: torch.Tensor
+    calib_batches: list
+    base_emb: torch.Tensor
+    base_nn: torch.Tensor
+    corpus: Dict[str, object]        # for reports: path, sentences, requested, tokens, batch_size
+    calibration: Dict[str, object]   # sentences, tokens, batches
+
+
+def eval_set(sentences: Optional[int], batch_size: int) -> EvalSet:
+    """Load MiniLM, split the corpus, batch both parts and embed the held-out part in fp32."""
+    if sentences is not None and sentences < 2:
+        raise DemoError(f"--sentences must be >= 2 (nearest neighbours need two), got {sentences}")
+    corpus, calib = split_corpus(sentences)
+    tok, fp_model = load_model()
+    batches, order, n_tokens = make_batches(tok, corpus, batch_size)
+    calib_batches, _, calib_tokens = make_batches(tok, calib, batch_size)
+    base_emb = embed(fp_model, batches, order)
+    return EvalSet(fp_model, batches, order, calib_batches, base_emb, nearest_neighbours(base_emb),
+                   {"path": CORPUS, "sentences": len(corpus), "requested": sentences, "tokens": n_tokens,
+                    "batch_size": batch_size},
+                   {"sentences": len(calib), "tokens": calib_tokens, "batches": len(calib_batches)})
+
+
 def make_batches(tokenizer, sentences: Sequence[str], batch_size: int):
     """Tokenized batches of length-sorted sentences (less padding) and the sort order."""
     if batch_size < 1:

@@ -106,13 +106,10 @@ def run(budgets: Sequence[float] = DEFAULT_BUDGETS, uniform: Sequence[str] = DEF
         raise demo.DemoError(f"budgets must be positive numbers of bits per weight, got {bad}")
     demo.plan_rows(uniform or ["w8a16"], [method])  # checks preset names and the method
     cands = tuple(candidates or default_candidates())
-    corpus, calib = demo.split_corpus(sentences)
-    tok, fp_model = demo.load_model()
-    batches, order, n_tokens = demo.make_batches(tok, corpus, batch_size)
-    calib_batches, _, calib_tokens = demo.make_batches(tok, calib, batch_size)
     load_before = demo.loadavg()
-    base_emb = demo.embed(fp_model, batches, order)
-    base_nn = demo.nearest_neighbours(base_emb)
+    ev = demo.eval_set(sentences, batch_size)
+    fp_model, batches, order, calib_batches = ev.fp_model, ev.batches, ev.order, ev.calib_batches
+    base_emb, base_nn = ev.base_emb, ev.base_nn
     rows = [_row("fp32", "fp32", fp_model, base_emb, base_emb, base_nn, None)]
     bar = tqdm(total=len(uniform) + len(budgets), desc="kquant demo --auto", unit="model",
                disable=None if progress else True)
@@ -150,9 +147,7 @@ def run(budgets: Sequence[float] = DEFAULT_BUDGETS, uniform: Sequence[str] = DEF
     return {
         "model": demo.MODEL_NAME, "method": method, "candidates": [config_name(c) for c in cands],
         "budgets": list(budgets),
-        "corpus": {"path": demo.CORPUS, "sentences": len(corpus), "requested": sentences, "tokens": n_tokens,
-                   "batch_size": batch_size},
-        "calibration": {"sentences": len(calib), "tokens": calib_tokens, "batches": len(calib_batches)},
+        "corpus": ev.corpus, "calibration": ev.calibration,
         "note": "stored_bits: 8 x (codes + scales + zeros bytes) / weights of the Linear layers (float layers at "
                 "their dtype); code_bits: the average of the layers' weight bits; model_mib: every parameter and "
                 "buffer; cos: cosine to the fp32 embedding of each held-out sentence",

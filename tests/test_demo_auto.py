@@ -16,7 +16,8 @@ def test_pareto_front_keeps_the_undominated_points_by_size():
     assert [p["name"] for p in demo_auto.pareto_front(pts)] == ["a", "c", "d"]
 
 
-@pytest.mark.parametrize("mib,cos,want", [(12, 0.94, True), (12, 0.92, False), (14, 0.98, True), (14, 0.97, False), (9, 0.5, True),
+@pytest.mark.parametrize("mib,cos,want", [(12, 0.94, True), (12, 0.92, False), (14, 0.98, True), (14, 0.97, False),
+                                          (9, 0.5, True),
                                           (25, 0.998, False), (25, 0.9995, True), (10, 0.89, False)])
 def test_on_or_above_interpolates_between_front_points(mib, cos, want):
     front = demo_auto.pareto_front([_pt("a", 10, 0.90), _pt("c", 14, 0.98), _pt("d", 20, 0.999)])

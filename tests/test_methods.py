@@ -208,7 +208,8 @@ def test_layers_see_inputs_from_the_quantized_layers_before_them():
     assert q.layers[1].calibration["calib_tokens"] == int(sum(b["attention_mask"].sum() for b in data))
 
 
-@pytest.mark.parametrize("method,preset", [("gptq", "w4a16"), (["awq", "gptq"], "w4a16"), (["smoothquant", "gptq"], "w4a8"),
+@pytest.mark.parametrize("method,preset", [("gptq", "w4a16"), (["awq", "gptq"], "w4a16"),
+                                           (["smoothquant", "gptq"], "w4a8"),
                                            ("smoothquant", "w4a8"), ("awq", "w4a16"), ("gptq", "w3a16"),
                                            (["awq", "gptq"], "w3a16"), ("gptq", "w2a16"), ("gptq", "w3a8")])
 def test_methods_beat_rtn_on_a_model_with_outliers(method, preset):

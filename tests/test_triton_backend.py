@@ -1,51 +1,32 @@
 """Triton backend vs the reference oracle, run through the Triton interpreter on CPU.
 
 TRITON_INTERPRET must be set before ``import triton``: triton.language's own helpers
-(tl.zeros, ...) are @triton.jit functions decorated at import. So this module sets it when
+(tl.zeros, ...) are @triton.jit functions decorated at import. So tests/triton_interp.py sets it when
 triton is not imported yet (pytest imports test modules before running any test); if
 something imported triton earlier without it, every test here is skipped and one test
 re-runs this file in a subprocess with TRITON_INTERPRET=1. Sizes stay small: the
 interpreter runs every program in Python.
 """
-import os
-import subprocess
-import sys
+# first: it switches the interpreter on before anything imports triton
+from triton_interp import subprocess_test, triton_backend  # noqa: I001
 
-if "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-pytest.importorskip("triton")
-from triton import knobs as _knobs  # noqa: E402
-
-# triton.language was decorated in interpreter mode only if the variable was set in time
-IN_PROCESS = os.environ.get("TRITON_INTERPRET") == "1" and _knobs.runtime.interpret and \
-    type(__import__("triton.language", fromlist=["zeros"]).zeros).__name__ == "InterpretedFunction"
-
-from kquant.backends import reference as R  # noqa: E402
-from kquant.format import PER_CHANNEL, quantize_weight  # noqa: E402
+from kquant.backends import reference as R
+from kquant.format import PER_CHANNEL, quantize_weight
 
 GROUPS = (PER_CHANNEL, 32, 64, 128)
+
 # output dtype -> tolerance on max|err| / max|ref| (fp32 epilogue, then one rounding to dtype)
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 
-
-@pytest.mark.skipif(IN_PROCESS, reason="the interpreter runs in this process")
-def test_in_subprocess_with_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+test_in_subprocess_with_interpreter = subprocess_test(__file__)
 
 
 @pytest.fixture(scope="module")
 def interpreter():
-    if not IN_PROCESS:
-        pytest.skip("triton was imported without TRITON_INTERPRET=1; see test_in_subprocess_with_interpreter")
-    import kquant.backends.triton as tb
-    return tb
+    return triton_backend()
 
 
 @pytest.fixture

@@ -1,52 +1,33 @@
 """Triton kernels for 3- and 2-bit weights vs the reference, through the Triton interpreter on CPU.
 
 Set up like test_triton_backend.py: TRITON_INTERPRET must be set before ``import triton``,
-so this module sets it when triton is not imported yet; otherwise every test here is
+so tests/triton_interp.py (imported first) sets it when triton is not imported yet; otherwise every test here is
 skipped and one test re-runs this file in a subprocess. Integer-valued activations whose
 per-token scale is exactly 1 and unit weight scales make the outputs the int32 sums
 themselves, so those tests compare exactly. Sizes stay small: the interpreter is slow.
 """
-import os
-import subprocess
-import sys
+# first: it switches the interpreter on before anything imports triton
+from triton_interp import subprocess_test, triton_backend  # noqa: I001
+
 import warnings
 
-if "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-pytest.importorskip("triton")
-from triton import knobs as _knobs  # noqa: E402
-
-IN_PROCESS = os.environ.get("TRITON_INTERPRET") == "1" and _knobs.runtime.interpret and \
-    type(__import__("triton.language", fromlist=["zeros"]).zeros).__name__ == "InterpretedFunction"
-
-from kquant.backends import reference as R  # noqa: E402
-from kquant.format import PER_CHANNEL, pack_codes, padded_k, quantize_weight, symmetric_zero  # noqa: E402
+from kquant.backends import reference as R
+from kquant.format import PER_CHANNEL, pack_codes, padded_k, quantize_weight, symmetric_zero
 
 pytestmark = pytest.mark.triton
-
 BITS = (3, 2)
 GROUPS = (PER_CHANNEL, 32, 64, 128)
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 
-
-@pytest.mark.skipif(IN_PROCESS, reason="the interpreter runs in this process")
-def test_in_subprocess_with_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+test_in_subprocess_with_interpreter = subprocess_test(__file__)
 
 
 @pytest.fixture(scope="module")
 def T():
-    if not IN_PROCESS:
-        pytest.skip("triton was imported without TRITON_INTERPRET=1; see test_in_subprocess_with_interpreter")
-    import kquant.backends.triton as tb
-    return tb
+    return triton_backend()
 
 
 def close(y, ref, dtype):
