@@ -196,21 +196,20 @@ KQ_AVX2 inline void widen_block(const int8_t* w, int64_t q0, int64_t q1, int16_t
 
 // W4A8 over all G groups of MR rows x NB layout-2 blocks (w, blocks wstride bytes apart;
 // kblocks k-octets, per_group per group), the per-group fold kept in registers (a call per
-// group would cost as much as a group's work for one row):
+// group would cost as much as a group's work for one row). Scales: sT ([NB][G][8], 0 past N)
+// or, where null, gathered from sw ([N][G] from the first block's channel 0):
 // out[r][8 j + c] = sum_g fma(float(acc_g - 8 * asum[r][g]), sw[c][g], .). NB > 1 shares the
 // activation loads between blocks for one row; nv[j]: valid channels of block j.
 template <int MR, int NB>
 KQ_AVX2 inline void gemm_w4a8(const int8_t* a, int64_t lda, const uint8_t* w, int64_t wstride, int64_t kblocks,
-                              int64_t per_group, int64_t G, const float* sw, const int* nv, const int32_t* asum,
-                              float* out) {
-  __m256 f[MR][NB];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NB; ++j) f[r][j] = _mm256_setzero_ps();
+                              int64_t per_group, int64_t G, const float* sw, const float* sT, const int* nv,
+                              const int32_t* asum, float* out) {
+  // f stays in out (folded once per group): registers hold the int16 and int32 sums, the
+  // nibbles and the broadcasts of one row at a time, without spilling
+  for (int i = 0; i < MR * NB * 8; ++i) out[i] = 0.0f;
   const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i gidx = _mm256_mullo_epi32(lane, _mm256_set1_epi32(int(G)));
-  __m256 gmask[NB];
-  for (int j = 0; j < NB; ++j) gmask[j] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(nv[j]), lane));
   for (int64_t g = 0; g < G; ++g) {
     const int64_t o0 = g * per_group, o1 = G > 1 ? o0 + per_group : kblocks;
     __m256i acc[MR][NB];
@@ -227,21 +226,18 @@ KQ_AVX2 inline void gemm_w4a8(const int8_t* a, int64_t lda, const uint8_t* w, in
           _mm_prefetch(reinterpret_cast<const char*>(w + j * wstride + 32 * o + 1088), _MM_HINT_T0);
         }
       for (int64_t oo = o; oo < oe; ++oo) {
-        __m256i a0[MR], a1[MR];
-        for (int r = 0; r < MR; ++r) {
-          int64_t av;
-          std::memcpy(&av, a + r * lda + 8 * oo, 8);
-          const __m256i va = _mm256_set1_epi64x(av);
-          a0[r] = _mm256_shuffle_epi32(va, 0x00);
-          a1[r] = _mm256_shuffle_epi32(va, 0x55);
-        }
         for (int j = 0; j < NB; ++j) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * wstride + 32 * oo));
           const __m256i bl = _mm256_and_si256(v, m4);
           const __m256i bh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
           for (int r = 0; r < MR; ++r) {
-            s16[r][j] = _mm256_add_epi16(s16[r][j], _mm256_maddubs_epi16(bl, a0[r]));
-            s16[r][j] = _mm256_add_epi16(s16[r][j], _mm256_maddubs_epi16(bh, a1[r]));
+            // two broadcast loads (k 8oo..8oo+3 and 8oo+4..8oo+7): no shuffle, which
+            // competes with the nibble unpacking
+            int32_t v0, v1;
+            std::memcpy(&v0, a + r * lda + 8 * oo, 4);
+            std::memcpy(&v1, a + r * lda + 8 * oo + 4, 4);
+            s16[r][j] = _mm256_add_epi16(s16[r][j], _mm256_maddubs_epi16(bl, _mm256_set1_epi32(v0)));
+            s16[r][j] = _mm256_add_epi16(s16[r][j], _mm256_maddubs_epi16(bh, _mm256_set1_epi32(v1)));
           }
         }
       }
@@ -249,15 +245,21 @@ KQ_AVX2 inline void gemm_w4a8(const int8_t* a, int64_t lda, const uint8_t* w, in
         for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(s16[r][j], ones));
     }
     for (int j = 0; j < NB; ++j) {
-      const __m256 sv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), sw + j * kBlockN * G + g, gidx, gmask[j], 4);
+      __m256 sv;
+      if (sT) {
+        sv = _mm256_loadu_ps(sT + (j * G + g) * 8);
+      } else {
+        const __m256 gmask = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(nv[j]), lane));
+        sv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), sw + j * kBlockN * G + g, gidx, gmask, 4);
+      }
       for (int r = 0; r < MR; ++r) {
         const __m256i corr = _mm256_set1_epi32(8 * asum[r * G + g]);
-        f[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][j], corr)), sv, f[r][j]);
+        float* fo = out + r * NB * 8 + 8 * j;
+        _mm256_storeu_ps(fo, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][j], corr)), sv,
+                                             _mm256_loadu_ps(fo)));
       }
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NB; ++j) _mm256_storeu_ps(out + r * NB * 8 + 8 * j, f[r][j]);
 }
 
 // ----------------------------------------------------------------------------- weight-only
@@ -422,24 +424,22 @@ struct Avx2Kernels {
       default: fgemm_avx2<8>(x, ldx, wq, K, out); break;
     }
   }
-  KQ_AVX2 static inline void w4a8_folded(const Problem& p, int mr, int64_t m, int64_t nb, int nv, float* f) {
+  KQ_AVX2 static inline void w4a8_folded(const Problem& p, int mr, int64_t m, int64_t nb, const float* sT, float* f) {
     const int8_t* a = p.a8 + m * p.lda;
     const uint8_t* w = p.w4 + nb * p.kblocks * 32;
     const int64_t per_group = p.G > 1 ? p.gsz / 8 : p.kblocks;
-    const float* sw = p.sw + nb * kBlockN * p.G;
     const int32_t* as = p.asum + m * p.G;
-    const int nvv[1] = {nv};
     switch (mr) {
-      case 1: gemm_w4a8<1, 1>(a, p.lda, w, 0, p.kblocks, per_group, p.G, sw, nvv, as, f); break;
-      case 2: gemm_w4a8<2, 1>(a, p.lda, w, 0, p.kblocks, per_group, p.G, sw, nvv, as, f); break;
-      case 3: gemm_w4a8<3, 1>(a, p.lda, w, 0, p.kblocks, per_group, p.G, sw, nvv, as, f); break;
-      default: gemm_w4a8<4, 1>(a, p.lda, w, 0, p.kblocks, per_group, p.G, sw, nvv, as, f); break;
+      case 1: gemm_w4a8<1, 1>(a, p.lda, w, 0, p.kblocks, per_group, p.G, nullptr, sT, nullptr, as, f); break;
+      case 2: gemm_w4a8<2, 1>(a, p.lda, w, 0, p.kblocks, per_group, p.G, nullptr, sT, nullptr, as, f); break;
+      case 3: gemm_w4a8<3, 1>(a, p.lda, w, 0, p.kblocks, per_group, p.G, nullptr, sT, nullptr, as, f); break;
+      default: gemm_w4a8<4, 1>(a, p.lda, w, 0, p.kblocks, per_group, p.G, nullptr, sT, nullptr, as, f); break;
     }
   }
   KQ_AVX2 static inline bool w4a8_gemv4(const Problem& p, int64_t m, int64_t nb, const int* nv, float* f) {
     const int64_t per_group = p.G > 1 ? p.gsz / 8 : p.kblocks;
     gemm_w4a8<1, 4>(p.a8 + m * p.lda, p.lda, p.w4 + nb * p.kblocks * 32, p.kblocks * 32, p.kblocks, per_group, p.G,
-                    p.sw + nb * kBlockN * p.G, nv, p.asum + m * p.G, f);
+                    p.sw + nb * kBlockN * p.G, nullptr, nv, p.asum + m * p.G, f);
     return true;
   }
   KQ_AVX2 static inline bool wo_gemv4(const Problem&, int64_t, int64_t, const int*, float*) { return false; }

@@ -135,7 +135,7 @@ struct ScalarKernels {
   static void fgemm(int mr, const float* x, int64_t ldx, const float* wq, int64_t K, float* out) {
     fgemm_scalar(mr, x, ldx, wq, K, out);
   }
-  static void w4a8_folded(const Problem& p, int mr, int64_t m, int64_t nb, int nv, float* f) {
+  static void w4a8_folded(const Problem& p, int mr, int64_t m, int64_t nb, const float* sT, float* f) {
     alignas(32) int32_t acc[kMaxRows * 8];
     const int64_t per_group = p.G > 1 ? p.gsz / 8 : p.kblocks;
     std::memset(f, 0, sizeof(float) * 8 * mr);
@@ -143,8 +143,7 @@ struct ScalarKernels {
       int_sums_scalar(p, Kind::W4A8Gemm, mr, m, nb, g * per_group, p.G > 1 ? (g + 1) * per_group : p.kblocks, acc);
       for (int r = 0; r < mr; ++r)
         for (int c = 0; c < kBlockN; ++c) {
-          const float s = c < nv ? p.sw[(nb * kBlockN + c) * p.G + g] : 0.0f;
-          f[8 * r + c] = std::fma(float(acc[8 * r + c] - 8 * p.asum[(m + r) * p.G + g]), s, f[8 * r + c]);
+          f[8 * r + c] = std::fma(float(acc[8 * r + c] - 8 * p.asum[(m + r) * p.G + g]), sT[g * 8 + c], f[8 * r + c]);
         }
     }
   }

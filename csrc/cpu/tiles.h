@@ -30,8 +30,9 @@
 //       w, k-quads [q0, q0 + n)
 //   w8a8_gemv4(p, m, nb, out) -> bool   int_sums (SignGemm, all of K) of row m for the 4
 //       blocks nb .. nb + 3 (nb a multiple of 4): out[8 j + c]. false: no such kernel
-//   w4a8_folded(p, mr, m, nb, nv, f)   W4A8 over all groups, f[8 r + c] = sum over g in
-//       order of fma(float(acc_g - 8 asum[m + r][g]), s[n][g], .), from f = 0
+//   w4a8_folded(p, mr, m, nb, sT, f)   W4A8 over all groups, f[8 r + c] = sum over g in
+//       order of fma(float(acc_g - 8 asum[m + r][g]), sT[8 g + c], .), from f = 0; sT: the
+//       block's scales [G][8] (0 past N)
 //   w4a8_gemv4(p, m, nb, nv4, f) -> bool   w4a8_folded of row m for the 4 blocks nb ..
 //       nb + 3 (nv4[j] valid channels each): f[8 j + c]. false: no such kernel
 //   fold_int(mr, acc, s, f)   f = fma(float(acc), s[c], f)   (one group's int32 sums)
@@ -162,6 +163,8 @@ KQ_TILE void tile_int_gemm(const Problem& p, Kind kind, int64_t m0, int64_t m1, 
     }
   }
 general:
+  thread_local std::vector<float> stv;
+  float* sT = nullptr;
   for (int64_t nb = nb_rest; nb < nb1; ++nb) {
     const int64_t n0 = nb * kBlockN;
     const int nv = static_cast<int>(std::min<int64_t>(kBlockN, p.N - n0));
@@ -169,6 +172,11 @@ general:
       for (int c = 0; c < nv; ++c) b8[c] = p.bias[n0 + c];
     if (p.G == 1 && p.sw)
       for (int c = 0; c < kBlockN; ++c) s1[c] = c < nv ? p.sw[n0 + c] : 0.0f;
+    if (kind == Kind::W4A8Gemm) {  // the block's scales [G][8], read by every row tile
+      sT = scratch(stv, p.G * 8);
+      for (int64_t g = 0; g < p.G; ++g)
+        for (int c = 0; c < kBlockN; ++c) sT[g * 8 + c] = c < nv ? p.sw[(n0 + c) * p.G + g] : 0.0f;
+    }
     for (int64_t m = m0; m < m1; m += max_rows) {
       const int mr = static_cast<int>(std::min<int64_t>(max_rows, m1 - m));
       if (p.yt == OutT::I32) {  // int8_mm: raw int32
@@ -178,7 +186,7 @@ general:
         continue;
       }
       if (kind == Kind::W4A8Gemm) {
-        Kernels::w4a8_folded(p, mr, m, nb, nv, f);
+        Kernels::w4a8_folded(p, mr, m, nb, sT, f);
         Kernels::epilogue(p, mr, m, n0, nv, f, b8);
         continue;
       }
