@@ -71,29 +71,31 @@ KQ_AVX2 void quant_rows_avx2(const QuantArgs& a, int64_t m0, int64_t m1) {
   }
 }
 
-// 8-channel block nb to fp32 (q - z) * s, k-major, one k-quad (dequant_quad) at a time
-KQ_AVX2 void dequant_block_avx2(const Problem& p, int64_t nb, int nv, float* dst, int64_t ld) {
+// k-blocks [b0, b1) of 8-channel block nb to fp32 (q - z) * s, k-major from dst, one
+// k-quad (dequant_quad) at a time
+KQ_AVX2 void dequant_block_avx2(const Problem& p, int64_t nb, int nv, int64_t b0, int64_t b1, float* dst, int64_t ld) {
   const bool int4 = p.int4;
   alignas(32) float z8[8], s8[8];
   const int64_t per = int4 ? 8 : 4;
   const int64_t gb = p.G > 1 ? p.gsz / per : p.kblocks;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
-  for (int64_t g = 0; g < p.G; ++g) {
+  for (int64_t g = b0 / gb; g < p.G && g * gb < b1; ++g) {
     for (int c = 0; c < 8; ++c) {
       const int64_t n = nb * kBlockN + c;
       s8[c] = c < nv ? p.sw[n * p.G + g] : 0.0f;
       z8[c] = c < nv && p.zeros ? p.zeros[n * p.G + g] : float(p.wo_zero);
     }
     const __m256 z = _mm256_load_ps(z8), sc = _mm256_load_ps(s8);
-    const int64_t b1 = p.G > 1 ? (g + 1) * gb : p.kblocks;
-    for (int64_t b = g * gb; b < b1; ++b) {
+    const int64_t e = std::min(b1, p.G > 1 ? (g + 1) * gb : p.kblocks);
+    for (int64_t b = std::max(b0, g * gb); b < e; ++b) {
+      float* d = dst + (b - b0) * per * ld;
       if (int4) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.w4 + (nb * p.kblocks + b) * 32));
-        dequant_quad(_mm256_and_si256(v, m4), z, sc, dst + 8 * b * ld, ld);
-        dequant_quad(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), z, sc, dst + (8 * b + 4) * ld, ld);
+        dequant_quad(_mm256_and_si256(v, m4), z, sc, d, ld);
+        dequant_quad(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), z, sc, d + 4 * ld, ld);
       } else {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w8_block(p, nb) + b * kW8Row));
-        dequant_quad(v, z, sc, dst + 4 * b * ld, ld);
+        dequant_quad(v, z, sc, d, ld);
       }
     }
   }

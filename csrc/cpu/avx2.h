@@ -354,16 +354,30 @@ KQ_AVX2 inline void dequant_quad(__m256i v, __m256 z, __m256 s, float* dst, int6
   }
 }
 
-// fp32 GEMM of MR rows with one dequantized 8-channel block wq [K][8]: acc = fma(x[k], w[k], acc)
+// fp32 GEMM of MR rows with two dequantized 8-channel blocks wq [K][16] (channels 0-7 of
+// block nb, 8-15 of nb + 1): f0 / f1 [MR][8] = fma(x[k], w[k], .) over k in order, from 0
+// (init) or from their values (the next K chunk). 2 MR accumulators, 2 loads of w and MR
+// broadcasts of x per k: FMA-bound at MR = 6.
 template <int MR>
-KQ_AVX2 inline void fgemm_avx2(const float* x, int64_t ldx, const float* wq, int64_t K, float* out) {
-  __m256 acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m256 w = _mm256_loadu_ps(wq + 8 * k);
-    for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * ldx + k), w, acc[r]);
+KQ_AVX2 inline void fgemm16_avx2(const float* x, int64_t ldx, const float* wq, int64_t K, float* f0, float* f1,
+                                 bool init) {
+  __m256 c0[MR], c1[MR];
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = init ? _mm256_setzero_ps() : _mm256_loadu_ps(f0 + 8 * r);
+    c1[r] = init ? _mm256_setzero_ps() : _mm256_loadu_ps(f1 + 8 * r);
   }
-  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out + 8 * r, acc[r]);
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 w0 = _mm256_load_ps(wq + 16 * k), w1 = _mm256_load_ps(wq + 16 * k + 8);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
+      c0[r] = _mm256_fmadd_ps(xb, w0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(xb, w1, c1[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(f0 + 8 * r, c0[r]);
+    _mm256_storeu_ps(f1 + 8 * r, c1[r]);
+  }
 }
 
 // ----------------------------------------------------------------------------- kernel set
@@ -409,19 +423,19 @@ struct Avx2Kernels {
     gemv_sign4(p.a8 + m * p.lda, p.aabs + m * p.lda, w8_block(p, nb), w8_block(p, nb + 2), p.kblocks, out);
     return true;
   }
-  KQ_AVX2 static inline void dequant_block(const Problem& p, int64_t nb, int nv, float* dst, int64_t ld) {
-    dequant_block_avx2(p, nb, nv, dst, ld);
+  KQ_AVX2 static inline void dequant_block(const Problem& p, int64_t nb, int nv, int64_t b0, int64_t b1, float* dst,
+                                           int64_t ld) {
+    dequant_block_avx2(p, nb, nv, b0, b1, dst, ld);
   }
-  KQ_AVX2 static inline void fgemm(int mr, const float* x, int64_t ldx, const float* wq, int64_t K, float* out) {
+  KQ_AVX2 static inline void fgemm16(int mr, const float* x, int64_t ldx, const float* wq, int64_t K, float* f0,
+                                     float* f1, bool init) {
     switch (mr) {
-      case 1: fgemm_avx2<1>(x, ldx, wq, K, out); break;
-      case 2: fgemm_avx2<2>(x, ldx, wq, K, out); break;
-      case 3: fgemm_avx2<3>(x, ldx, wq, K, out); break;
-      case 4: fgemm_avx2<4>(x, ldx, wq, K, out); break;
-      case 5: fgemm_avx2<5>(x, ldx, wq, K, out); break;
-      case 6: fgemm_avx2<6>(x, ldx, wq, K, out); break;
-      case 7: fgemm_avx2<7>(x, ldx, wq, K, out); break;
-      default: fgemm_avx2<8>(x, ldx, wq, K, out); break;
+      case 1: fgemm16_avx2<1>(x, ldx, wq, K, f0, f1, init); break;
+      case 2: fgemm16_avx2<2>(x, ldx, wq, K, f0, f1, init); break;
+      case 3: fgemm16_avx2<3>(x, ldx, wq, K, f0, f1, init); break;
+      case 4: fgemm16_avx2<4>(x, ldx, wq, K, f0, f1, init); break;
+      case 5: fgemm16_avx2<5>(x, ldx, wq, K, f0, f1, init); break;
+      default: fgemm16_avx2<6>(x, ldx, wq, K, f0, f1, init); break;
     }
   }
   KQ_AVX2 static inline void w4a8_folded(const Problem& p, int mr, int64_t m, int64_t nb, const float* sT, float* f) {

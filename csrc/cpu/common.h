@@ -128,6 +128,7 @@ struct Problem {
   // q - z into the bf16 codes
   bool whole_zeros = false;
   int wo_zero = 0;  // implicit symmetric zero point for weight-only (8 for int4)
+  int64_t kchunk = 0;  // Int16Gemm, WoBlock: k-blocks per K chunk (plan.cpp sizes it from the L1 size)
   void* y = nullptr;
   OutT yt = OutT::F32;
 };
@@ -305,17 +306,18 @@ inline void end_row(const QuantArgs& a, int64_t m, int64_t k0, float inv, float 
 // Task functions: rows [m0, m1) x 8-channel blocks [nb0, nb1) of p with a kernel of `kind`
 // (the runner in plan.cpp calls them; each output element is written by one task).
 // Quantizers: rows [m0, m1) of a. Dequantizers: 8-channel block nb (nv valid channels) to
-// fp32, k-major: dst[k * ld + c] = (q - z) * s, every k of the padded K.
+// fp32, k-major: dst[(k - k0) * ld + c] = (q - z) * s for the k of k-blocks [b0, b1) (k0:
+// the first k of b0).
 
 // scalar.cpp (and quant_row_scalar above)
 void quant_rows_scalar(const QuantArgs& a, int64_t m0, int64_t m1);
-void dequant_block_scalar(const Problem& p, int64_t nb, int nv, float* dst, int64_t ld);
+void dequant_block_scalar(const Problem& p, int64_t nb, int nv, int64_t b0, int64_t b1, float* dst, int64_t ld);
 void task_scalar(const Problem& p, Kind kind, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);
 
 #if KQ_X86
 // avx2.cpp
 void quant_rows_avx2(const QuantArgs& a, int64_t m0, int64_t m1);
-void dequant_block_avx2(const Problem& p, int64_t nb, int nv, float* dst, int64_t ld);
+void dequant_block_avx2(const Problem& p, int64_t nb, int nv, int64_t b0, int64_t b1, float* dst, int64_t ld);
 void task_avx2(const Problem& p, Kind kind, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);
 
 // avx512.cpp (call only at Isa::Avx512 and above)

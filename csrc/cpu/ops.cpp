@@ -298,6 +298,11 @@ std::tuple<at::Tensor, at::Tensor> grad_quantize(const at::Tensor& x, const at::
 
 int64_t cpu_isa() { return static_cast<int64_t>(active_isa()); }
 int64_t cpu_isa_best() { return static_cast<int64_t>(best_isa()); }
+// [l1, l2, l3] in bytes: the sizes the blocking uses (KQUANT_CPU_CACHE applied), or detected
+std::vector<int64_t> cpu_caches(bool detected) {
+  const Caches c = detected ? detected_caches() : active_caches();
+  return {c.l1, c.l2, c.l3};
+}
 
 }  // namespace
 }  // namespace kquant::cpu
@@ -312,6 +317,7 @@ TORCH_LIBRARY_FRAGMENT(kquant, m) {
   m.def("_grad_quantize_cpu(Tensor x, Tensor u, int bits, int chunk) -> (Tensor, Tensor)");
   m.def("_cpu_isa() -> int", &kquant::cpu::cpu_isa);
   m.def("_cpu_isa_best() -> int", &kquant::cpu::cpu_isa_best);
+  m.def("_cpu_caches(bool detected=False) -> int[]", &kquant::cpu::cpu_caches);
 }
 
 TORCH_LIBRARY_IMPL(kquant, CPU, m) {

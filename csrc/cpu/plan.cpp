@@ -6,10 +6,15 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cctype>
 #include <cstdlib>
+#include <fstream>
 #include <mutex>
 #include <set>
+#include <sstream>
 #include <string>
 
 namespace kquant::cpu {
@@ -38,8 +43,9 @@ constexpr int64_t kAmxBf16MinM = 16;
 constexpr int64_t kAmxBf16RowsPerCall = 1024;
 
 // ----------------------------------------------------------------------------- work split
-// Vector tasks: 48 rows x 8 blocks (64 channels); AMX tasks: 256 rows x 32 blocks (256
-// channels), sized for the AMX kernels' K chunks (amx_int8.cpp, amx_bf16.cpp).
+// Vector tasks: up to kTaskRows rows x 8 blocks (64 channels), fewer rows where L2 is small
+// (blocking below); AMX tasks: 256 rows x 32 blocks (256 channels), sized for the AMX
+// kernels' K chunks (amx_int8.cpp, amx_bf16.cpp).
 constexpr int64_t kTaskRows = 48, kTaskBlocks = 8;
 constexpr int64_t kAmxTaskRows = 256, kAmxTaskBlocks = 32;
 // Problems under ~2M MACs stay on the calling thread: waking a second thread costs
@@ -97,7 +103,93 @@ Isa parse_isa(const std::string& raw) {
   return best;
 }
 
+// ----------------------------------------------------------------------------- caches
+// "32K", "512 KiB", "32M", "1g", "49152" -> bytes; -1 if not a size
+int64_t parse_size(std::string v) {
+  while (!v.empty() && std::isspace(static_cast<unsigned char>(v.back()))) v.pop_back();
+  size_t i = 0;
+  while (i < v.size() && std::isspace(static_cast<unsigned char>(v[i]))) ++i;
+  size_t d = i;
+  while (d < v.size() && std::isdigit(static_cast<unsigned char>(v[d]))) ++d;
+  if (d == i || d - i > 12) return -1;
+  int64_t n = std::stoll(v.substr(i, d - i));
+  std::string u;
+  for (size_t j = d; j < v.size(); ++j)
+    if (!std::isspace(static_cast<unsigned char>(v[j]))) u += static_cast<char>(std::tolower(static_cast<unsigned char>(v[j])));
+  if (u == "" || u == "b") return n;
+  const int64_t mult = u[0] == 'k' ? 1 << 10 : u[0] == 'm' ? 1 << 20 : u[0] == 'g' ? int64_t(1) << 30 : 0;
+  const std::string rest = u.substr(1);
+  if (!mult || !(rest == "" || rest == "b" || rest == "ib")) return -1;
+  return n * mult;
+}
+
+// level 1 (data), 2 or 3 of cpu0 from /sys, or 0
+int64_t sys_cache(int level) {
+  for (int i = 0; i < 8; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::ifstream lf(dir + "level"), tf(dir + "type"), sf(dir + "size");
+    int lv = 0;
+    std::string type, size;
+    if (!(lf >> lv) || !(tf >> type) || !(sf >> size)) continue;
+    if (lv == level && type != "Instruction") return std::max<int64_t>(0, parse_size(size));
+  }
+  return 0;
+}
+
+Caches parse_caches(const std::string& raw, const Caches& base) {
+  Caches c = base;
+  std::string item;
+  std::stringstream ss(raw);
+  while (std::getline(ss, item, ',')) {
+    if (item.find_first_not_of(" \t") == std::string::npos) continue;
+    const size_t eq = item.find('=');
+    std::string key = eq == std::string::npos ? item : item.substr(0, eq);
+    key.erase(std::remove_if(key.begin(), key.end(), [](unsigned char ch) { return std::isspace(ch); }), key.end());
+    for (char& ch : key) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    const int64_t v = eq == std::string::npos ? -1 : parse_size(item.substr(eq + 1));
+    int64_t* dst = key == "l1" ? &c.l1 : key == "l2" ? &c.l2 : key == "l3" ? &c.l3 : nullptr;
+    TORCH_CHECK(dst && v >= (4 << 10) && v <= (int64_t(1) << 40), "kquant cpu: KQUANT_CPU_CACHE='", raw,
+                "': '", item, "' is not a cache size; expected l1=, l2= or l3= with a size from 4K to 1T, e.g. ",
+                "KQUANT_CPU_CACHE=\"l2=512K,l3=32M\" (K, M, G: KiB, MiB, GiB)");
+    *dst = v;
+  }
+  return c;
+}
+
 }  // namespace
+
+Caches detected_caches() {
+  static const Caches found = [] {
+    Caches c;
+    const int64_t l1 = sys_cache(1), l2 = sys_cache(2), l3 = sys_cache(3);
+#ifdef _SC_LEVEL1_DCACHE_SIZE
+    const long s1 = sysconf(_SC_LEVEL1_DCACHE_SIZE), s2 = sysconf(_SC_LEVEL2_CACHE_SIZE),
+               s3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#else
+    const long s1 = 0, s2 = 0, s3 = 0;
+#endif
+    // /sys first: in virtual machines sysconf's L3 can be the whole package's
+    c.l1 = l1 > 0 ? l1 : s1 > 0 ? s1 : c.l1;
+    c.l2 = l2 > 0 ? l2 : s2 > 0 ? s2 : c.l2;
+    c.l3 = l3 > 0 ? l3 : s3 > 0 ? s3 : c.l3;
+    return c;
+  }();
+  return found;
+}
+
+Caches active_caches() {
+  const char* env = std::getenv("KQUANT_CPU_CACHE");
+  const char* value = env ? env : "";
+  thread_local std::string last;
+  thread_local Caches caches;
+  thread_local bool parsed = false;
+  if (!parsed || last != value) {
+    caches = parse_caches(value, detected_caches());  // raises for a bad value: nothing is kept
+    last = value;
+    parsed = true;
+  }
+  return caches;
+}
 
 Isa best_isa() {
   static const Isa best = kquant::cpu_has_amx_int8()      ? Isa::Amx
@@ -153,7 +245,21 @@ Plan plan(Op op, const Problem& p, Isa isa) {
     pl.blocks_per_task = std::max<int64_t>(1, kSlabFloats / (kb * kBlockN));
     return pl;
   }
-  pl.rows_per_task = std::min(std::min(p.M, pl.rows_per_call), amx ? kAmxTaskRows : kTaskRows);
+  // Blocking from the caches: a K chunk's working set in L1 (Int16Gemm: a widened 8-channel
+  // half, 64 bytes per k-quad, and 4 rows of int16 codes; WoBlock: a [k][16] fp32 panel and 6
+  // rows of x, 88 bytes per k), a task's rows of that chunk in half of L2.
+  const Caches cc = active_caches();
+  int64_t task_rows = amx ? kAmxTaskRows : kTaskRows;
+  if (pl.kind == Kind::Int16Gemm) {
+    pl.kchunk = std::max<int64_t>(16, cc.l1 * 3 / 4 / (64 + 4 * 8) / 16 * 16);
+    task_rows = std::clamp<int64_t>(cc.l2 / 2 / (pl.kchunk * 8) / 4 * 4, 16, kTaskRows);
+  } else if (pl.kind == Kind::WoBlock) {
+    const int64_t per = p.int4 ? 8 : 4;
+    const int64_t kc = std::max<int64_t>(32, cc.l1 * 3 / 4 / 88 / 32 * 32);
+    pl.kchunk = kc / per;
+    task_rows = std::max<int64_t>(12, cc.l2 / 2 / (kc * 4) / 6 * 6);  // the rows of x a panel serves
+  }
+  pl.rows_per_task = std::min(std::min(p.M, pl.rows_per_call), task_rows);
   pl.blocks_per_task = amx ? kAmxTaskBlocks : kTaskBlocks;
   const int64_t work = pl.rows_per_task * pl.blocks_per_task * kBlockN * p.Kp / (amx ? kAmxSpeedup : 1);
   pl.grain = std::max<int64_t>(1, kSerialMacs / std::max<int64_t>(1, work));
@@ -197,11 +303,11 @@ void dequant_mm(const Plan& pl, const Problem& p) {
         const int nv = static_cast<int>(std::min<int64_t>(kBlockN, p.N - nb * kBlockN));
 #if KQ_X86
         if (pl.isa != Isa::Scalar) {
-          dequant_block_avx2(p, nb, nv, wd + (nb - b0) * kBlockN, ld);
+          dequant_block_avx2(p, nb, nv, 0, p.kblocks, wd + (nb - b0) * kBlockN, ld);
           continue;
         }
 #endif
-        dequant_block_scalar(p, nb, nv, wd + (nb - b0) * kBlockN, ld);
+        dequant_block_scalar(p, nb, nv, 0, p.kblocks, wd + (nb - b0) * kBlockN, ld);
       }
     });
     res.narrow(1, n0, n1 - n0).copy_(at::mm(xf, wt.narrow(0, 0, p.Kp).narrow(1, 0, n1 - n0)));
@@ -212,9 +318,11 @@ void dequant_mm(const Plan& pl, const Problem& p) {
 
 }  // namespace
 
-void run(const Plan& pl, const Problem& p) {
-  if (p.M == 0 || p.N == 0) return;
-  if (pl.kind == Kind::WoDequantMm) return dequant_mm(pl, p);
+void run(const Plan& pl, const Problem& prob) {
+  if (prob.M == 0 || prob.N == 0) return;
+  if (pl.kind == Kind::WoDequantMm) return dequant_mm(pl, prob);
+  Problem p = prob;
+  p.kchunk = pl.kchunk;
   const int64_t nbt = cdiv(p.N, kBlockN);
   const int64_t mc = std::min(pl.rows_per_task, p.M), ncb = pl.blocks_per_task;
   const int64_t tn = cdiv(nbt, ncb), nt = cdiv(p.M, mc) * tn;

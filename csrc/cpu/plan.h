@@ -30,6 +30,17 @@ Isa best_isa();
 // around ignored) capped at best_isa() with a warning. An unknown value raises.
 Isa active_isa();
 
+// The cache sizes the blocking comes from (bytes): L1 data and L2 of one core, L3 of its
+// cache domain. Read once from the OS (Linux: /sys/devices/system/cpu/cpu0/cache, else
+// sysconf); KQUANT_CPU_CACHE="l1=32K,l2=512K,l3=32M" (any of the three, K/M/G = KiB/MiB/GiB)
+// overrides them, read on every call like KQUANT_CPU_ISA, so that a machine with large caches
+// runs a small-cache CPU's blocking. Blocking never changes results (tests check the bits).
+struct Caches {
+  int64_t l1 = 32 << 10, l2 = 512 << 10, l3 = 8 << 20;
+};
+Caches detected_caches();
+Caches active_caches();
+
 enum class Op {
   Int8Mm,            // int8 [M, K] x int8 [N, K] -> int32
   QuantActLinear,    // W8A8, W4A8: activations quantized per token (or a static scale)
@@ -55,6 +66,7 @@ struct Plan {
   int64_t rows_per_task = 0;    // WoDequantMm: all rows (at::mm)
   int64_t blocks_per_task = 0;  // 8-channel blocks; WoDequantMm: blocks per dequantized slab
   int64_t grain = 1;            // tasks per thread at least: small problems stay on the caller
+  int64_t kchunk = 0;           // Int16Gemm, WoBlock: k-blocks per K chunk (Problem::kchunk)
 };
 
 // The plan for op on p (M, N, Kp, G, gsz, int4, lda, whole_zeros set) at level isa

@@ -27,13 +27,12 @@ void quant_rows_scalar(const QuantArgs& a, int64_t m0, int64_t m1) {
 }
 
 // ----------------------------------------------------------------------------- kernels
-void dequant_block_scalar(const Problem& p, int64_t nb, int nv, float* dst, int64_t ld) {
+void dequant_block_scalar(const Problem& p, int64_t nb, int nv, int64_t b0, int64_t b1, float* dst, int64_t ld) {
   const bool int4 = p.int4;
   const int64_t per = int4 ? 8 : 4;
-  const int64_t kb = p.kblocks * per;
   for (int c = 0; c < 8; ++c) {
     const int64_t n = nb * kBlockN + c;
-    for (int64_t k = 0; k < kb; ++k) {
+    for (int64_t k = b0 * per; k < b1 * per; ++k) {
       const int64_t g = p.G > 1 ? std::min(k / p.gsz, p.G - 1) : 0;
       const float s = c < nv ? p.sw[n * p.G + g] : 0.0f;
       const float z = c < nv && p.zeros ? p.zeros[n * p.G + g] : float(p.wo_zero);
@@ -44,19 +43,20 @@ void dequant_block_scalar(const Problem& p, int64_t nb, int nv, float* dst, int6
       } else {
         q = w8_block(p, nb)[(k / 4) * kW8Row + 4 * c + (k & 3)];
       }
-      dst[k * ld + c] = (float(q) - z) * s;
+      dst[(k - b0 * per) * ld + c] = (float(q) - z) * s;
     }
   }
 }
 
 namespace {
 
-void fgemm_scalar(int mr, const float* x, int64_t ldx, const float* wq, int64_t K, float* out) {
+void fgemm16_scalar(int mr, const float* x, int64_t ldx, const float* wq, int64_t K, float* f0, float* f1, bool init) {
   for (int r = 0; r < mr; ++r)
-    for (int c = 0; c < 8; ++c) {
-      float acc = 0.0f;
-      for (int64_t k = 0; k < K; ++k) acc = std::fma(x[r * ldx + k], wq[8 * k + c], acc);
-      out[8 * r + c] = acc;
+    for (int c = 0; c < 16; ++c) {
+      float* f = (c < 8 ? f0 : f1) + 8 * r + c % 8;
+      float acc = init ? 0.0f : *f;
+      for (int64_t k = 0; k < K; ++k) acc = std::fma(x[r * ldx + k], wq[16 * k + c], acc);
+      *f = acc;
     }
 }
 
@@ -129,11 +129,12 @@ struct ScalarKernels {
   static bool w8a8_gemv4(const Problem&, int64_t, int64_t, int32_t*) { return false; }
   static bool w4a8_gemv4(const Problem&, int64_t, int64_t, const int*, float*) { return false; }
   static bool wo_gemv4(const Problem&, int64_t, int64_t, const int*, float*) { return false; }
-  static void dequant_block(const Problem& p, int64_t nb, int nv, float* dst, int64_t ld) {
-    dequant_block_scalar(p, nb, nv, dst, ld);
+  static void dequant_block(const Problem& p, int64_t nb, int nv, int64_t b0, int64_t b1, float* dst, int64_t ld) {
+    dequant_block_scalar(p, nb, nv, b0, b1, dst, ld);
   }
-  static void fgemm(int mr, const float* x, int64_t ldx, const float* wq, int64_t K, float* out) {
-    fgemm_scalar(mr, x, ldx, wq, K, out);
+  static void fgemm16(int mr, const float* x, int64_t ldx, const float* wq, int64_t K, float* f0, float* f1,
+                      bool init) {
+    fgemm16_scalar(mr, x, ldx, wq, K, f0, f1, init);
   }
   static void w4a8_folded(const Problem& p, int mr, int64_t m, int64_t nb, const float* sT, float* f) {
     alignas(32) int32_t acc[kMaxRows * 8];

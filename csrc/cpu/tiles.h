@@ -46,10 +46,10 @@
 //   wo_gemv4(p, m, nb, nv4, f) -> bool   row m, 4 blocks, all groups: f[8 j + c] = sum_g
 //       s[n][g] * sum over k in g of x[k] * (q - z). false: no such kernel
 //   fold_float(mr, acc, s, f)   f = fma(acc, s[c], f)
-//   dequant_block(p, nb, nv, dst, ld)   block nb as fp32 (q - z) * s for every k of the
-//       padded K, k-major (dst[k ld + c])
-//   fgemm(mr, x, ldx, wq, K, out)   out[8 r + c] = fma chain over k in order of
-//       x[r][k] * wq[8 k + c], from 0
+//   dequant_block(p, nb, nv, b0, b1, dst, ld)   k-blocks [b0, b1) of block nb as fp32
+//       (q - z) * s, k-major (dst[(k - k0) ld + c])
+//   fgemm16(mr, x, ldx, wq, K, f0, f1, init)   f0[8 r + c] (f1: channel 8 + c) = fma chain
+//       over k < K in order of x[r][k] * wq[16 k + c], from 0 (init) or from f0 / f1
 #pragma once
 
 #include "common.h"
@@ -60,7 +60,6 @@ constexpr int kMaxRows = 8;  // largest row tile (weight-only fp32 GEMM)
 constexpr int64_t kSignMaxRows = 3;    // row tile of the sign-trick GEMM
 constexpr int64_t kInt16MaxRows = 4;   // row tile of the int16 GEMM (more rows spill its accumulators)
 constexpr int64_t kWidenMinRows = 32;  // rows from which a task widens a block once for all its row tiles
-constexpr int64_t kWidenChunkQuads = 256;  // k-quads per widened chunk (1024 k)
 
 #define KQ_TILE __attribute__((always_inline)) inline
 
@@ -94,7 +93,7 @@ KQ_TILE void tile_int_gemm(const Problem& p, Kind kind, int64_t m0, int64_t m1, 
     // Widening once per block and chunk (kernel sets with kWidens, tasks of kWidenMinRows
     // rows or more) takes vpmovsxbw out of the inner loop and reads each 64-byte layout-1
     // line once; with fewer rows the widening does not pay for itself.
-    constexpr int64_t kcq = kWidenChunkQuads;
+    const int64_t kcq = std::max<int64_t>(1, p.kchunk);  // k-quads per chunk (plan.cpp, from L1)
     const int64_t mm = m1 - m0;
     thread_local std::vector<int32_t> part;
     thread_local std::vector<int16_t> widev;
@@ -255,27 +254,45 @@ KQ_TILE void tile_wo_fused(const Problem& p, int64_t m0, int64_t m1, int64_t nb0
   }
 }
 
-// Weight-only, moderate M (kind WoBlock): each 8-channel block is dequantized once into a
-// thread-local buffer (it stays in L2), then an fp32 GEMM runs over all rows of the task.
+// Weight-only, moderate M (kind WoBlock): K in chunks of p.kchunk k-blocks; per chunk, each
+// pair of 8-channel blocks is dequantized once into a [k][16] panel that stays in L1, and
+// every row tile of the task runs over it (fgemm16), the fp32 sums carried from chunk to
+// chunk in a [blocks][rows][8] buffer. Each output is one fma chain over k in order, so the
+// chunk size (the cache sizes) never changes the bits.
 template <class Kernels>
 KQ_TILE void tile_wo_dequant(const Problem& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
-  constexpr int max_rows = 8;
-  const int64_t kb = p.kblocks * (p.int4 ? 8 : 4);
-  thread_local std::vector<float> wbuf;
-  if (static_cast<int64_t>(wbuf.size()) < kb * 8) wbuf.resize(kb * 8);
-  float* wq = wbuf.data();
-  alignas(32) float acc[8 * 8];
+  constexpr int max_rows = 6;
+  const int64_t per = p.int4 ? 8 : 4, mm = m1 - m0;
+  const int64_t chunk = std::max<int64_t>(1, p.kchunk);
+  thread_local std::vector<float> wbuf, fbuf;
+  float* wq = scratch(wbuf, chunk * per * 16);
+  float* f = scratch(fbuf, (nb1 - nb0 + 1) * mm * 8);  // + 1: the idle half of an odd last pair
+  for (int64_t b0 = 0; b0 < p.kblocks; b0 += chunk) {
+    const int64_t b1 = std::min(p.kblocks, b0 + chunk), kn = (b1 - b0) * per;
+    for (int64_t nb = nb0; nb < nb1; nb += 2) {
+      for (int h = 0; h < 2; ++h) {
+        const int nv = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kBlockN, p.N - (nb + h) * kBlockN)));
+        if (nb + h < nb1) Kernels::dequant_block(p, nb + h, nv, b0, b1, wq + 8 * h, 16);
+        else
+          for (int64_t k = 0; k < kn; ++k) std::memset(wq + 16 * k + 8, 0, 8 * sizeof(float));
+      }
+      float* f0 = f + (nb - nb0) * mm * 8;
+      for (int64_t m = m0; m < m1; m += max_rows) {
+        const int mr = static_cast<int>(std::min<int64_t>(max_rows, m1 - m));
+        Kernels::fgemm16(mr, p.xf + m * p.ldx + b0 * per, p.ldx, wq, kn, f0 + (m - m0) * 8, f0 + (mm + m - m0) * 8,
+                         b0 == 0);
+      }
+    }
+  }
   alignas(32) float b8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     const int64_t n0 = nb * kBlockN;
     const int nv = static_cast<int>(std::min<int64_t>(kBlockN, p.N - n0));
     if (p.bias)
       for (int c = 0; c < nv; ++c) b8[c] = p.bias[n0 + c];
-    Kernels::dequant_block(p, nb, nv, wq, 8);
-    for (int64_t m = m0; m < m1; m += max_rows) {
-      const int mr = static_cast<int>(std::min<int64_t>(max_rows, m1 - m));
-      Kernels::fgemm(mr, p.xf + m * p.ldx, p.ldx, wq, p.Kp, acc);
-      Kernels::epilogue(p, mr, m, n0, nv, acc, b8);
+    for (int64_t m = m0; m < m1; m += kMaxRows) {
+      const int mr = static_cast<int>(std::min<int64_t>(kMaxRows, m1 - m));
+      Kernels::epilogue(p, mr, m, n0, nv, f + ((nb - nb0) * mm + m - m0) * 8, b8);
     }
   }
 }

@@ -166,6 +166,14 @@ def best_isa() -> str:
     return ISA_NAMES[best()] if best is not None else isa()
 
 
+def cache_sizes(detected: bool = False) -> dict:
+    """The cache sizes (bytes) the kernels' blocking comes from: {"l1": L1 data, "l2": L2 per
+    core, "l3": L3}. ``KQUANT_CPU_CACHE="l2=512K,l3=32M"`` overrides what the CPU reports, so a
+    machine with large caches can run a small-cache CPU's blocking; ``detected=True`` ignores it."""
+    l1, l2, l3 = torch.ops.kquant._cpu_caches(detected)
+    return {"l1": l1, "l2": l2, "l3": l3}
+
+
 _LAYOUTS = {8: LAYOUT_INT8, 4: LAYOUT_INT4, 3: LAYOUT_INT3, 2: LAYOUT_INT2}
 _TO_BLOCKED = {8: int8_to_blocked, 4: int4_to_blocked, 3: int3_to_blocked, 2: int2_to_blocked}
 
