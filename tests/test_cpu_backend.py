@@ -412,6 +412,52 @@ def test_threads_and_isa_give_identical_bits(monkeypatch, m, k, n):
                 assert rel_err(a, c) <= 1e-6, key
 
 
+# ----------------------------------------------------------------------------- cache blocking
+# small caches (many K chunks, few rows per task), this machine's, and a large-cache Xeon's
+CACHES = ["l1=4K,l2=64K,l3=1M", "l1=32K, l2=512K, l3=32M", "L1=48KiB,L2=2M,L3=105M", None]
+
+
+@pytest.mark.parametrize("m,k,n", [(5, 2112, 72), (40, 1000, 48), (300, 384, 40)])
+def test_cache_override_gives_identical_bits(monkeypatch, isa, m, k, n):
+    xp8, pw8, b = make(m, k, n, 8, -1, seed=m)  # per channel: the chunked int16 GEMM
+    xp4, pw4, _ = make(m, k, n, 4, 128, symmetric=False, seed=m + 1)
+    qx = torch.randint(-128, 128, (m, xp8.shape[1]), dtype=torch.int8)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for caches in CACHES:
+            if caches is None:
+                monkeypatch.delenv("KQUANT_CPU_CACHE", raising=False)
+            else:
+                monkeypatch.setenv("KQUANT_CPU_CACHE", caches)
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                y8, r8 = run_act(pw8, xp8, b)
+                assert torch.equal(y8, r8), (caches, t)
+                results.append((caches, t, [y8, run_act(pw4, xp4, b)[0], run_wo(pw8, xp8, b)[0],
+                                            run_wo(pw4, xp4, b)[0], cpu.int8_mm(qx, pw8.qweight)]))
+    finally:
+        torch.set_num_threads(old)
+    for caches, t, outs in results:
+        for i, (a, c) in enumerate(zip(outs, results[0][2])):
+            assert torch.equal(a, c), (caches, t, i)
+
+
+def test_cache_sizes_and_env_values(monkeypatch):
+    monkeypatch.delenv("KQUANT_CPU_CACHE", raising=False)
+    found = cpu.cache_sizes()
+    assert found == cpu.cache_sizes(detected=True) and found["l1"] >= 4096 and found["l2"] >= found["l1"]
+    monkeypatch.setenv("KQUANT_CPU_CACHE", " l2 = 256 KiB ,l3=32m")
+    assert cpu.cache_sizes() == {"l1": found["l1"], "l2": 256 << 10, "l3": 32 << 20}
+    assert cpu.cache_sizes(detected=True) == found
+    for bad in ("l2=abc", "l4=1M", "l2=1K", "l2", "l1=2T"):
+        monkeypatch.setenv("KQUANT_CPU_CACHE", bad)
+        with pytest.raises(RuntimeError, match=r"KQUANT_CPU_CACHE=.*not a cache size.*l1=, l2= or l3="):
+            cpu.cache_sizes()
+    monkeypatch.setenv("KQUANT_CPU_CACHE", "")
+    assert cpu.cache_sizes() == found
+
+
 # ----------------------------------------------------------------------------- errors
 def test_bad_layout_is_rejected():
     xp, pw, b = make(2, 128, 16, 8, -1)

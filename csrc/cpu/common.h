@@ -89,7 +89,7 @@ enum class Kind {
   AmxInt8,      // W8A8, W4A8 and int8_mm on AMX-INT8 tiles (codes in 16 x 64 tiles)
   // fp32 / fp16 / bf16 activations (weight-only): fp32 sums
   WoFused,      // 1-2 rows, whole zero points: dequantize inside the FMA loop
-  WoBlock,      // up to a few hundred rows: dequantize an 8-channel block, fp32 GEMM over rows
+  WoBlock,      // more rows: K chunks of 16-channel panels dequantized into L1, fp32 GEMM over rows
   WoAmxBf16,    // AMX-BF16 tiles: x split exactly into three bf16 parts
   WoDequantMm,  // many rows: dequantize W^T a slab at a time and let at::mm multiply
 };

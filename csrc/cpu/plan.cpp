@@ -32,9 +32,9 @@ constexpr int64_t kSignMaxM = 3;
 constexpr int64_t kAmxMinM = 2;
 constexpr int64_t kAmxMinMW4 = 4;
 // Weight-only strategy by M: fused dequant-FMA kernels while no dequantized copy pays off;
-// then per-block dequantization and an fp32 GEMM over the task's rows; above, one
-// dequantized W^T slab at a time and at::mm (multi-threaded, the best fp32 GEMM on the
-// machine). With AMX-BF16, tiles from kAmxBf16MinM rows.
+// then K chunks of 16-channel panels dequantized into L1 and an fp32 GEMM over the task's
+// rows; above kWoBlockMaxM rows (not at the AVX2 level), one dequantized W^T slab at a time
+// and at::mm. With AMX-BF16, tiles from kAmxBf16MinM rows.
 constexpr int64_t kWoFusedMaxM = 2;
 constexpr int64_t kWoBlockMaxM = 128;
 constexpr int64_t kAmxBf16MinM = 16;
@@ -230,7 +230,9 @@ Plan plan(Op op, const Problem& p, Isa isa) {
     }
     case Op::WeightOnlyLinear:
       if (isa == Isa::Amx && kquant::cpu_has_amx_bf16() && p.M >= kAmxBf16MinM) pl.kind = Kind::WoAmxBf16;
-      else if (p.M > kWoBlockMaxM) pl.kind = Kind::WoDequantMm;
+      // AVX2: the panel kernel beats dequantize-then-at::mm at every M (8-lane FMAs, as MKL's
+      // there); other levels hand many rows to at::mm (AVX-512 sgemm, or a better scalar GEMM)
+      else if (p.M > kWoBlockMaxM && isa != Isa::Avx2) pl.kind = Kind::WoDequantMm;
       else pl.kind = p.M <= kWoFusedMaxM && p.whole_zeros ? Kind::WoFused : Kind::WoBlock;
       break;
   }
