@@ -13,8 +13,10 @@ thread: 0 vpmaddwd + vpaddd on int16 (the W8A8 GEMM of more rows, int8_mm), 1 th
 trick vpsignb + vpmaddubsw + vpmaddwd + vpaddd (W8A8, few rows), 2 vpmaddubsw + vpaddw
 (W4A8), 3 vpmaddubsw + vpmaddwd + vpaddd as fbgemm runs it (inexact for 8-bit operands;
 for scale), 5 AMX tdpbssd on full-width tiles, 6 the per-channel AMX kernel's tile sequence
-from L1, 7 tdpbssd on 8-channel tiles (5-7 need AMX-INT8); 4: read bandwidth (GB/s) of
-`buf`, one slice per thread, read `iters` times.
+from L1, 7 tdpbssd on 8-channel tiles (5-7 need AMX-INT8); 8: fp32 multiply-add rate
+(G/s, 8 per instruction) of vfmadd231ps ymm in twelve independent chains (the weight-only
+kernels' and an fp32 GEMM's instruction); 4: read bandwidth (GB/s) of `buf`, one slice per
+thread, read `iters` times.
 """
 from __future__ import annotations
 
@@ -45,5 +47,5 @@ def _load():
 
 
 def ceiling(kind: int, iters: int, buf: Optional[torch.Tensor] = None) -> float:
-    """GMAC/s (kinds 0-3, 5-7) or GB/s (kind 4, reading ``buf``); builds the extension once."""
+    """GMAC/s (kinds 0-3, 5-7; kind 8: fp32 FMA) or GB/s (kind 4, reading ``buf``); builds the extension once."""
     return _load().ceiling(kind, iters, buf)

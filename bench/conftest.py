@@ -60,7 +60,28 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "mkl_isa": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "default"),
         "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default"),
         "kquant_cpu": kquant.backends()["cpu"]["reason"],
+        "kquant_cpu_isa_env": os.environ.get("KQUANT_CPU_ISA", ""),
+        "kquant_cpu_cache_env": os.environ.get("KQUANT_CPU_CACHE", ""),
     }
+    machine_info["kquant"].update(kquant_cpu_levels())
+
+
+def kquant_cpu_levels() -> dict:
+    """The level and cache sizes (bytes) kquant's CPU kernels run with in this process
+    (KQUANT_CPU_ISA / KQUANT_CPU_CACHE applied), and the cache sizes the CPU reports."""
+    try:
+        from kquant.backends import cpu
+    except ImportError:
+        return {}
+    out = {}
+    for key, fn in (("isa", lambda: cpu.isa()), ("best_isa", lambda: cpu.best_isa()),
+                    ("cache_sizes", lambda: cpu.cache_sizes()),
+                    ("cache_sizes_detected", lambda: cpu.cache_sizes(detected=True))):
+        try:
+            out[key] = fn()
+        except Exception:  # an older build without the function, or no kernels: leave it out
+            pass
+    return out
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

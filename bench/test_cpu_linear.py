@@ -6,7 +6,10 @@
 
 Every case lands in one JSON with group "linear", "minilm" or "ceiling"; extra_info
 carries the shape and what is needed for ratios (MACs, weight bytes, cosine).
-KQUANT_BENCH_QUICK=1 runs only the small shape (a smoke test of the suite).
+The Linear shapes: three LLaMA-7B-sized layers and all-MiniLM-L6-v2's 384x1536 at M = 1, 16,
+128, 512 (4096x4096 also at M = 2, the smallest GEMM after decode), and MiniLM's three layer
+shapes at M = 2048 (a batch of its token rows) only, so the suite's run time stays bounded.
+KQUANT_BENCH_QUICK=1 runs only 384x1536 at M = 1-512 and 384x384 at M = 2048 (a smoke test).
 """
 from __future__ import annotations
 
@@ -30,12 +33,22 @@ cpu = pytest.importorskip("kquant.backends.cpu")
 HAVE_CPU = cpu.BACKEND.available()[0]
 
 QUICK = os.environ.get("KQUANT_BENCH_QUICK") == "1"
-SHAPES = [(384, 1536)] if QUICK else [(4096, 4096), (4096, 11008), (11008, 4096), (384, 1536)]  # (K, N)
 MS = [1, 16, 128, 512]
+MINILM_SHAPES = [(384, 384), (384, 1536), (1536, 384)]  # all-MiniLM-L6-v2's Linear layers (K, N)
+MINILM_M = 2048
+# (K, N) -> the M values it runs at, in the order the cases run (grouped by shape: _Weights
+# keeps one shape's weights at a time)
+if QUICK:
+    SHAPE_MS = {(384, 1536): MS, (384, 384): [MINILM_M]}
+else:
+    SHAPE_MS = {(4096, 4096): [1, 2] + MS[1:], (4096, 11008): MS, (11008, 4096): MS, (384, 1536): MS}
+    for _s in MINILM_SHAPES:
+        SHAPE_MS[_s] = SHAPE_MS.get(_s, []) + [MINILM_M]
+SHAPES = list(SHAPE_MS)
 IMPLS = ["fp32", "fbgemm", "int_mm", "kquant_w8a8", "kquant_w4a8", "kquant_w4a16", "kquant_w8a16"]
 TARGET_S = float(os.environ.get("KQUANT_BENCH_SECONDS", "0.4"))  # measuring time per case
 
-CASES = [(k, n, m, impl) for (k, n) in SHAPES for m in MS for impl in IMPLS]
+CASES = [(k, n, m, impl) for (k, n), ms in SHAPE_MS.items() for m in ms for impl in IMPLS]
 
 
 def run_timed(benchmark, fn):
@@ -217,6 +230,7 @@ CEILINGS = {
     "sign_vpmaddubsw": 1,    # the W8A8 small-M sequence
     "w4a8_vpmaddubsw": 2,    # the W4A8 sequence (int16 accumulation)
     "fbgemm_style": 3,       # vpmaddubsw + vpmaddwd + vpaddd, inexact for 8-bit operands (for scale)
+    "fp32_fma_avx2": 8,      # vfmadd231ps ymm: W8A16/W4A16 and fp32 (GMAC/s = fp32 multiply-adds, 8 each)
 }
 
 
@@ -225,7 +239,8 @@ AMX_CEILINGS = {
     "amx_kernel_seq": 6,     # the per-channel W8A8 kernel's tile sequence (C, A, B loads/stores) from L1
     "amx_tdpbssd_n8": 7,     # tdpbssd on 8-channel tiles: half the MACs per instruction of full width
 }
-HAVE_AMX = HAVE_CPU and cpu.best_isa() == "amx"
+# only where the kernels run AMX: a run held to AVX2 (KQUANT_CPU_ISA=avx2) skips them by itself
+HAVE_AMX = HAVE_CPU and cpu.isa() == "amx"
 
 
 @pytest.mark.skipif(not HAVE_CPU or cpu.isa() == "scalar", reason="needs the AVX2 kernels")
@@ -234,7 +249,7 @@ def test_ceiling(benchmark, name):
     benchmark.group = "ceiling"
     if name in AMX_CEILINGS:
         if not HAVE_AMX:
-            pytest.skip("no AMX-INT8 here")
+            pytest.skip("no AMX-INT8 here, or kquant held below AMX (KQUANT_CPU_ISA)")
         iters = 400_000
         val = max(ceiling(AMX_CEILINGS[name], iters) for _ in range(3))
         benchmark.extra_info.update(kind="ceiling", name=name, value=val, unit="GMAC/s")

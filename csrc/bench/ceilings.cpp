@@ -1,8 +1,9 @@
 // Machine ceilings for bench/ (not part of the kquant package: bench/ceilings.py builds
 // this file on demand as its own extension): the int8 multiply-add peak of each exact AVX2
 // instruction sequence the kernels use (register-only loops, no memory traffic), the AMX
-// peak (tdpbssd alone) and the AMX kernel's own tile sequence from L1, and the read
-// bandwidth of a buffer. The empty asm statements keep the compiler from hoisting
+// peak (tdpbssd alone) and the AMX kernel's own tile sequence from L1, the AVX2 fp32 FMA
+// peak (the weight-only kernels' and fp32 GEMM's instruction), and the read bandwidth of a
+// buffer. The empty asm statements keep the compiler from hoisting
 // loop-invariant multiplies out of the loops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -56,11 +57,42 @@ KQ_AVX2 double peak_kind(int64_t iters) {
   return double(iters) * 6 * (KIND == 0 ? 16 : 32);
 }
 
+// kind 8: fp32 vfmadd231ps on ymm, twelve independent accumulator chains in registers
+// (enough to cover a 4-5 cycle FMA latency on two FMA pipes: 8-10 in flight), returns fp32
+// multiply-adds (8 per instruction). The accumulators only grow (by 0.5 per step), so no
+// denormals or infinities; the opaque operands keep the compiler from folding the steps.
+KQ_AVX2 double fma_loop(int64_t iters) {
+  __m256 c0 = _mm256_set1_ps(0.f), c1 = _mm256_set1_ps(1.f), c2 = _mm256_set1_ps(2.f);
+  __m256 c3 = _mm256_set1_ps(3.f), c4 = _mm256_set1_ps(4.f), c5 = _mm256_set1_ps(5.f);
+  __m256 c6 = _mm256_set1_ps(6.f), c7 = _mm256_set1_ps(7.f), c8 = _mm256_set1_ps(8.f);
+  __m256 c9 = _mm256_set1_ps(9.f), c10 = _mm256_set1_ps(10.f), c11 = _mm256_set1_ps(11.f);
+  __m256 a = _mm256_set1_ps(0.5f), b = _mm256_set1_ps(1.0f);
+  for (int64_t it = 0; it < iters; ++it) {
+    KQ_OPAQUE(a); KQ_OPAQUE(b);
+    c0 = _mm256_fmadd_ps(a, b, c0);
+    c1 = _mm256_fmadd_ps(a, b, c1);
+    c2 = _mm256_fmadd_ps(a, b, c2);
+    c3 = _mm256_fmadd_ps(a, b, c3);
+    c4 = _mm256_fmadd_ps(a, b, c4);
+    c5 = _mm256_fmadd_ps(a, b, c5);
+    c6 = _mm256_fmadd_ps(a, b, c6);
+    c7 = _mm256_fmadd_ps(a, b, c7);
+    c8 = _mm256_fmadd_ps(a, b, c8);
+    c9 = _mm256_fmadd_ps(a, b, c9);
+    c10 = _mm256_fmadd_ps(a, b, c10);
+    c11 = _mm256_fmadd_ps(a, b, c11);
+  }
+  KQ_OPAQUE(c0); KQ_OPAQUE(c1); KQ_OPAQUE(c2); KQ_OPAQUE(c3); KQ_OPAQUE(c4); KQ_OPAQUE(c5);
+  KQ_OPAQUE(c6); KQ_OPAQUE(c7); KQ_OPAQUE(c8); KQ_OPAQUE(c9); KQ_OPAQUE(c10); KQ_OPAQUE(c11);
+  return double(iters) * 12 * 8;
+}
+
 double peak_loop(int kind, int64_t iters) {
   switch (kind) {
     case 0: return peak_kind<0>(iters);
     case 1: return peak_kind<1>(iters);
     case 2: return peak_kind<2>(iters);
+    case 8: return fma_loop(iters);
     default: return peak_kind<3>(iters);
   }
 }
@@ -136,8 +168,8 @@ KQ_AVX2 int64_t read_loop(const uint8_t* p, int64_t n) {
 }
 #endif
 
-// kind 0..3, 5-7: int8 GMAC/s of the instruction sequence on all threads;
-// kind 4: GB/s reading `buf` (one slice per thread), repeated `iters` times.
+// kind 0..3, 5-7: int8 GMAC/s of the instruction sequence on all threads; kind 8: fp32
+// FMA multiply-adds (G/s) of vfmadd231ps ymm on all threads; kind 4: GB/s reading `buf` (one slice per thread), repeated `iters` times.
 double ceiling(int64_t kind, int64_t iters, const std::optional<at::Tensor>& buf) {
 #if KQ_X86
   TORCH_CHECK(kquant::cpu_has_avx2_fma(), "ceilings need AVX2");
@@ -150,12 +182,12 @@ double ceiling(int64_t kind, int64_t iters, const std::optional<at::Tensor>& buf
     at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) work[i] = amx_loop(static_cast<int>(kind), iters);
     });
-  } else if (kind < 4) {
+  } else if (kind < 4 || kind == 8) {
     at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) work[i] = peak_loop(static_cast<int>(kind), iters);
     });
   } else {
-    TORCH_CHECK(kind == 4, "kquant ceilings: unknown kind ", kind, " (0-7)");
+    TORCH_CHECK(kind == 4, "kquant ceilings: unknown kind ", kind, " (0-8)");
     TORCH_CHECK(buf.has_value() && buf->is_contiguous(), "kind 4 needs a contiguous buffer");
     const uint8_t* p = static_cast<const uint8_t*>(buf->data_ptr());
     const int64_t n = buf->nbytes(), per = (n / nt) & ~int64_t(127);
@@ -185,5 +217,6 @@ double ceiling(int64_t kind, int64_t iters, const std::optional<at::Tensor>& buf
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ceiling", &kquant::bench::ceiling, py::arg("kind"), py::arg("iters"), py::arg("buf") = py::none(),
-        "kind 0-3, 5-7: int8 GMAC/s of an instruction sequence on all threads; kind 4: GB/s reading buf");
+        "kind 0-3, 5-7: int8 GMAC/s of an instruction sequence on all threads; kind 8: fp32 FMA G/s (8 per "
+        "vfmadd231ps ymm); kind 4: GB/s reading buf");
 }
