@@ -1,8 +1,10 @@
-"""2- and 3-bit weights on the CPU backend (csrc/cpu/lowbit*) against the reference oracle.
+"""2- and 3-bit weights on the CPU backend (csrc/cpu/lowbit*) against the reference oracle, and
+the 4-bit weight-only calls that run on the same float decode kernels (layout 2).
 
 The reference functions are called directly. Every case runs at the scalar level and at AVX2
 where the CPU has it (KQUANT_CPU_ISA, read per call), and through both ways a call can run
-(the private ops' ``path``: 1 the decode kernels on layouts 3/4, 2 unpacked into layout 1).
+(the private ops' ``path``: 1 the decode kernels on layouts 3/4 (and 2), 2 unpacked into
+layout 1, or for 4 bits the weight-only kinds of plan.cpp).
 
 * int8 activations: the int32 group sums are checked exactly with x whose per-token scale is
   exactly 1 (integers, largest |x| = 127) and unit weight scales, so y equals the sums; random
@@ -17,7 +19,7 @@ import torch
 
 import kquant
 from kquant.backends import reference as ref
-from kquant.format import pack_codes, padded_k, quantize_weight, symmetric_zero, to_canonical
+from kquant.format import pack_codes, pack_int4, padded_k, quantize_weight, symmetric_zero, to_canonical
 from kquant.spec import LinearSpec
 
 cpu = pytest.importorskip("kquant.backends.cpu")
@@ -304,6 +306,133 @@ def test_levels_and_threads_give_identical_bits(monkeypatch, bits):
                     assert torch.equal(y, same), (a8, sym, m, gs, level, nt, path)
     finally:
         torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- 4-bit weight-only decode
+# _w4a16_linear_cpu on the float decode kernels (path 1; path 0 takes them at the scalar and AVX2
+# levels up to 128 rows) against the reference and against the plan's kinds (path 2), which the
+# calls the decode kernels cannot take must fall back to bit for bit.
+def run4(pw, x, bias=None, zeros=None, path=0):
+    data = cpu._blocked(pw.qweight, 4, x.shape[1])
+    return torch.ops.kquant._w4a16_linear_cpu(x, data, pw.scales, zeros, bias, pw.group_size, path)
+
+
+@pytest.mark.parametrize("gs", GROUPS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_w4_decode_matches_reference(isa, gs, symmetric):
+    # K tails (K not a multiple of 64), one and two rows (the decode calls), more rows (path 1
+    # and up to 128 rows path 0 too), channel tails
+    for path in (0, 1):
+        for m, k, n in ((1, 1, 5), (1, 100, 33), (2, 1025, 24), (2, 64, 8), (1, 4096, 40), (2, 700, 17),
+                        (3, 33, 16), (17, 256, 20), (0, 64, 8)):
+            x, pw, b = make(m, k, n, 4, gs, symmetric, seed=k + m + n)
+            y = run4(pw, x, b, pw.zeros, path)
+            r = ref.weight_only_linear(x, pw.qweight, pw.scales, pw.zeros, b, gs, 4)
+            assert y.shape == r.shape == (m, n)
+            if m:
+                assert rel_err(y, r) <= TOL[torch.float32], (path, m, k, n)
+
+
+def test_w4_decode_dtypes_and_extreme_zero_points(isa):
+    for dtype in (torch.bfloat16, torch.float16):
+        x, pw, b = make(2, 300, 24, 4, 128, False, dtype, seed=6)
+        y = run4(pw, x, b, pw.zeros, 1)
+        r = ref.weight_only_linear(x, pw.qweight, pw.scales, pw.zeros, b, 128, 4)
+        assert y.dtype == dtype and rel_err(y, r) <= TOL[torch.bfloat16]
+    n, k = 16, 256
+    for code in (0, 15):
+        # every code at one end, whole zero points at the other end and far beyond (|z| <= 1024
+        # is exact in the kernels), and just beyond what they take (1025: the plan's kinds)
+        for z in (15 - code, 1024.0, -1024.0, 1025.0):
+            zeros = torch.full((n, 2), float(z))
+            pw = kquant.format.PackedWeight(pack_int4(torch.full((n, k), code, dtype=torch.uint8)),
+                                            torch.rand(n, 2) + 0.5, zeros, 4, 128, k)
+            x = torch.randn(2, k)
+            y = run4(pw, x, None, zeros, 1)
+            r = ref.weight_only_linear(x, pw.qweight, pw.scales, zeros, None, 128, 4)
+            assert rel_err(y, r) <= TOL[torch.float32], (code, z)
+            if z == 1025.0:
+                assert torch.equal(y, run4(pw, x, None, zeros, 2))
+
+
+def test_w4_decode_products_do_not_cancel(isa):
+    # x near 100, codes alternating z + 1, z - 1 around zero points far from 8
+    k, n = 256, 32
+    x = 100.0 + 0.01 * torch.randn(1, k, generator=torch.Generator().manual_seed(5))
+    z = torch.tensor([1.0, 2.0, 3.0, 14.0] * (n // 4)).view(n, 1)
+    q = (z + torch.tensor([1, -1] * (k // 2))).to(torch.int32)
+    pw = kquant.format.PackedWeight(pack_int4(q.to(torch.uint8)), torch.full((n, 1), 0.01), z, 4, -1, k)
+    exact = (x.double() @ (q - z).double().T) * 0.01
+    for m in (1, 2):
+        assert rel_err(run4(pw, x.expand(m, k).contiguous(), None, z, 1), exact.expand(m, n)) <= 0.02
+
+
+def test_w4_fractional_zero_points_fall_back(isa):
+    # zero points that are not whole numbers: the plan's kinds on every path, bit for bit
+    for m in (1, 2):
+        x, pw, b = make(m, 200, 24, 4, 64, False, seed=7)
+        frac = pw.zeros + 0.25
+        want = run4(pw, x, b, frac, 2)
+        assert rel_err(want, ref.weight_only_linear(x, pw.qweight, pw.scales, frac, b, 64, 4)) <= TOL[torch.float32]
+        for path in (0, 1):
+            assert torch.equal(run4(pw, x, b, frac, path), want), (m, path)
+
+
+@pytest.mark.parametrize("bits", BITS + [4])
+def test_huge_and_tiny_x_fall_back(isa, bits):
+    # x the decode kernels' scaling by 2^(7 - p) would not keep exact (|x| >= 2^120 overflows, 0 <
+    # |x| < 2^-119 loses bits): those calls take the other kernels (path 2's), bit for bit, and give
+    # no inf / NaN the reference does not
+    fn = run4 if bits == 4 else (lambda pw, x, b, z, path: run(pw, x, b, z, a8=False, path=path))
+    for sym in (True, False):
+        for case in ("huge", "-huge", "tiny", "subnormal", "tiny row", "inf", "nan"):
+            x, pw, b = make(2, 300, 24, bits, 64, sym, seed=9)
+            if case == "tiny row":
+                x[1] *= 2.0 ** -122
+            else:
+                x[0, 5] = {"huge": 2.0 ** 121, "-huge": -(2.0 ** 125), "tiny": 2.0 ** -126, "subnormal": 1e-40,
+                           "inf": float("inf"), "nan": float("nan")}[case]
+            want = fn(pw, x, b, pw.zeros, 2)
+            for path in (0, 1):
+                torch.testing.assert_close(fn(pw, x, b, pw.zeros, path), want, rtol=0, atol=0, equal_nan=True)
+            if case not in ("inf", "nan"):
+                r = ref.weight_only_linear(x, pw.qweight, pw.scales, pw.zeros, b, 64, bits)
+                assert torch.isfinite(want).all() and torch.isfinite(r).all(), case
+                assert rel_err(want[0], r[0]) <= TOL[torch.float32], case
+        # in range at both ends: the decode kernels, still within tolerance
+        x, pw, b = make(2, 300, 24, bits, 64, sym, seed=10)
+        x[0] *= 2.0 ** 100
+        x[1] *= 2.0 ** -100
+        r = ref.weight_only_linear(x, pw.qweight, pw.scales, pw.zeros, b, 64, bits)
+        assert rel_err(fn(pw, x, b, pw.zeros, 1)[0], r[0]) <= TOL[torch.float32]
+        assert rel_err(fn(pw, x, b, pw.zeros, 1)[1], r[1]) <= TOL[torch.float32]
+
+
+@pytest.mark.skipif(len(ISAS) < 2, reason="one ISA level on this CPU")
+def test_w4_levels_and_threads_give_identical_bits(monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        # the first two split their blocks across threads
+        for m, gs, k, n, sym in ((1, 128, 4096, 2304, True), (2, -1, 1000, 2304, False), (2, 32, 512, 72, True),
+                                 (5, 64, 512, 72, False), (1, -1, 100, 33, True)):
+            x, pw, b = make(m, k, n, 4, gs, sym, seed=m + k)
+            outs = []
+            for level in ISAS:
+                monkeypatch.setenv("KQUANT_CPU_ISA", level)
+                for nt in {1, max(2, threads)}:
+                    torch.set_num_threads(nt)
+                    for path in (0, 1):
+                        outs.append((level, nt, path, run4(pw, x, b, pw.zeros, path)))
+            for level, nt, path, y in outs:
+                assert torch.equal(y, outs[0][3]), (m, gs, level, nt, path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_w4_bad_path_is_rejected():
+    x, pw, _ = make(1, 64, 8, 4, 32)
+    with pytest.raises(RuntimeError, match="path"):
+        run4(pw, x, None, None, 3)
 
 
 # ----------------------------------------------------------------------------- the backend

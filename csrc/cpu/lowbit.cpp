@@ -1,10 +1,11 @@
 // The 2- and 3-bit linear ops (_w3a8, _w2a8, _w3a16, _w2a16_linear_cpu) on layouts 3 and 4
-// (lowbit.h), their driver and the scalar kernels.
+// (lowbit.h), their driver and the scalar kernels; and the 4-bit weight-only calls of up to 128
+// rows (w4_decode, from _w4a16_linear_cpu) on the same driver's float decode kernels.
 //
 // Two ways to run a call (unpacked() picks one):
 //  * decode kernels that read the packed codes, in tiles of one or two rows (int8 activations;
-//    float activations with small whole zero points), a chunk of blocks at a time so that its
-//    weights stay in L2 for every tile of rows after the first;
+//    float activations with small whole zero points and x the scaling keeps exact), a chunk of
+//    blocks at a time so that its weights stay in L2 for every tile of rows after the first;
 //  * unpacked: a chunk of output channels at a time unpacked into layout 1, sized to stay in L2,
 //    and run by the int8 or weight-only plan of plan.h: symmetric codes as u - z (the int8 GEMMs
 //    stay exact), asymmetric weight-only codes as u with the float zero points, which the
@@ -26,6 +27,7 @@ inline int code_at(const LowBit& lb, int64_t nb, int c, int64_t k) {
   const uint8_t* r = lb.block(nb) + (k / low_unit_k(lb.bits)) * lb.unit_bytes() + 4 * c + (k & 3);  // (row A)
   const int t = static_cast<int>((k >> 2) & 7);
   if (lb.bits == 2) return (r[0] >> (2 * (t & 3))) & 3;
+  if (lb.bits == 4) return (r[0] >> (4 * (t & 1))) & 15;
   if (t < 6) return (r[32 * (t >> 1)] >> (3 * (t & 1))) & 7;
   return (r[32 * (t - 6)] >> 6) | (((r[64] >> t) & 1) << 2);
 }
@@ -66,10 +68,42 @@ void low_channel_scalar(const Problem& p, const LowBit& lb, bool a8, int64_t n) 
   }
 }
 
+// 4-bit weights, float activations (lowbit.h): chains per lane half h and field q
+void low4_channel_scalar(const Problem& p, const LowBit& lb, int64_t n) {
+  const int64_t nb = n / kBlockN;
+  const int c = static_cast<int>(n % kBlockN);
+  const float field[4] = {0x1p-7f, 0x1p-3f, 0x1p1f, 0x1p5f};  // 2^(p - 7) for p = 4 q
+  for (int64_t m = 0; m < p.M; ++m) {
+    const float* x = p.xf + m * p.ldx;  // scaled, at low4_slot
+    float f = 0.0f;
+    for (int64_t g = 0; g < p.G; ++g) {
+      const int64_t u0 = g * lb.per_group, u1 = std::min(u0 + lb.per_group, lb.units);
+      const float z = p.zeros ? p.zeros[n * p.G + g] : float(lb.zero);
+      float acc[2][4] = {};
+      for (int64_t u = u0; u < u1; ++u)
+        for (int h = 0; h < 2; ++h)
+          for (int q = 0; q < 4; ++q) {
+            const int r = 2 * h + (q >> 1) + 4 * (q & 1);
+            const float wv = (float(code_at(lb, nb, c, 8 * u + r)) - z) * field[q];  // exact
+            acc[h][q] = std::fma(x[8 * u + low4_slot(r)], wv, acc[h][q]);
+          }
+      const float half0 = (acc[0][0] + acc[0][1]) + (acc[0][2] + acc[0][3]);
+      const float half1 = (acc[1][0] + acc[1][1]) + (acc[1][2] + acc[1][3]);
+      f = std::fma(half0 + half1, p.sw[n * p.G + g], f);
+    }
+    float v = f;
+    if (p.bias) v = v + p.bias[n];
+    store_f(p.y, p.yt, m * p.N + n, v);
+  }
+}
+
 }  // namespace
 
 void low_task_scalar(const Problem& p, const LowBit& lb, bool a8, int64_t nb0, int64_t nb1) {
-  for (int64_t n = nb0 * kBlockN; n < std::min(p.N, nb1 * kBlockN); ++n) low_channel_scalar(p, lb, a8, n);
+  for (int64_t n = nb0 * kBlockN; n < std::min(p.N, nb1 * kBlockN); ++n) {
+    if (lb.bits == 4) low4_channel_scalar(p, lb, n);
+    else low_channel_scalar(p, lb, a8, n);
+  }
 }
 
 void low_unpack_scalar(const LowBit& lb, int64_t nb, int sub, int8_t* dst) {
@@ -103,24 +137,48 @@ void low_task(Isa isa, const Problem& p, const LowBit& lb, bool a8, int64_t nb0,
   low_task_scalar(p, lb, a8, nb0, nb1);
 }
 
-// The decode kernels over all channels, 4 blocks per task
-void run_decode(Problem& p, const LowBit& lb, bool a8, Isa isa, const at::Tensor& x,
+// Whether x * 2^e is exact for |e| <= 7 for all n values of x (lowbit.h): none NaN or infinite,
+// none of magnitude 2^120 or more, none but zeros below 2^-119
+bool scalable(const float* x, int64_t n) {
+  int32_t bad = 0;  // on the bits, which vectorizes: |x| >= 2^120 (NaN, Inf too), 0 < |x| < 2^-119
+  for (int64_t i = 0; i < n; ++i) {
+    int32_t b;
+    std::memcpy(&b, x + i, 4);
+    b &= 0x7FFFFFFF;
+    bad |= (b >= ((127 + 120) << 23)) | ((b > 0) & (b < ((127 - 119) << 23)));
+  }
+  return !bad;
+}
+
+// The decode kernels over all channels, 4 blocks per task. Float activations that the scaling
+// would not keep exact (scalable) are left to the caller: returns false, y untouched.
+bool run_decode(Problem& p, const LowBit& lb, bool a8, Isa isa, const at::Tensor& x,
                 const std::optional<at::Tensor>& act_scale) {
   Plan pl;
   pl.isa = isa;
   pl.acts = a8 ? Acts::Int8AndSums : Acts::Fp32Padded;
   const ActBuffers acts = a8 ? quantize_acts(pl, p, x, act_scale) : float_acts(pl, p, x);
   if (!a8) {  // x[k] * 2^(7 - p) for the field bit p of k's codes (exact)
+    float* xf = acts.x.data_ptr<float>();
+    if (!scalable(xf, p.M * p.ldx)) return false;
     float scale[32];
     for (int k = 0; k < 32; ++k) scale[k] = std::ldexp(1.0f, 7 - low_field_bit(lb.bits, k));
-    float* xf = acts.x.data_ptr<float>();
-    for (int64_t i = 0; i < p.M * p.ldx; ++i) xf[i] *= scale[i & 31];  // ldx: a multiple of 64
+    if (lb.bits == 4) {  // and each unit's 8 values put in low4_slot order
+      for (int64_t i = 0; i < p.M * p.ldx; i += 8) {
+        float t[8];
+        for (int r = 0; r < 8; ++r) t[low4_slot(r)] = xf[i + r] * scale[r];
+        std::memcpy(xf + i, t, sizeof(t));
+      }
+    } else {
+      for (int64_t i = 0; i < p.M * p.ldx; ++i) xf[i] *= scale[i & 31];  // ldx: a multiple of 64
+    }
   }
   const int64_t nbt = cdiv(p.N, kBlockN), tasks = cdiv(nbt, 4);
   const int64_t grain = std::max<int64_t>(1, kSerialMacs / std::max<int64_t>(1, 4 * kBlockN * p.Kp * p.M));
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
     low_task(isa, p, lb, a8, 4 * t0, std::min(nbt, 4 * t1));
   });
+  return true;
 }
 
 // Channels [n0, n0 + nc) (n0 a multiple of 16) of lb as layout 1 at dst, codes minus sub
@@ -181,13 +239,17 @@ void run_chunks(const Plan& pl, const Problem& p, const LowBit& lb, int sub, Isa
 
 // Zero points the decode kernels take: whole numbers small enough that 2^16 + z 2^(p - 7) is exact
 bool small_whole(const float* z, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    if (!(std::fabs(z[i]) <= 1024.0f) || std::nearbyint(z[i]) != z[i]) return false;
-  return true;
+  int32_t bad = 0;  // one branch-free pass, which vectorizes (the 4-bit decode calls check each call)
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(z[i]);
+    bad |= !(a <= 1024.0f) | ((a + 0x1p23f) - 0x1p23f != a);  // rounded to a whole number: unchanged
+  }
+  return !bad;
 }
 
 // Whether a call runs on unpacked layout-1 weights (path 0: the faster; 1: the decode kernels
-// where they can, 2: unpacked). Zero points that are not small whole numbers always do.
+// where they can, 2: unpacked). Zero points that are not small whole numbers always do, and so
+// do float activations that the decode kernels' scaling would not keep exact (run_decode).
 bool unpacked(const Problem& p, bool a8, Isa isa, bool zeros_ok, int64_t path) {
   if (!zeros_ok) return true;
   if (path != 0) return path == 2;
@@ -227,10 +289,9 @@ at::Tensor low_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tenso
   p.kblocks = kpad / 4;  // the k-quads of layout 1 (the activations' padded K)
   p.lda = kpad;
   TORCH_CHECK(path >= 0 && path <= 2, "kquant cpu: path must be 0 (auto), 1 (decode) or 2 (unpacked), got ", path);
-  if (!unpacked(p, A8, isa, !p.zeros || small_whole(p.zeros, zeros.numel()), path)) {
-    run_decode(p, lb, A8, isa, t.x, act_scale);
+  if (!unpacked(p, A8, isa, !p.zeros || small_whole(p.zeros, zeros.numel()), path) &&
+      run_decode(p, lb, A8, isa, t.x, act_scale))
     return t.y;
-  }
   // layout 1 of u - z (symmetric) or of u with the zero points applied by the kernels
   const int sub = p.zeros ? 0 : lb.zero;
   p.whole_zeros = !p.zeros || whole_numbers(p.zeros, zeros.numel());
@@ -249,6 +310,32 @@ at::Tensor low_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tenso
   }
   return t.y;
 }
+
+}  // namespace
+
+// W4A16 at the scalar and AVX2 levels up to this many rows: those WoFused and WoBlock would take
+// (plan.cpp). Measured on AVX2 (Zen 2, 4096 x 4096, groups of 128, one thread), the decode
+// kernels run one row at 1.75x WoFused's speed (17.6 GMAC/s), two at 1.45x (23.1), and 2.6x, 2.1x,
+// 1.5x, 1.3x WoBlock's at 3, 4, 8, 16 rows, still 1.1x at 64 and 128 (23.6 GMAC/s against 21.6);
+// at 256 rows at::mm on dequantized slabs is 1.45x faster. Calls the decode kernels do not take
+// (zero points that are not small whole numbers, x the scaling would not keep exact) keep those
+// kinds. The AVX-512 and AMX levels keep their own kernels (their one-row GEMV, AMX-BF16 tiles).
+constexpr int64_t kW4DecodeMaxM = 128;
+
+bool w4_decode(Problem& p, const at::Tensor& x, int64_t path) {
+  const Isa isa = active_isa();
+  if (path == 2 || (path == 0 && (isa > Isa::Avx2 || p.M > kW4DecodeMaxM))) return false;
+  if (p.zeros && !small_whole(p.zeros, p.N * p.G)) return false;
+  LowBit lb;
+  lb.bits = 4;
+  lb.w = p.w4;
+  lb.units = p.kblocks;  // k-octets
+  lb.per_group = p.G > 1 ? p.gsz / low_unit_k(4) : lb.units;
+  lb.zero = 8;
+  return run_decode(p, lb, false, isa, x, std::nullopt);
+}
+
+namespace {
 
 // the op schemas of the int8 / weight-only linears (group_size: the scales' columns decide;
 // path: see unpacked())

@@ -1,8 +1,11 @@
 // AVX2 kernels of the 2- and 3-bit weights (lowbit.h): the decode kernels for int8 and float
-// activations, and the unpacking into layout 1. Vector shifts issue once per cycle on the CPUs
-// this targets, against two vpshufb and three or four logic ops per cycle, so codes are cut out
-// of their bytes with as few shifts as the layouts allow (a vpshufb table stands in for one),
-// and the float kernels AND each field in place (lowbit.h).
+// activations, and the unpacking into layout 1; and the float decode kernels of 4-bit weights
+// (layout 2). Vector shifts issue once per cycle on the CPUs this targets, against two vpshufb
+// and three or four logic ops per cycle, so codes are cut out of their bytes with as few shifts
+// as the layouts allow (a vpshufb table stands in for one), and the float kernels AND each field
+// in place (lowbit.h). Measured on Zen 2, an AND next to each FMA costs about as much as the FMA
+// (a field's AND, subtraction and FMA take 1.2 cycles where the last two alone take 0.7), which is
+// what bounds the one-row float kernels.
 #include <utility>
 
 #include "avx2.h"
@@ -304,6 +307,127 @@ KQ_AVX2 void a16_blocks(const Problem& p, const LowBit& lb, int64_t m, int64_t n
     for (int j = 0; j < NB; ++j) _mm256_storeu_ps(out + (r * NB + j) * 8, f[r][j]);
 }
 
+// ----------------------------------------------------------------------------- 4-bit, float activations
+// The constants of the conversions (lowbit.h): the exponent bits interleaved with a unit row,
+// and the masks of fields q = 0 .. 3 (bit 4 q) with the exponent bits, kept in registers
+struct W4Consts {
+  __m256i e, mask[4];
+  KQ_AVX2 W4Consts() {
+    e = _mm256_set1_epi16(static_cast<int16_t>(kExp16 >> 16));
+    for (int q = 0; q < 4; ++q) mask[q] = _mm256_set1_epi32(kExp16 | (15 << (4 * q)));
+  }
+  // once per unit: else the register allocator reloads the masks from the stack for every code
+  KQ_AVX2 void pin() { asm volatile("" : "+x"(mask[0]), "+x"(mask[1]), "+x"(mask[2]), "+x"(mask[3])); }
+};
+
+// view V of unit row wu: view 0 holds channels 0, 1, 4, 5 and view 1 channels 2, 3, 6, 7, a
+// 32-bit lane per (channel, lane half h), so one 8-byte broadcast of x serves both halves and
+// vhaddps puts the two views' half sums back in channel order
+template <int V>
+KQ_AVX2 inline __m256i w4_view(const W4Consts& l, const uint8_t* wu) {
+  const __m256i row = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wu));
+  return V ? _mm256_unpackhi_epi16(row, l.e) : _mm256_unpacklo_epi16(row, l.e);
+}
+
+// x'[k(0, q)], x'[k(1, q)] of unit u (adjacent: low4_slot) in the lanes of halves 0, 1
+KQ_AVX2 inline __m256 w4_x(const float* x, int64_t u, int q) {
+  return _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(x + 8 * u + 2 * q)));
+}
+
+// sub[v][q] = 2^16 + z 2^(4 q - 7) in view v's lanes for the block's zero points of group g (zT:
+// transposed, [G][8]; null: zero, the views alike)
+KQ_AVX2 inline void w4_subtrahends(const float* zT, int64_t g, int zero, float (*sub)[4][8]) {
+  const __m256i lanes[2] = {_mm256_setr_epi32(0, 0, 1, 1, 4, 4, 5, 5), _mm256_setr_epi32(2, 2, 3, 3, 6, 6, 7, 7)};
+  for (int v = 0; v < 2; ++v) {
+    const __m256 z = zT ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(zT + g * 8), lanes[v]) : _mm256_set1_ps(float(zero));
+    for (int q = 0; q < 4; ++q)
+      _mm256_store_ps(sub[v][q],
+                      _mm256_fmadd_ps(z, _mm256_set1_ps(std::ldexp(1.0f, 4 * q - 7)), _mm256_set1_ps(65536.0f)));
+  }
+}
+
+// the half sums of a view's four chains, (q0 + q1) + (q2 + q3)
+KQ_AVX2 inline __m256 w4_sum(const __m256 (&a)[4]) {
+  return _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+}
+
+// The chains acc[r][q] += x'(q) (u - z) 2^(4 q - 7) of MR rows over units [u0, u1) of a block (at
+// w; the next block's units prefetched), then tot[r][v] = w4_sum of view v's. Inlined before GCC
+// splits up the chains' arrays, else it stores them on every unit.
+// Two rows, view V: eight chains, the masks in registers (two views at once would spill).
+template <int MR, int V>
+KQ_AVX2 __attribute__((always_inline)) inline void w4_pass(W4Consts& l, const uint8_t* w, int64_t bb, int64_t u0,
+                                                           int64_t u1, const float* x, int64_t ldx,
+                                                           const float (*sub)[8], __m256 (&tot)[MR][2]) {
+  __m256 acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < 4; ++q) acc[r][q] = _mm256_setzero_ps();
+  for (int64_t u = u0; u < u1; ++u) {
+    l.pin();
+    if (V == 0) _mm_prefetch(reinterpret_cast<const char*>(w + bb + 32 * u), _MM_HINT_T1);
+    const __m256i wv = w4_view<V>(l, w + 32 * u);
+    for (int q = 0; q < 4; ++q) {
+      const __m256 fv = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_and_si256(wv, l.mask[q])), _mm256_load_ps(sub[q]));
+      for (int r = 0; r < MR; ++r) acc[r][q] = _mm256_fmadd_ps(w4_x(x + r * ldx, u, q), fv, acc[r][q]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) tot[r][V] = w4_sum(acc[r]);
+}
+
+// One row, both views at once (four chains alone would wait on the FMA latency): a code of each
+// view per broadcast of x, which would otherwise stay in a register for the second view and push
+// chains out of theirs
+KQ_AVX2 __attribute__((always_inline)) inline void w4_both(W4Consts& l, const uint8_t* w, int64_t bb, int64_t u0,
+                                                           int64_t u1, const float* x, const float (*sub0)[8],
+                                                           const float (*sub1)[8], __m256 (&tot)[1][2]) {
+  __m256 a0[4], a1[4];
+  for (int q = 0; q < 4; ++q) a0[q] = a1[q] = _mm256_setzero_ps();
+  for (int64_t u = u0; u < u1; ++u) {
+    l.pin();
+    _mm_prefetch(reinterpret_cast<const char*>(w + bb + 32 * u), _MM_HINT_T1);
+    const __m256i v0 = w4_view<0>(l, w + 32 * u), v1 = w4_view<1>(l, w + 32 * u);
+    for (int q = 0; q < 4; ++q) {
+      const __m256 xq = w4_x(x, u, q);
+      const __m256 f0 = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, l.mask[q])), _mm256_load_ps(sub0[q]));
+      a0[q] = _mm256_fmadd_ps(xq, f0, a0[q]);
+      const __m256 f1 = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_and_si256(v1, l.mask[q])), _mm256_load_ps(sub1[q]));
+      a1[q] = _mm256_fmadd_ps(xq, f1, a1[q]);
+    }
+  }
+  tot[0][0] = w4_sum(a0);
+  tot[0][1] = w4_sum(a1);
+}
+
+// f[r][c] = sum_g fma(sum over g's k of x[k] (u - z), s_g, .) for MR rows of block nb (lowbit.h's
+// 4-bit order); sT, zT: the block's scales and zero points transposed ([G][8]; zT null: lb.zero)
+template <int MR>
+KQ_AVX2 void w4_blocks(const Problem& p, const LowBit& lb, int64_t m, int64_t nb, const float* sT, const float* zT,
+                       float* out) {
+  const int64_t bb = lb.block_bytes(), G = p.G;
+  const uint8_t* w = lb.block(nb);
+  const float* x = p.xf + m * p.ldx;
+  const int zb = zT ? 1 : 0;  // the views' subtrahends differ
+  alignas(32) float sub[2][4][8];
+  W4Consts l;
+  __m256 f[MR];
+  for (int r = 0; r < MR; ++r) f[r] = _mm256_setzero_ps();
+  w4_subtrahends(zT, 0, lb.zero, sub);
+  for (int64_t g = 0; g < G; ++g) {
+    if (zT && g > 0) w4_subtrahends(zT, g, lb.zero, sub);
+    const int64_t u0 = g * lb.per_group, u1 = std::min(u0 + lb.per_group, lb.units);
+    __m256 tot[MR][2];
+    if constexpr (MR == 1) {
+      w4_both(l, w, bb, u0, u1, x, sub[0], sub[zb], tot);
+    } else {
+      w4_pass<MR, 0>(l, w, bb, u0, u1, x, p.ldx, sub[0], tot);
+      w4_pass<MR, 1>(l, w, bb, u0, u1, x, p.ldx, sub[zb], tot);
+    }
+    for (int r = 0; r < MR; ++r)  // vhaddps: half 0 + half 1 in channel order
+      f[r] = _mm256_fmadd_ps(_mm256_hadd_ps(tot[r][0], tot[r][1]), _mm256_loadu_ps(sT + g * 8), f[r]);
+  }
+  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out + r * 8, f[r]);
+}
+
 template <int Bits>
 KQ_AVX2 void blocks(const Problem& p, const LowBit& lb, bool a8, int mr, int nbk, int64_t m, int64_t nb,
                     const float* sT, const float* zT, float* out) {
@@ -314,6 +438,13 @@ KQ_AVX2 void blocks(const Problem& p, const LowBit& lb, bool a8, int mr, int nbk
   if (a8) return a8_blocks<Bits, 2, 1>(p, lb, m, nb, sT, out);
   if (mr == 1) return a16_blocks<Bits, 1, 1>(p, lb, m, nb, sT, zT, out);
   return a16_blocks<Bits, 2, 1>(p, lb, m, nb, sT, zT, out);
+}
+
+// the 4-bit float kernels (one block per pass)
+KQ_AVX2 void blocks4(const Problem& p, const LowBit& lb, int mr, int64_t m, int64_t nb, const float* sT,
+                     const float* zT, float* out) {
+  if (mr == 1) return w4_blocks<1>(p, lb, m, nb, sT, zT, out);
+  w4_blocks<2>(p, lb, m, nb, sT, zT, out);
 }
 
 // unpacking: k-quad q of a layout-1 half block, the codes minus sv
@@ -362,7 +493,8 @@ KQ_AVX2 void low_task_avx2(const Problem& p, const LowBit& lb, bool a8, int64_t 
         const float* st = sT + (nb - c0) * p.G * 8;
         const float* zt = zT ? zT + (nb - c0) * p.G * 8 : nullptr;
         if (lb.bits == 2) blocks<2>(p, lb, a8, mr, nbk, m, nb, st, zt, f);
-        else blocks<3>(p, lb, a8, mr, nbk, m, nb, st, zt, f);
+        else if (lb.bits == 3) blocks<3>(p, lb, a8, mr, nbk, m, nb, st, zt, f);
+        else blocks4(p, lb, mr, m, nb, st, zt, f);
         for (int j = 0; j < nbk; ++j) {
           const int64_t n0 = (nb + j) * kBlockN;
           for (int c = 0; c < kBlockN; ++c) b8[c] = p.bias && c < nv[j] ? p.bias[n0 + c] : 0.0f;

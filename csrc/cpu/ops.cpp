@@ -11,6 +11,7 @@
 #include <tuple>
 #include <torch/library.h>
 
+#include "lowbit.h"
 #include "plan.h"
 
 namespace kquant::cpu {
@@ -174,12 +175,14 @@ at::Tensor act_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tenso
   return t.y;
 }
 
-// W8A16 (Int4 = false) and W4A16; group_size as in act_linear
+// W8A16 (Int4 = false) and W4A16; group_size as in act_linear. path (W4A16): 0 picks, 1 runs
+// lowbit.cpp's decode kernels where they take the call, 2 the plan's kinds (w4_decode)
 template <bool Int4>
 at::Tensor wo_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales_,
                      const std::optional<at::Tensor>& zeros_, const std::optional<at::Tensor>& bias,
-                     int64_t group_size) {
+                     int64_t group_size, int64_t path) {
   (void)group_size;
+  TORCH_CHECK(path >= 0 && path <= 2, "kquant cpu: path must be 0 (auto), 1 (decode) or 2 (plan), got ", path);
   Problem p;
   const LinearTensors t = setup_linear(p, x_, w, scales_, bias, Int4);
   at::Tensor zeros;
@@ -191,8 +194,9 @@ at::Tensor wo_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
     p.zeros = zeros.data_ptr<float>();
   }
   p.wo_zero = Int4 ? 8 : 0;
-  p.whole_zeros = !zeros.defined() || whole_numbers(p.zeros, zeros.numel());
   if (p.M == 0 || p.N == 0) return t.y;
+  if (Int4 && w4_decode(p, t.x, path)) return t.y;  // lowbit.cpp's decode kernels
+  p.whole_zeros = !zeros.defined() || whole_numbers(p.zeros, zeros.numel());
   const Plan pl = plan(Op::WeightOnlyLinear, p, active_isa());
   for (int64_t r0 = 0; r0 < p.M; r0 += pl.rows_per_call) {
     Problem q = p;
@@ -202,6 +206,12 @@ at::Tensor wo_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
     run(pl, q);
   }
   return t.y;
+}
+
+at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
+                        int64_t group_size) {
+  return wo_linear<false>(x, w, scales, zeros, bias, group_size, 0);
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x_) {
@@ -313,7 +323,8 @@ TORCH_LIBRARY_FRAGMENT(kquant, m) {
   m.def("_w8a8_linear_cpu(Tensor x, Tensor w, Tensor scales, Tensor? bias, Tensor? act_scale, int group_size) -> Tensor");
   m.def("_w4a8_linear_cpu(Tensor x, Tensor w, Tensor scales, Tensor? bias, Tensor? act_scale, int group_size) -> Tensor");
   m.def("_w8a16_linear_cpu(Tensor x, Tensor w, Tensor scales, Tensor? zeros, Tensor? bias, int group_size) -> Tensor");
-  m.def("_w4a16_linear_cpu(Tensor x, Tensor w, Tensor scales, Tensor? zeros, Tensor? bias, int group_size) -> Tensor");
+  m.def("_w4a16_linear_cpu(Tensor x, Tensor w, Tensor scales, Tensor? zeros, Tensor? bias, int group_size, "
+        "int path=0) -> Tensor");
   m.def("_grad_quantize_cpu(Tensor x, Tensor u, int bits, int chunk) -> (Tensor, Tensor)");
   m.def("_cpu_isa() -> int", &kquant::cpu::cpu_isa);
   m.def("_cpu_isa_best() -> int", &kquant::cpu::cpu_isa_best);
@@ -326,6 +337,6 @@ TORCH_LIBRARY_IMPL(kquant, CPU, m) {
   m.impl("_int8_mm_cpu", &kquant::cpu::int8_mm);
   m.impl("_w8a8_linear_cpu", &kquant::cpu::act_linear<false>);
   m.impl("_w4a8_linear_cpu", &kquant::cpu::act_linear<true>);
-  m.impl("_w8a16_linear_cpu", &kquant::cpu::wo_linear<false>);
+  m.impl("_w8a16_linear_cpu", &kquant::cpu::w8a16_linear);
   m.impl("_w4a16_linear_cpu", &kquant::cpu::wo_linear<true>);
 }
