@@ -123,8 +123,6 @@ namespace {
 constexpr int64_t kAmxUnpackMinM = 8;     // int8 activations on AMX-INT8 tiles
 constexpr int64_t kWoAmxUnpackMinM = 16;  // float activations on AMX-BF16 tiles (plan.cpp's kAmxBf16MinM)
 constexpr int64_t kWoDecodeMaxM = 256;
-// Bytes of unpacked layout-1 weights per chunk: stays in L2 while the chunk's rows run
-constexpr int64_t kChunkBytes = int64_t(256) << 10;
 // Problems under ~2M MACs stay on the calling thread (as plan.cpp's)
 constexpr int64_t kSerialMacs = int64_t(1) << 21;
 
@@ -204,7 +202,8 @@ void run_chunks(const Plan& pl, const Problem& p, const LowBit& lb, int sub, Isa
   const int64_t kq = p.kblocks, elem = p.yt == OutT::F32 ? 4 : 2;
   // each thread gets chunks; at::mm multiplies one big slab at a time across all threads
   const bool slab = pl.kind == Kind::WoDequantMm;
-  int64_t nc = std::max<int64_t>(16, kChunkBytes / (kq * 4) / 16 * 16);
+  // unpacked layout-1 weights of a chunk in half of L2 while the chunk's rows run
+  int64_t nc = std::max<int64_t>(16, active_caches().l2 / 2 / (kq * 4) / 16 * 16);
   if (slab) nc = std::max<int64_t>(16, pl.blocks_per_task * kBlockN / 16 * 16);
   else nc = std::min(nc, cdiv(cdiv(p.N, at::get_num_threads()), 16) * 16);
   const int64_t chunks = cdiv(p.N, nc);

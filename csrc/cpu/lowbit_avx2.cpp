@@ -461,10 +461,10 @@ KQ_AVX2 inline void put_unit(const Consts& l, const __m256i* r, int8_t* dst, __m
 }  // namespace
 
 KQ_AVX2 void low_task_avx2(const Problem& p, const LowBit& lb, bool a8, int64_t nb0, int64_t nb1) {
-  // Blocks per chunk: their transposed scales (<= 64 KiB) and weights (<= 256 KiB) stay in L2
+  // Blocks per chunk: their transposed scales (<= 64 KiB) and weights (half of L2) stay in L2
   // while each pair of rows runs over them
   const int64_t chunk = std::max<int64_t>(
-      4, std::min((int64_t(16) << 10) / (8 * p.G), (int64_t(256) << 10) / lb.block_bytes()) / 4 * 4);
+      4, std::min((int64_t(16) << 10) / (8 * p.G), active_caches().l2 / 2 / lb.block_bytes()) / 4 * 4);
   alignas(32) float f[4 * 8];  // [rows x blocks of a pass][8]
   alignas(32) float b8[8];
   thread_local std::vector<float> tables;
