@@ -310,7 +310,7 @@ def test_levels_and_threads_give_identical_bits(monkeypatch, bits):
 
 # ----------------------------------------------------------------------------- 4-bit weight-only decode
 # _w4a16_linear_cpu on the float decode kernels (path 1; path 0 takes them at the scalar and AVX2
-# levels up to 128 rows) against the reference and against the plan's kinds (path 2), which the
+# levels up to 8 rows) against the reference and against the plan's kinds (path 2), which the
 # calls the decode kernels cannot take must fall back to bit for bit.
 def run4(pw, x, bias=None, zeros=None, path=0):
     data = cpu._blocked(pw.qweight, 4, x.shape[1])
@@ -320,8 +320,8 @@ def run4(pw, x, bias=None, zeros=None, path=0):
 @pytest.mark.parametrize("gs", GROUPS)
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_w4_decode_matches_reference(isa, gs, symmetric):
-    # K tails (K not a multiple of 64), one and two rows (the decode calls), more rows (path 1
-    # and up to 128 rows path 0 too), channel tails
+    # K tails (K not a multiple of 64), one and two rows (the decode calls), more rows (path 1,
+    # and path 0 up to 8 rows), channel tails
     for path in (0, 1):
         for m, k, n in ((1, 1, 5), (1, 100, 33), (2, 1025, 24), (2, 64, 8), (1, 4096, 40), (2, 700, 17),
                         (3, 33, 16), (17, 256, 20), (0, 64, 8)):

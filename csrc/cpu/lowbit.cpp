@@ -1,5 +1,5 @@
 // The 2- and 3-bit linear ops (_w3a8, _w2a8, _w3a16, _w2a16_linear_cpu) on layouts 3 and 4
-// (lowbit.h), their driver and the scalar kernels; and the 4-bit weight-only calls of up to 128
+// (lowbit.h), their driver and the scalar kernels; and the 4-bit weight-only calls of a few
 // rows (w4_decode, from _w4a16_linear_cpu) on the same driver's float decode kernels.
 //
 // Two ways to run a call (unpacked() picks one):
@@ -312,14 +312,13 @@ at::Tensor low_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tenso
 
 }  // namespace
 
-// W4A16 at the scalar and AVX2 levels up to this many rows: those WoFused and WoBlock would take
-// (plan.cpp). Measured on AVX2 (Zen 2, 4096 x 4096, groups of 128, one thread), the decode
-// kernels run one row at 1.75x WoFused's speed (17.6 GMAC/s), two at 1.45x (23.1), and 2.6x, 2.1x,
-// 1.5x, 1.3x WoBlock's at 3, 4, 8, 16 rows, still 1.1x at 64 and 128 (23.6 GMAC/s against 21.6);
-// at 256 rows at::mm on dequantized slabs is 1.45x faster. Calls the decode kernels do not take
-// (zero points that are not small whole numbers, x the scaling would not keep exact) keep those
-// kinds. The AVX-512 and AMX levels keep their own kernels (their one-row GEMV, AMX-BF16 tiles).
-constexpr int64_t kW4DecodeMaxM = 128;
+// W4A16 at the scalar and AVX2 levels up to this many rows: those WoFused and WoBlock would
+// take (plan.cpp). The decode kernels stay near 23 GMAC/s (one AVX2 core) from two rows on,
+// WoBlock's panels pass them from about 12 rows (bench/RESULTS.md). Calls the decode kernels do
+// not take (zero points that are not small whole numbers, x the scaling would not keep exact)
+// keep those kinds. The AVX-512 and AMX levels keep their own kernels (their one-row GEMV,
+// AMX-BF16 tiles).
+constexpr int64_t kW4DecodeMaxM = 8;
 
 bool w4_decode(Problem& p, const at::Tensor& x, int64_t path) {
   const Isa isa = active_isa();

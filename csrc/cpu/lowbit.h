@@ -1,7 +1,7 @@
 // 2- and 3-bit weights: their blocked layouts, the kernels that read them directly (in tiles of
 // one or two rows: decode), and their unpacking into layout 1, through which the int8 and
 // weight-only kernels of plan.h run them (lowbit.cpp chooses per call). The float-activation
-// decode kernels also read 4-bit weights in layout 2 (common.h): the W4A16 calls of up to 128
+// decode kernels also read 4-bit weights in layout 2 (common.h): the W4A16 calls of a few
 // rows at the scalar and AVX2 levels.
 //
 //   lowbit.h          this header
