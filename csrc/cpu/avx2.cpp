@@ -79,6 +79,9 @@ KQ_AVX2 void dequant_block_avx2(const Problem& p, int64_t nb, int nv, int64_t b0
   const int64_t per = int4 ? 8 : 4;
   const int64_t gb = p.G > 1 ? p.gsz / per : p.kblocks;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
+  // symmetric: the implicit zero point (0 for int8, 8 for int4: q - 8 fits int8)
+  const bool sym = p.zeros == nullptr && (int4 || p.wo_zero == 0);
+  const __m256i zb = _mm256_set1_epi8(static_cast<char>(p.wo_zero));
   for (int64_t g = b0 / gb; g < p.G && g * gb < b1; ++g) {
     for (int c = 0; c < 8; ++c) {
       const int64_t n = nb * kBlockN + c;
@@ -91,11 +94,18 @@ KQ_AVX2 void dequant_block_avx2(const Problem& p, int64_t nb, int nv, int64_t b0
       float* d = dst + (b - b0) * per * ld;
       if (int4) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.w4 + (nb * p.kblocks + b) * 32));
-        dequant_quad(_mm256_and_si256(v, m4), z, sc, d, ld);
-        dequant_quad(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), z, sc, d + 4 * ld, ld);
+        const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        if (sym) {  // q - 8 in int8: one subtraction per 32 codes instead of one per 8 floats
+          dequant_quad<false>(_mm256_sub_epi8(lo, zb), z, sc, d, ld);
+          dequant_quad<false>(_mm256_sub_epi8(hi, zb), z, sc, d + 4 * ld, ld);
+        } else {
+          dequant_quad(lo, z, sc, d, ld);
+          dequant_quad(hi, z, sc, d + 4 * ld, ld);
+        }
       } else {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w8_block(p, nb) + b * kW8Row));
-        dequant_quad(v, z, sc, d, ld);
+        if (sym) dequant_quad<false>(v, z, sc, d, ld);  // zero point 0
+        else dequant_quad(v, z, sc, d, ld);
       }
     }
   }

@@ -342,7 +342,9 @@ KQ_AVX2 inline void wo_gemm_i4(const float* x, int64_t ldx, const uint8_t* w, in
 
 // One k-quad of 8 channels (v: [c][4 k] bytes) to fp32, k-major: dst[k * ld + c] =
 // (q - z) * s, the reference's exact values. The 4x8 bytes are transposed with one
-// vpshufb + vpermd.
+// vpshufb + vpermd. SubZ false: the bytes are q - z already (symmetric weights, whose zero
+// point is removed in int8, exactly, before the call).
+template <bool SubZ = true>
 KQ_AVX2 inline void dequant_quad(__m256i v, __m256 z, __m256 s, float* dst, int64_t ld) {
   const __m256i ctrl = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
                                         0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
@@ -350,7 +352,7 @@ KQ_AVX2 inline void dequant_quad(__m256i v, __m256 z, __m256 s, float* dst, int6
   for (int j = 0; j < 4; ++j) {
     const __m256i b = _mm256_permutevar8x32_epi32(t, _mm256_setr_epi32(j, 4 + j, j, j, j, j, j, j));
     const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm256_castsi256_si128(b)));
-    _mm256_storeu_ps(dst + j * ld, _mm256_mul_ps(_mm256_sub_ps(f, z), s));
+    _mm256_storeu_ps(dst + j * ld, _mm256_mul_ps(SubZ ? _mm256_sub_ps(f, z) : f, s));
   }
 }
 

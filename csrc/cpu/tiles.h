@@ -277,8 +277,11 @@ KQ_TILE void tile_wo_dequant(const Problem& p, int64_t m0, int64_t m1, int64_t n
           for (int64_t k = 0; k < kn; ++k) std::memset(wq + 16 * k + 8, 0, 8 * sizeof(float));
       }
       float* f0 = f + (nb - nb0) * mm * 8;
-      for (int64_t m = m0; m < m1; m += max_rows) {
-        const int mr = static_cast<int>(std::min<int64_t>(max_rows, m1 - m));
+      // row tiles of even height (16 rows: 6, 5, 5, not 6, 6, 4): 10 or more FMA chains each
+      const int64_t tiles = cdiv(mm, max_rows);
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t m = m0 + mm * t / tiles;
+        const int mr = static_cast<int>(m0 + mm * (t + 1) / tiles - m);
         Kernels::fgemm16(mr, p.xf + m * p.ldx + b0 * per, p.ldx, wq, kn, f0 + (m - m0) * 8, f0 + (mm + m - m0) * 8,
                          b0 == 0);
       }
