@@ -16,17 +16,19 @@
 namespace kquant::cpu {
 namespace {
 
-// Units (of 16 / 32 k) whose int16 sums cannot overflow: a vpmaddubsw pair is at most
-// 2 * 3 * 127 = 762 (2-bit) or 2 * 7 * 127 = 1778 (3-bit); 32 and 16 of them stay below 2^15.
+// Units (of 16 / 32 k) whose int16 sums cannot overflow: a unit adds at most 4 * 2 * 3 * 128
+// = 3072 (2-bit) or 8 * 2 * 7 * 128 = 14336 (3-bit) to a sum; 8 and 2 of them stay below 2^15
+// (a 2-bit unit's odd codes, at 4x, reach 2 * 2 * 12 * 128 = 6144 before their shift).
 template <int Bits>
 constexpr int64_t kFlushUnits = Bits == 2 ? 8 : 2;
 constexpr int kChains = kLowChains;
 
 // ----------------------------------------------------------------------------- codes
 struct Consts {
-  __m256i m3, m4, m7, mF, shr2;  // shr2: the vpshufb table n >> 2 over a nibble n
+  __m256i m3, mC, m4, m7, mF, shr2;  // shr2: the vpshufb table n >> 2 over a nibble n
   KQ_AVX2 Consts() {
     m3 = _mm256_set1_epi8(3);
+    mC = _mm256_set1_epi8(0x0C);
     m4 = _mm256_set1_epi8(4);
     m7 = _mm256_set1_epi8(7);
     mF = _mm256_set1_epi8(0x0F);
@@ -142,7 +144,33 @@ KQ_AVX2 inline void a8_unit(const Consts& l, const int8_t* a, int64_t lda, const
                             __m256i (&s)[MR][NB]) {
   __m256i rows[NB][3];
   for (int j = 0; j < NB; ++j) load_unit<Bits>(wu + j * bb, rows[j]);
-  a8_blocks_of<Bits, MR, NB>(l, a, lda, rows, s, std::make_integer_sequence<int, Bits == 2 ? 4 : 8>());
+  a8_blocks_of<Bits, MR, NB>(l, a, lda, rows, s, std::make_integer_sequence<int, 8>());
+}
+
+// 2-bit: codes 0 and 2 of each byte (bits 0-1, 4-5: one shift), and codes 1 and 3 left in place
+// at 4x their value (bits 2-3: no shift or table), whose int16 sum, a multiple of 4, is shifted
+// back exactly before it joins s
+template <int MR, int NB>
+KQ_AVX2 inline void a8_unit2(const Consts& l, const int8_t* a, int64_t lda, const uint8_t* wu, int64_t bb,
+                             __m256i (&s)[MR][NB]) {
+  __m256i av[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int t = 0; t < 4; ++t) {
+      int32_t v;
+      std::memcpy(&v, a + r * lda + 4 * t, 4);
+      av[r][t] = _mm256_set1_epi32(v);
+    }
+  for (int j = 0; j < NB; ++j) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wu + j * bb));
+    const __m256i w4 = _mm256_srli_epi16(w, 4);
+    const __m256i c0 = _mm256_and_si256(w, l.m3), c1 = _mm256_and_si256(w, l.mC);
+    const __m256i c2 = _mm256_and_si256(w4, l.m3), c3 = _mm256_and_si256(w4, l.mC);
+    for (int r = 0; r < MR; ++r) {
+      const __m256i even = _mm256_add_epi16(_mm256_maddubs_epi16(c0, av[r][0]), _mm256_maddubs_epi16(c2, av[r][2]));
+      const __m256i odd4 = _mm256_add_epi16(_mm256_maddubs_epi16(c1, av[r][1]), _mm256_maddubs_epi16(c3, av[r][3]));
+      s[r][j] = _mm256_add_epi16(s[r][j], _mm256_add_epi16(even, _mm256_srai_epi16(odd4, 2)));
+    }
+  }
 }
 
 // f[r][8 j + c] = sum_g fma(float(acc_g - z * asum_g), s_g, .) for MR rows from m, NB blocks
@@ -170,7 +198,10 @@ KQ_AVX2 void a8_blocks(const Problem& p, const LowBit& lb, int64_t m, int64_t nb
         for (int j = 0; j < NB; ++j) s[r][j] = _mm256_setzero_si256();
       for (int64_t uu = u; uu < ue; ++uu) {
         prefetch_next<Bits, NB>(w, bb, uu);
-        a8_unit<Bits, MR, NB>(l, a + uu * uk, p.lda, w + uu * ub, bb, s);
+        if constexpr (Bits == 2)
+          a8_unit2<MR, NB>(l, a + uu * uk, p.lda, w + uu * ub, bb, s);
+        else
+          a8_unit<Bits, MR, NB>(l, a + uu * uk, p.lda, w + uu * ub, bb, s);
       }
       for (int r = 0; r < MR; ++r)
         for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(s[r][j], ones));
