@@ -122,7 +122,9 @@ def machine_line(d, path):
         elif det and det != k["cache_sizes"]:
             caches += f" (detected {fmt_caches(det)})"
     load1 = k.get("load_end", ["?"])[0]
-    lf = (lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else str(v))
+
+    def lf(v):
+        return f"{v:.2f}" if isinstance(v, (int, float)) else str(v)
     dirty = " (+ uncommitted changes)" if k.get("dirty_tree") else ""
     return (f"`{os.path.basename(path)}`: **{k.get('cpu_model', mi.get('cpu', {}).get('brand_raw', '?'))}**, "
             f"{k.get('logical_cpus', '?')} logical CPUs, torch threads {k.get('torch_threads', '?')}, "

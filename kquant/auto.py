@@ -276,7 +276,8 @@ class AutoPlan:
     :class:`QuantConfig` fields (None for float). Sizes are after quantization: ``avg_bits``
     over the layers in the plan, ``layer_mib`` their stored weights, ``model_mib`` the whole
     model. ``predicted_error`` is the sum of the rows' errors, ``measured_error`` the quantized
-    model's error on the calibration batches."""
+    model's error on the batches the sensitivities were measured on (``sensitivity_batches`` of
+    them; ``calib_rows`` output rows), ``calib_batches`` what the method calibrated on."""
 
     rows: List[PlanRow]
     budget: Budget
@@ -293,6 +294,7 @@ class AutoPlan:
     calib_batches: int = 0
     calib_rows: int = 0
     shared: str = "full"
+    sensitivity_batches: int = 0
 
     def configs(self) -> Dict[str, Optional[QuantConfig]]:
         """layer -> its QuantConfig (None: kept in float)."""
@@ -362,7 +364,8 @@ def auto_quantize(model: nn.Module, calib_data: Iterable, *, budget: Union[Budge
                   candidates: Sequence[Union[str, QuantConfig, None]] = DEFAULT_CANDIDATES,
                   method="rtn", allow_float: bool = True, skip: Optional[Union[str, Sequence[str]]] = None,
                   error_fn: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None,
-                  sensitivity: Optional[Dict[str, Dict[str, float]]] = None, progress: bool = True) -> "AutoPlan":
+                  sensitivity: Optional[Dict[str, Dict[str, float]]] = None,
+                  sensitivity_data: Optional[Iterable] = None, progress: bool = True) -> "AutoPlan":
     """Choose a config per layer within ``budget``, quantize ``model`` in place with it, and
     return the :class:`AutoPlan` (also set as ``model.kquant_plan``; ``save_quantized`` stores
     it). See the module docstring for the method.
@@ -375,7 +378,10 @@ def auto_quantize(model: nn.Module, calib_data: Iterable, *, budget: Union[Budge
     plan. error_fn: ``f(y_q, y_ref) -> float`` on the output rows of all batches (padding
     removed), replacing the normalized squared error. sensitivity: a previous plan's
     ``sensitivity`` table for the same model, data, candidates and method, to try another
-    budget without measuring again.
+    budget without measuring again. sensitivity_data: the inputs the sensitivity analysis and
+    the plan's measured error run on, when they should be fewer than ``calib_data`` (the
+    analysis costs a model pass per layer and candidate; the method's calibration of the final
+    model gains from more data): e.g. 128 of 384 calibration sentences.
     """
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -386,12 +392,8 @@ def auto_quantize(model: nn.Module, calib_data: Iterable, *, budget: Union[Budge
     if calib_data is None:
         raise ValueError("auto_quantize needs calib_data: an iterable of model inputs (e.g. 64-128 tokenized "
                          "sentences in batches), to measure each layer's sensitivity")
-    if isinstance(calib_data, (torch.Tensor, dict)):
-        raise TypeError("calib_data must be an iterable of batches (a list of tensors or of dicts), not a single "
-                        f"{type(calib_data).__name__}; wrap one batch in a list")
-    batches = list(calib_data)
-    if not batches:
-        raise ValueError("auto_quantize: calib_data is empty; it needs at least one batch of model inputs")
+    batches = _batches(calib_data, "calib_data")
+    sens_batches = batches if sensitivity_data is None else _batches(sensitivity_data, "sensitivity_data")
     if error_fn is not None and not callable(error_fn):
         raise TypeError(f"error_fn must be callable, got {type(error_fn).__name__}")
     skip = [skip] if isinstance(skip, str) else list(skip or [])
@@ -429,7 +431,7 @@ def auto_quantize(model: nn.Module, calib_data: Iterable, *, budget: Union[Budge
     try:
         t0 = time.perf_counter()
         with torch.no_grad():
-            runner = Runner(model, batches, names, error_fn, run_model)
+            runner = Runner(model, sens_batches, names, error_fn, run_model)
             if sensitivity is None:
                 sens = sensitivities(runner, targets, cands, equalize, weight_method, progress)
             else:
@@ -478,9 +480,21 @@ def auto_quantize(model: nn.Module, calib_data: Iterable, *, budget: Union[Budge
         predicted_error=float(sum(r.predicted_error for r in rows)), measured_error=measured,
         seconds={"sensitivity": t_sens, "plan": t_plan, "quantize": t_quant, "measure": t_measure,
                  "total": time.perf_counter() - t_start},
-        exact=exact, calib_batches=len(batches), calib_rows=runner.rows, shared=runner.mode)
+        exact=exact, calib_batches=len(batches), calib_rows=runner.rows, shared=runner.mode,
+        sensitivity_batches=len(sens_batches))
     model.kquant_plan = plan
     return plan
+
+
+def _batches(data, what: str) -> list:
+    """``data`` (an iterable of model inputs) as a non-empty list of batches."""
+    if isinstance(data, (torch.Tensor, dict)):
+        raise TypeError(f"{what} must be an iterable of batches (a list of tensors or of dicts), not a single "
+                        f"{type(data).__name__}; wrap one batch in a list")
+    batches = list(data)
+    if not batches:
+        raise ValueError(f"auto_quantize: {what} is empty; it needs at least one batch of model inputs")
+    return batches
 
 
 def _sizes(model: nn.Module, targets, cands, equalize):

@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "method, embed a fixed English corpus and compare with fp32: size, calibration "
                                    f"time, latency, cosine, NN agreement. The last {CALIB_SENTENCES} corpus "
                                    "sentences calibrate; the others are evaluated.")
+    from .demo_auto import CALIB_SENTENCES as AUTO_CALIB
     from .demo_auto import DEFAULT_BUDGETS, DEFAULT_METHOD, DEFAULT_UNIFORM
+    from .demo_auto import SENSITIVITY_SENTENCES as AUTO_SENS
     d.add_argument("--presets", nargs="+", default=None, metavar="PRESET",
                    help=f"presets to run (default: {' '.join(DEFAULT_PRESETS)}; with --auto the uniform presets "
                         f"{' '.join(DEFAULT_UNIFORM)})")
@@ -264,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sentences", type=int, default=None, metavar="N",
                    help=f"evaluate only the first N corpus sentences, N >= 2 (default: all but the last "
                         f"{CALIB_SENTENCES}, which calibrate)")
+    d.add_argument("--calib-sentences", type=int, default=None, metavar="N",
+                   help=f"the last N corpus sentences calibrate (default {CALIB_SENTENCES}; with --auto "
+                        f"{AUTO_CALIB})")
+    d.add_argument("--sensitivity-sentences", type=int, default=None, metavar="N",
+                   help=f"with --auto: the sensitivity analysis runs on the last N calibration sentences "
+                        f"(default {AUTO_SENS})")
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--repeats", type=int, default=3, help="timed passes per row; the median is reported")
     d.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -407,14 +415,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     if args.auto:
         return _demo_auto(args, console)
-    if args.budgets is not None:
-        print("kquant demo: error: --budgets is for --auto", file=sys.stderr)
-        return 2
+    for flag, value in (("--budgets", args.budgets), ("--sensitivity-sentences", args.sensitivity_sentences)):
+        if value is not None:
+            print(f"kquant demo: error: {flag} is for --auto", file=sys.stderr)
+            return 2
     try:
         demo_main(presets=_presets(args.presets or list(DEFAULT_PRESETS)), sentences=args.sentences,
                   batch_size=args.batch_size, repeats=args.repeats, out=args.out or "kquant-demo",
                   progress=not args.no_progress, threads=args.threads,
-                  device=args.device, console=console,
+                  device=args.device, console=console, calib_sentences=args.calib_sentences,
                   methods=None if args.methods is None else _presets(args.methods))
     except DemoError as e:
         print(f"kquant demo: error: {e}", file=sys.stderr)
@@ -424,7 +433,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _demo_auto(args, console) -> int:
     from .demo import DemoError
-    from .demo_auto import DEFAULT_BUDGETS, DEFAULT_METHOD, DEFAULT_UNIFORM
+    from .demo_auto import CALIB_SENTENCES, DEFAULT_BUDGETS, DEFAULT_METHOD, DEFAULT_UNIFORM, SENSITIVITY_SENTENCES
     from .demo_auto import main as auto_main
     methods = _presets(args.methods or [DEFAULT_METHOD])
     if len(methods) != 1 or args.device != "cpu":
@@ -435,7 +444,8 @@ def _demo_auto(args, console) -> int:
         auto_main(budgets=args.budgets or DEFAULT_BUDGETS, uniform=_presets(args.presets or list(DEFAULT_UNIFORM)),
                   method=methods[0], sentences=args.sentences, batch_size=args.batch_size,
                   out=args.out or "kquant-demo-auto", progress=not args.no_progress, threads=args.threads,
-                  console=console)
+                  console=console, calib_sentences=args.calib_sentences or CALIB_SENTENCES,
+                  sensitivity_sentences=args.sensitivity_sentences or SENSITIVITY_SENTENCES)
     except DemoError as e:
         print(f"kquant demo --auto: error: {e}", file=sys.stderr)
         return 2

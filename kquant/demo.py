@@ -112,18 +112,23 @@ def sentences_text(used: int, requested: Optional[int], where: str = "the corpus
     return f"{used} sentence{'' if used == 1 else 's'}{note}"
 
 
-def split_corpus(n: Optional[int] = None, path: Optional[str] = None) -> Tuple[List[str], List[str]]:
-    """(evaluation sentences, calibration sentences). The last ``CALIB_SENTENCES`` sentences of
-    the corpus calibrate; the evaluation set is the first ``n`` (all when None, all there are
-    when ``n`` is larger) of the sentences before them, so the two never overlap."""
+def split_corpus(n: Optional[int] = None, path: Optional[str] = None, calib: Optional[int] = None
+                 ) -> Tuple[List[str], List[str]]:
+    """(evaluation sentences, calibration sentences). The last ``calib`` (default
+    ``CALIB_SENTENCES``) sentences of the corpus calibrate; the evaluation set is the first ``n``
+    (all when None, all there are when ``n`` is larger) of the sentences before them, so the two
+    never overlap."""
     if n is not None and n < 1:
         raise DemoError(f"--sentences must be >= 1, got {n}")
+    calib = CALIB_SENTENCES if calib is None else calib
+    if isinstance(calib, bool) or not isinstance(calib, int) or calib < 1:
+        raise DemoError(f"--calib-sentences must be an int >= 1, got {calib!r}")
     lines = load_corpus(None, path)
-    if len(lines) < CALIB_SENTENCES + 2:
+    if len(lines) < calib + 2:
         raise DemoError(f"corpus file {path or CORPUS} has {len(lines)} sentences; the demo needs at least "
-                        f"{CALIB_SENTENCES + 2}: the last {CALIB_SENTENCES} calibrate, two or more are evaluated")
-    held_out = lines[:-CALIB_SENTENCES]
-    return (held_out if n is None else held_out[:n]), lines[-CALIB_SENTENCES:]
+                        f"{calib + 2}: the last {calib} calibrate, two or more are evaluated")
+    held_out = lines[:-calib]
+    return (held_out if n is None else held_out[:n]), lines[-calib:]
 
 
 # ---------------------------------------------------------------------------- methods
@@ -213,21 +218,30 @@ class EvalSet:
     base_nn: torch.Tensor
     corpus: Dict[str, object]        # for reports: path, sentences, requested, tokens, batch_size
     calibration: Dict[str, object]   # sentences, tokens, batches
+    subset_batches: Optional[list] = None  # the last ``subset`` calibration sentences, batched
 
 
-def eval_set(sentences: Optional[int], batch_size: int) -> EvalSet:
-    """Load MiniLM, split the corpus, batch both parts and embed the held-out part in fp32."""
+def eval_set(sentences: Optional[int], batch_size: int, calib: Optional[int] = None,
+             subset: Optional[int] = None) -> EvalSet:
+    """Load MiniLM, split the corpus (``calib`` calibration sentences, default
+    ``CALIB_SENTENCES``), batch both parts and embed the held-out part in fp32; with ``subset``,
+    also batch the last ``subset`` calibration sentences on their own."""
     if sentences is not None and sentences < 2:
         raise DemoError(f"--sentences must be >= 2 (nearest neighbours need two), got {sentences}")
-    corpus, calib = split_corpus(sentences)
+    corpus, calib_text = split_corpus(sentences, calib=calib)
+    if subset is not None and not (isinstance(subset, int) and 1 <= subset <= len(calib_text)):
+        raise DemoError(f"--sensitivity-sentences must be an int in [1, {len(calib_text)}] (the calibration "
+                        f"sentences), got {subset!r}")
     tok, fp_model = load_model()
     batches, order, n_tokens = make_batches(tok, corpus, batch_size)
-    calib_batches, _, calib_tokens = make_batches(tok, calib, batch_size)
+    calib_batches, _, calib_tokens = make_batches(tok, calib_text, batch_size)
+    sub = None if subset is None else make_batches(tok, calib_text[-subset:], batch_size)[0]
     base_emb = embed(fp_model, batches, order)
     return EvalSet(fp_model, batches, order, calib_batches, base_emb, nearest_neighbours(base_emb),
                    {"path": CORPUS, "sentences": len(corpus), "requested": sentences, "tokens": n_tokens,
                     "batch_size": batch_size},
-                   {"sentences": len(calib), "tokens": calib_tokens, "batches": len(calib_batches)})
+                   {"sentences": len(calib_text), "tokens": calib_tokens, "batches": len(calib_batches),
+                    **({} if subset is None else {"sensitivity_sentences": subset})}, sub)
 
 
 def make_batches(tokenizer, sentences: Sequence[str], batch_size: int):
@@ -433,9 +447,11 @@ def environment() -> Dict[str, object]:
 # ---------------------------------------------------------------------------- the job
 def run(presets: Sequence[str] = DEFAULT_PRESETS, sentences: Optional[int] = None, batch_size: int = 64,
         repeats: int = 3, progress: bool = True, model_path: Optional[str] = None,
-        device: str = "cpu", methods: Optional[Sequence[str]] = None) -> Dict[str, object]:
+        device: str = "cpu", methods: Optional[Sequence[str]] = None,
+        calib_sentences: Optional[int] = None) -> Dict[str, object]:
     """Run the benchmark and return the report (a JSON-ready dict). ``methods``: see
-    :func:`plan_rows` (None: ``DEFAULT_METHODS``)."""
+    :func:`plan_rows` (None: ``DEFAULT_METHODS``); ``calib_sentences``: the last ones of the
+    corpus calibrate (None: ``CALIB_SENTENCES``)."""
     from tqdm.auto import tqdm
 
     from .config import PRESETS
@@ -449,7 +465,7 @@ def run(presets: Sequence[str] = DEFAULT_PRESETS, sentences: Optional[int] = Non
     if batch_size < 1:
         raise DemoError(f"--batch-size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
-    corpus, calib = split_corpus(sentences)
+    corpus, calib = split_corpus(sentences, calib=calib_sentences)
     tok, fp_model = load_model(model_path)
     fp_model = fp_model.to(dev)
     batches, order, n_tokens = make_batches(tok, corpus, batch_size)
@@ -642,7 +658,7 @@ def write_outputs(report: Dict[str, object], out_dir: str, chart=None, png: str 
 def main(presets: Sequence[str] = DEFAULT_PRESETS, sentences: Optional[int] = None, batch_size: int = 64,
          repeats: int = 3, out: str = "kquant-demo", progress: bool = True, threads: Optional[int] = None,
          device: str = "cpu", console=None, methods: Optional[Sequence[str]] = None,
-         model_path: Optional[str] = None) -> Dict[str, object]:
+         model_path: Optional[str] = None, calib_sentences: Optional[int] = None) -> Dict[str, object]:
     """What ``kquant demo`` does: run, print the table, write JSON + PNG into ``out``.
     ``model_path``: a model folder instead of the packaged MiniLM (as :func:`load_model`)."""
     from rich.console import Console
@@ -652,7 +668,7 @@ def main(presets: Sequence[str] = DEFAULT_PRESETS, sentences: Optional[int] = No
             raise DemoError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     report = run(presets, sentences, batch_size, repeats, progress, model_path=model_path, device=device,
-                 methods=methods)
+                 methods=methods, calib_sentences=calib_sentences)
     paths = write_outputs(report, out)
     console.print(render_table(report))
     for note in report["skipped"]:

@@ -19,15 +19,23 @@ from . import demo
 DEFAULT_UNIFORM = ("w8a16", "w4a16", "w3a16", "w2a16")
 DEFAULT_BUDGETS = (6.0, 5.0, 4.5, 4.0, 3.5, 3.0)
 DEFAULT_METHOD = "gptq"
+# GPTQ gains from more calibration text than the sensitivity analysis needs (which costs a
+# model pass per layer and candidate): the last 384 corpus sentences calibrate, the last 128
+# of them rank the layers
+CALIB_SENTENCES = 384
+SENSITIVITY_SENTENCES = 128
 
 
 def default_candidates():
     """The demo's candidates: the presets plus finer groups (more accuracy for 0.25 to 1 more
-    stored bit per weight) and 2-bit with groups of 128."""
+    stored bit per weight), symmetric 3-bit (0.25 bits less than the preset's zero points) and
+    2-bit with groups of 128."""
     from .config import PRESETS, QuantConfig
     wo = dict(activations="none")
-    return (PRESETS["w8a16"], QuantConfig(weight_bits=4, group_size=32, **wo), PRESETS["w4a16"],
+    return (PRESETS["w8a16"], QuantConfig(weight_bits=4, group_size=32, **wo),
+            QuantConfig(weight_bits=4, group_size=64, **wo), PRESETS["w4a16"],
             QuantConfig(weight_bits=3, group_size=64, symmetric=False, **wo), PRESETS["w3a16"],
+            QuantConfig(weight_bits=3, group_size=128, symmetric=True, **wo),
             PRESETS["w2a16"], QuantConfig(weight_bits=2, group_size=128, symmetric=False, **wo))
 
 
@@ -91,9 +99,11 @@ def _row(kind: str, name: str, model, emb, base_emb, base_nn, seconds: Optional[
 
 def run(budgets: Sequence[float] = DEFAULT_BUDGETS, uniform: Sequence[str] = DEFAULT_UNIFORM,
         method: str = DEFAULT_METHOD, candidates: Optional[Sequence] = None, sentences: Optional[int] = None,
-        batch_size: int = 64, progress: bool = True) -> Dict[str, object]:
+        batch_size: int = 64, progress: bool = True, calib_sentences: int = CALIB_SENTENCES,
+        sensitivity_sentences: int = SENSITIVITY_SENTENCES) -> Dict[str, object]:
     """Uniform presets and auto plans at ``budgets`` (average stored bits per weight), all
-    calibrated with ``method``; one report dict (JSON-ready)."""
+    calibrated with ``method`` on ``calib_sentences`` sentences, the plans' sensitivities measured
+    on the last ``sensitivity_sentences`` of them; one report dict (JSON-ready)."""
     from tqdm.auto import tqdm
 
     from .auto import auto_quantize, config_name
@@ -107,7 +117,7 @@ def run(budgets: Sequence[float] = DEFAULT_BUDGETS, uniform: Sequence[str] = DEF
     demo.plan_rows(uniform or ["w8a16"], [method])  # checks preset names and the method
     cands = tuple(candidates or default_candidates())
     load_before = demo.loadavg()
-    ev = demo.eval_set(sentences, batch_size)
+    ev = demo.eval_set(sentences, batch_size, calib=calib_sentences, subset=sensitivity_sentences)
     fp_model, batches, order, calib_batches = ev.fp_model, ev.batches, ev.order, ev.calib_batches
     base_emb, base_nn = ev.base_emb, ev.base_nn
     rows = [_row("fp32", "fp32", fp_model, base_emb, base_emb, base_nn, None)]
@@ -126,7 +136,7 @@ def run(budgets: Sequence[float] = DEFAULT_BUDGETS, uniform: Sequence[str] = DEF
             model = copy.deepcopy(fp_model)
             t0 = time.perf_counter()
             plan = auto_quantize(model, calib_batches, budget=b, candidates=cands, method=method.split("+"),
-                                 sensitivity=sensitivity, progress=False)
+                                 sensitivity=sensitivity, sensitivity_data=ev.subset_batches, progress=False)
             secs = time.perf_counter() - t0
             sensitivity = plan.sensitivity
             counts: Dict[str, int] = {}
@@ -177,7 +187,9 @@ TABLE_COLUMNS = ["model", "weight bits", "stored bits", "layers MiB", "model MiB
 def markdown(report: Dict[str, object]) -> str:
     env = report["environment"]
     lines = [f"{report['model']}, method {report['method']}, {report['corpus']['sentences']} held-out sentences, "
-             f"{report['calibration']['sentences']} calibration sentences; {env['cpu']}, {env['cores']} cores, "
+             f"{report['calibration']['sentences']} calibration sentences (sensitivities on the last "
+             f"{report['calibration'].get('sensitivity_sentences', report['calibration']['sentences'])}); "
+             f"{env['cpu']}, {env['cores']} cores, "
              f"torch {env['torch']}, commit {env['git_commit'] or 'n/a'}.", "",
              "| " + " | ".join(TABLE_COLUMNS) + " |", "|---|" + "---:|" * (len(TABLE_COLUMNS) - 3) + "---|---|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(report)]
@@ -237,7 +249,8 @@ def write_chart(report: Dict[str, object], path: str) -> None:
 
 def main(budgets: Sequence[float] = DEFAULT_BUDGETS, uniform: Sequence[str] = DEFAULT_UNIFORM,
          method: str = DEFAULT_METHOD, sentences: Optional[int] = None, batch_size: int = 64,
-         out: str = "kquant-demo-auto", progress: bool = True, threads: Optional[int] = None, console=None
+         out: str = "kquant-demo-auto", progress: bool = True, threads: Optional[int] = None, console=None,
+         calib_sentences: int = CALIB_SENTENCES, sensitivity_sentences: int = SENSITIVITY_SENTENCES
          ) -> Dict[str, object]:
     """What ``kquant demo --auto`` does: run, print the table, write results.json + pareto.png."""
     from rich.console import Console
@@ -246,7 +259,8 @@ def main(budgets: Sequence[float] = DEFAULT_BUDGETS, uniform: Sequence[str] = DE
         if threads < 1:
             raise demo.DemoError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    report = run(budgets, uniform, method, sentences=sentences, batch_size=batch_size, progress=progress)
+    report = run(budgets, uniform, method, sentences=sentences, batch_size=batch_size, progress=progress,
+                 calib_sentences=calib_sentences, sensitivity_sentences=sensitivity_sentences)
     paths = demo.write_outputs(report, out, chart=write_chart, png="pareto.png")
     console.print(render_table(report))
     console.print(f"wrote {paths['json']} and {paths['png']}")

@@ -176,6 +176,28 @@ def test_a_sensitivity_table_is_reused_for_another_budget():
         run(copy.deepcopy(model), data, 4.5, sensitivity={**first.sensitivity, "b": {W8: 0.1, W4: 0.2}})
 
 
+def test_sensitivity_data_ranks_the_layers_and_calib_data_calibrates():
+    torch.manual_seed(0)
+    model, data = Toy(), toy_data(4)
+    sub = data[:1]
+    plan = run(copy.deepcopy(model), data, 4.5, method="gptq", sensitivity_data=sub)
+    alone = run(copy.deepcopy(model), sub, 4.5, method="gptq")
+    # the same sensitivities as a run calibrated on the subset alone; GPTQ of the chosen
+    # configs calibrated on all four batches
+    assert plan.sensitivity == alone.sensitivity
+    assert (plan.calib_batches, plan.sensitivity_batches, plan.calib_rows) == (4, 1, 32)
+    assert (alone.calib_batches, alone.sensitivity_batches) == (1, 1)
+    assert [r.config for r in plan.rows] == [r.config for r in alone.rows]
+    quantized = copy.deepcopy(model)
+    kquant.quantize_(quantized, plan.quant_config(), calib_data=data, method="gptq", progress=False)
+    assert rel_error(quantized, model, sub) == pytest.approx(plan.measured_error, rel=1e-5)
+    assert plan.measured_error != pytest.approx(alone.measured_error, rel=1e-3)
+    with pytest.raises(ValueError, match="sensitivity_data is empty"):
+        run(copy.deepcopy(model), data, 4.5, sensitivity_data=[])
+    with pytest.raises(TypeError, match="sensitivity_data must be an iterable of batches"):
+        run(copy.deepcopy(model), data, 4.5, sensitivity_data=data[0])
+
+
 def test_unmeetable_budgets_name_the_smallest_plan():
     model, data = Toy(), toy_data()
     # every layer in w2a16 g64 asym: 2 bits + a scale and a zero per 64 weights = 3 bits

@@ -385,7 +385,8 @@ def _all_outputs(xp8, pw8, xp4, pw4, b):
     return outs
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 4096, 512), (3, 2048, 1024), (50, 384, 200), (300, 256, 72)])  # each splits across threads
+# each shape splits across threads
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 512), (3, 2048, 1024), (50, 384, 200), (300, 256, 72)])
 def test_threads_and_isa_give_identical_bits(monkeypatch, m, k, n):
     xp8, pw8, b = make(m, k, n, 8, 64, seed=m)
     xp4, pw4, _ = make(m, k, n, 4, 128, seed=m + 1)

@@ -51,3 +51,11 @@ def test_cli_errors(capsys):
     assert "one --method" in capsys.readouterr().err
     assert main(["demo", "--auto", "--budgets", "-1", "--no-progress"]) == 2
     assert "positive numbers" in capsys.readouterr().err
+    assert main(["demo", "--sensitivity-sentences", "64"]) == 2
+    assert "--sensitivity-sentences is for --auto" in capsys.readouterr().err
+    assert main(["demo", "--auto", "--calib-sentences", "900", "--no-progress"]) == 2
+    assert "has 800 sentences; the demo needs at least 902" in capsys.readouterr().err
+    assert main(["demo", "--auto", "--sensitivity-sentences", "400", "--no-progress"]) == 2
+    assert "--sensitivity-sentences must be an int in [1, 384]" in capsys.readouterr().err
+    assert main(["demo", "--calib-sentences", "0", "--no-progress"]) == 2
+    assert "--calib-sentences must be an int >= 1, got 0" in capsys.readouterr().err
