@@ -14,6 +14,8 @@ layout 1, or for 4 bits the weight-only kinds of plan.cpp).
 * the two levels and any thread count give the same bits.
 """
 
+import itertools
+
 import pytest
 import torch
 
@@ -230,10 +232,10 @@ def test_weight_only_matches_reference(isa, bits, gs, symmetric):
 
 @pytest.mark.parametrize("bits", BITS)
 def test_weight_only_many_rows(isa, bits):
-    # hundreds of rows: the decode kernels (path 1) and dequantized slabs through at::mm
-    # (path 2, and what path 0 picks above 256 rows)
-    for symmetric in (True, False):
-        x, pw, b = make(300, 100, 40, bits, 32, symmetric, seed=8)
+    # the decode kernels (path 1) and unpacked layout 1 (path 2, and what path 0 picks above 8
+    # rows at the scalar and AVX2 levels, above 256 at AVX-512)
+    for symmetric, m in itertools.product((True, False), (12, 300)):
+        x, pw, b = make(m, 100, 40, bits, 32, symmetric, seed=8)
         r = ref.weight_only_linear(x, pw.qweight, pw.scales, pw.zeros, b, 32, bits)
         for path in (0, 1, 2):
             assert rel_err(run(pw, x, b, pw.zeros, a8=False, path=path), r) <= TOL[torch.float32]

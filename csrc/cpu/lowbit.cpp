@@ -122,7 +122,14 @@ namespace {
 // (at::mm on dequantized slabs, above). The AMX tiles take over from a few rows.
 constexpr int64_t kAmxUnpackMinM = 8;     // int8 activations on AMX-INT8 tiles
 constexpr int64_t kWoAmxUnpackMinM = 16;  // float activations on AMX-BF16 tiles (plan.cpp's kAmxBf16MinM)
-constexpr int64_t kWoDecodeMaxM = 256;
+constexpr int64_t kWoDecodeMaxM = 256;   // 2/3-bit float activations, AVX-512 level
+// Float activations at the scalar and AVX2 levels, 2- to 4-bit: the decode kernels up to this
+// many rows, WoBlock's panels (after an in-cache unpack for 2/3 bits; plan.cpp) beyond. The
+// decode kernels stay near 23 GMAC/s (one AVX2 core) from two rows on; the panels pass them
+// from about 12 rows (bench/RESULTS.md). Calls the decode kernels do not take (zero points
+// that are not small whole numbers, x the scaling would not keep exact) run unpacked. 4-bit at
+// the AVX-512 and AMX levels keeps its own kernels (the one-row GEMV, AMX-BF16 tiles).
+constexpr int64_t kAvx2DecodeMaxM = 8;
 // Problems under ~2M MACs stay on the calling thread (as plan.cpp's)
 constexpr int64_t kSerialMacs = int64_t(1) << 21;
 
@@ -253,7 +260,8 @@ bool unpacked(const Problem& p, bool a8, Isa isa, bool zeros_ok, int64_t path) {
   if (!zeros_ok) return true;
   if (path != 0) return path == 2;
   if (a8) return isa == Isa::Amx && p.M >= kAmxUnpackMinM;
-  return (isa == Isa::Amx && kquant::cpu_has_amx_bf16() && p.M >= kWoAmxUnpackMinM) || p.M > kWoDecodeMaxM;
+  return (isa == Isa::Amx && kquant::cpu_has_amx_bf16() && p.M >= kWoAmxUnpackMinM) ||
+         p.M > (isa > Isa::Avx2 ? kWoDecodeMaxM : kAvx2DecodeMaxM);
 }
 
 template <int Bits, bool A8>
@@ -312,17 +320,9 @@ at::Tensor low_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tenso
 
 }  // namespace
 
-// W4A16 at the scalar and AVX2 levels up to this many rows: those WoFused and WoBlock would
-// take (plan.cpp). The decode kernels stay near 23 GMAC/s (one AVX2 core) from two rows on,
-// WoBlock's panels pass them from about 12 rows (bench/RESULTS.md). Calls the decode kernels do
-// not take (zero points that are not small whole numbers, x the scaling would not keep exact)
-// keep those kinds. The AVX-512 and AMX levels keep their own kernels (their one-row GEMV,
-// AMX-BF16 tiles).
-constexpr int64_t kW4DecodeMaxM = 8;
-
 bool w4_decode(Problem& p, const at::Tensor& x, int64_t path) {
   const Isa isa = active_isa();
-  if (path == 2 || (path == 0 && (isa > Isa::Avx2 || p.M > kW4DecodeMaxM))) return false;
+  if (path == 2 || (path == 0 && (isa > Isa::Avx2 || p.M > kAvx2DecodeMaxM))) return false;
   if (p.zeros && !small_whole(p.zeros, p.N * p.G)) return false;
   LowBit lb;
   lb.bits = 4;
